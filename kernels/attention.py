@@ -1,0 +1,47 @@
+"""Dense attention over a KV cache, on the GPU or the CPU.
+
+Layouts: q is (B, H, s, D); keys/values are (B, H, t, D) views, usually permuted from the
+cache's token-major (t, B, H, D) storage. `mask` is a boolean (B, 1, s, t) tensor, True where a
+query may attend, or None for plain causal attention. Queries must already be scaled.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention (scale 1: the model scales q); fp16 runs natively on CPU too."""
+    if mask is None:
+        causal = q.shape[2] > 1
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Float64 softmax(q k^T) v, the reference for tests."""
+    s, t = q.shape[2], k.shape[2]
+    scores = q.double() @ k.double().transpose(-1, -2)
+    if mask is None:
+        mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.double()).to(q.dtype)
+
+
+def padding_mask(key_valid: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """(B, 1, s, t) mask for the last `num_queries` of t tokens: causal, skipping padded keys.
+
+    A padded query may always see itself, so no row is empty (an all-masked row gives NaN,
+    and NaN in a padded row's values would spread through later layers).
+    """
+    t = key_valid.shape[1]
+    s = num_queries
+    causal = torch.ones(s, t, dtype=torch.bool, device=key_valid.device).tril(t - s)
+    mask = causal & key_valid[:, None, None, :]
+    mask |= _diagonal(s, t, key_valid.device)
+    return mask
+
+
+def _diagonal(s: int, t: int, device: torch.device) -> torch.Tensor:
+    rows = torch.arange(s, device=device)[:, None] + (t - s)
+    return rows == torch.arange(t, device=device)[None, :]

@@ -1,0 +1,51 @@
+"""Hidden states between layers, one home per GPU batch on the tier the policy gives it.
+
+GPU-homed hidden states stay where they are computed. The others are stored after each
+layer and loaded back before the next; the load of the next GPU batch overlaps compute.
+Homes are flat so the first B*s*h elements are one contiguous block for any length s.
+"""
+from __future__ import annotations
+
+import torch
+
+from .tiers import Storage, Tier
+from .transfer import Mover, Pending
+
+
+class ActivationStore:
+    def __init__(self, tiers: list[Tier], storages: dict[Tier, Storage], max_elems: int, dtype: torch.dtype,
+                 device: torch.device, mover: Mover):
+        self.tiers, self.device, self.mover = tiers, device, mover
+        self.homes = [None if t == Tier.GPU else storages[t].allocate((max_elems,), dtype, f"hidden_{k}")
+                      for k, t in enumerate(tiers)]
+        self._resident: list[torch.Tensor | None] = [None] * len(tiers)
+        self._stored: list[tuple[tuple[int, ...], Pending] | None] = [None] * len(tiers)
+        self._loaded: list[tuple[torch.Tensor, Pending] | None] = [None] * len(tiers)
+
+    def put(self, k: int, x: torch.Tensor) -> None:
+        if self.homes[k] is None:
+            self._resident[k] = x
+            return
+        home = self.homes[k][: x.numel()].view(x.shape)
+        self._stored[k] = (tuple(x.shape), self.mover.store(home, x, "act_io", to_disk=self.tiers[k] == Tier.DISK))
+
+    def prefetch(self, k: int) -> None:
+        """Start loading batch k's hidden states, if they were stored and not loaded yet."""
+        if self.homes[k] is None or self._stored[k] is None or self._loaded[k] is not None:
+            return
+        shape, stored = self._stored[k]
+        self._stored[k] = None
+        buf = torch.empty(shape, dtype=self.homes[k].dtype, device=self.device)
+        home = self.homes[k][: buf.numel()].view(shape)
+        self._loaded[k] = (buf, self.mover.load(buf, home, "act_io", from_disk=self.tiers[k] == Tier.DISK,
+                                                after=[stored]))
+
+    def get(self, k: int) -> torch.Tensor:
+        if self.homes[k] is None:
+            x, self._resident[k] = self._resident[k], None
+            return x
+        self.prefetch(k)
+        buf, pend = self._loaded[k]
+        self._loaded[k] = None
+        pend.wait()
+        return buf

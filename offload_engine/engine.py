@@ -1,0 +1,189 @@
+"""The engine: plans memory, places weights, and runs batched generation.
+
+    engine = Engine(ModelConfig, Policy, Workload(prompt_len, gen_len), EngineOptions(...))
+    result = engine.generate(input_ids, attention_mask, GenerationConfig(max_new_tokens=32))
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from policies.memory import MemoryPlan, Workload, plan_memory
+from policies.placement import Policy
+
+from .activations import ActivationStore
+from .batch import BatchState
+from .config import ModelConfig
+from .errors import EngineError
+from .kv_cache import KVCacheStore
+from .models import build_layers
+from .profiler import Profiler
+from .sampling import GenerationConfig, sample
+from .schedule import Scheduler
+from .tiers import DeviceStorage, DiskStorage, HostStorage, Tier, check_writable
+from .transfer import Mover
+from .weight_store import WeightStore
+from .weights import dummy_weights, load_checkpoint
+
+GiB = 1 << 30
+
+
+@dataclass
+class EngineOptions:
+    checkpoint: Path | None = None  # None: dummy weights
+    seed: int = 0
+    dtype: torch.dtype | None = None  # default: float16 on a GPU, float32 on the CPU
+    device: str | None = None  # default: cuda if available
+    offload_dir: Path = Path("offload")
+    gpu_mem_bytes: int | None = None  # caps; default: what the machine has
+    cpu_mem_bytes: int | None = None
+    profile: bool = False
+    progress: bool = True
+
+
+@dataclass
+class GenerationResult:
+    tokens: torch.Tensor  # (N, new tokens), on the CPU
+    prefill_s: float
+    decode_s: float
+    step_logits: list[torch.Tensor] = field(default_factory=list)  # per step (N, V), if collected
+    prompt_logits: torch.Tensor | None = None  # (N, s, V), if collected
+    decode_split_s: dict[str, float] = field(default_factory=dict)  # busy seconds per decode step, by category
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError("--device cuda was asked for but no CUDA GPU is visible.", "Drop --device to run on the CPU.")
+    return dev
+
+
+class Engine:
+    def __init__(self, model: ModelConfig, policy: Policy, workload: Workload, options: EngineOptions | None = None):
+        opts = options or EngineOptions()
+        self.model, self.policy, self.workload, self.options = model, policy, workload, opts
+        self.device = resolve_device(opts.device)
+        self.dtype = opts.dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        if workload.max_len > model.max_positions:
+            raise EngineError(f"prompt + generated length {workload.max_len} exceeds {model.name}'s "
+                              f"{model.max_positions} positions.", "Lower --prompt-len or --gen-len.")
+        self.layers = build_layers(model, policy.sep_layer)
+        self.plan: MemoryPlan = plan_memory(self.layers, policy, workload, self.dtype, model.hidden_size)
+        self._check_fits(opts)
+
+        self.profiler = Profiler(opts.profile)
+        self.mover = Mover(self.device, policy.overlap, self.profiler)
+        self.disk = DiskStorage(Path(opts.offload_dir))
+        storages = {Tier.GPU: DeviceStorage(self.device), Tier.CPU: HostStorage(pin=True), Tier.DISK: self.disk}
+        self.storages = storages
+        weight_storages = dict(storages)
+        if not policy.pin_weight:
+            weight_storages[Tier.CPU] = HostStorage(pin=False)
+        self.weight_host = weight_storages[Tier.CPU]
+        self.weights = WeightStore(self.layers, self.plan, weight_storages, self.dtype, self.mover,
+                                   policy.weight_buffers)
+        specs = {s.key: s for layer in self.layers for s in layer.weight_specs()}
+        if opts.checkpoint is not None:
+            load_checkpoint(opts.checkpoint, specs, self.weights.homes, opts.progress)
+        else:
+            dummy_weights(specs, self.weights.homes, opts.seed, self.device, opts.progress)
+        self.kv = KVCacheStore(self.layers, self.plan, storages, policy.gpu_batch_size, workload.max_len, self.dtype,
+                               self.device, self.mover, self.profiler, policy.cpu_cache_compute)
+        self.acts = ActivationStore(self.plan.act_tiers, storages,
+                                    policy.gpu_batch_size * workload.prompt_len * model.hidden_size,
+                                    self.dtype, self.device, self.mover)
+        self.scheduler = Scheduler(self.layers, self.weights, self.kv, self.acts, self.profiler, self.device)
+
+    def _check_fits(self, opts: EngineOptions) -> None:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            gpu = min(opts.gpu_mem_bytes or total, free + torch.cuda.memory_allocated(self.device))
+        else:
+            gpu = opts.gpu_mem_bytes or psutil.virtual_memory().available
+        cpu = opts.cpu_mem_bytes or psutil.virtual_memory().available
+        if self.device.type == "cpu" and opts.cpu_mem_bytes is None:
+            cpu -= self.plan.tiers[Tier.GPU].total  # the "GPU" tier shares host memory
+        disk = 0
+        if self.plan.tiers[Tier.DISK].total:
+            check_writable(Path(opts.offload_dir))
+            disk = shutil.disk_usage(opts.offload_dir).free
+        self.plan.check(gpu, cpu, disk)
+        if self.device.type == "cuda" and opts.gpu_mem_bytes:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, opts.gpu_mem_bytes / total), self.device)
+
+    def allocated_bytes(self) -> dict[Tier, int]:
+        """Bytes the engine holds per tier (persistent allocations)."""
+        out = {t: s.allocated_bytes for t, s in self.storages.items()}
+        if self.weight_host is not self.storages[Tier.CPU]:
+            out[Tier.CPU] += self.weight_host.allocated_bytes
+        return out
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 config: GenerationConfig | None = None, collect_logits: bool = False) -> GenerationResult:
+        """Generate for N <= batch size left-padded prompts (N, s)."""
+        cfg = config or GenerationConfig(max_new_tokens=self.workload.gen_len)
+        n, s = input_ids.shape
+        p = self.policy
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if n > p.batch_size:
+            raise EngineError(f"{n} prompts exceed the batch of {p.batch_size} ({p.gpu_batch_size} x "
+                              f"{p.num_gpu_batches}).", "Raise --gpu-batch-size or --num-gpu-batches.")
+        if s > self.workload.prompt_len or cfg.max_new_tokens > self.workload.gen_len:
+            raise EngineError(f"prompt {s} + {cfg.max_new_tokens} new tokens exceed the planned workload "
+                              f"{self.workload.prompt_len} + {self.workload.gen_len}.", "Plan a larger workload.")
+        if n < p.batch_size:  # fill the batch with copies of row 0; their outputs are dropped
+            fill = p.batch_size - n
+            input_ids = torch.cat([input_ids, input_ids[:1].expand(fill, s)])
+            attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(fill, s)])
+        ids = input_ids.to(self.device).split(p.gpu_batch_size)
+        states = [BatchState(m, self.workload.max_len, self.device) for m in attention_mask.split(p.gpu_batch_size)]
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed) if cfg.do_sample else None
+        finished = torch.zeros(p.batch_size, dtype=torch.bool, device=self.device)
+        tokens, step_logits, prompt_logits, splits = [], [], None, []
+        self.profiler.collect()
+        t0 = time.perf_counter()
+        prefill_s = 0.0
+        for step in tqdm(range(cfg.max_new_tokens), desc="generate", disable=not self.options.progress, unit="tok"):
+            out = torch.cat(self.scheduler.step(list(ids), states, all_logits=collect_logits and step == 0))
+            if collect_logits and step == 0:
+                prompt_logits = out[:n].cpu()
+            logits = out[:, -1]
+            if collect_logits:
+                step_logits.append(logits[:n].cpu())
+            nxt = sample(logits, cfg, gen)
+            if cfg.stop_token_id is not None:
+                nxt = nxt.masked_fill(finished, self.model.pad_token_id)
+                finished |= nxt == cfg.stop_token_id
+            tokens.append(nxt)
+            ids = nxt[:, None].split(p.gpu_batch_size)
+            if step == 0:
+                self._sync()
+                prefill_s = time.perf_counter() - t0
+            split = self.profiler.collect()
+            if step > 0 and split:
+                splits.append(split)
+            if cfg.stop_token_id is not None and bool(finished[:n].all()):
+                break
+        self._sync()
+        total_s = time.perf_counter() - t0
+        avg = {k: sum(sp.get(k, 0.0) for sp in splits) / len(splits) for k in splits[0]} if splits else {}
+        return GenerationResult(torch.stack(tokens, 1)[:n].cpu(), prefill_s, total_s - prefill_s, step_logits,
+                                prompt_logits, avg)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        self.mover.close()
+        self.disk.cleanup()

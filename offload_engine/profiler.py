@@ -1,0 +1,58 @@
+"""Busy time per category (weight I/O, KV I/O, compute...), measured on the stream doing the work.
+
+With overlap, categories run at the same time, so their sum exceeds the wall time: the
+largest one is the bottleneck. Off by default: events cost a little.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+
+class Profiler:
+    def __init__(self, enabled: bool = False):
+        self.enabled = enabled
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._host: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def span(self, category: str, stream: "torch.cuda.Stream | None" = None, host: bool = False):
+        """Time the work issued inside: with CUDA events on `stream`, or the host clock."""
+        if not self.enabled:
+            yield
+            return
+        if stream is not None and not host:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            yield
+            end.record(stream)
+            with self._lock:
+                self._events.append((category, start, end))
+            return
+        if stream is not None:
+            stream.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if stream is not None:
+            stream.synchronize()
+        with self._lock:
+            self._host[category] += time.perf_counter() - t0
+
+    def collect(self) -> dict[str, float]:
+        """Seconds per category since the last call (synchronizes the device)."""
+        if not self.enabled:
+            return {}
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        with self._lock:
+            out: dict[str, float] = defaultdict(float, self._host)
+            for cat, start, end in self._events:
+                out[cat] += start.elapsed_time(end) / 1e3
+            self._events.clear()
+            self._host.clear()
+        return dict(out)

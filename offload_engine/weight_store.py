@@ -1,0 +1,98 @@
+"""Layer weights on their home tiers, and the GPU staging slots that stream them in.
+
+A layer whose weights are all on the GPU is used in place. The others are fetched in layer
+order into a ring of `policy.weight_buffers` slots, `weight_buffers - 1` layers ahead of the
+one computing (across step boundaries too), so the copy of the next layers overlaps compute.
+"""
+from __future__ import annotations
+
+import torch
+
+from policies.memory import MemoryPlan
+
+from .models.base import Layer
+from .tiers import ALIGN, Storage, Tier, round_up
+from .transfer import Mover, Pending
+
+
+class WeightStore:
+    def __init__(self, layers: list[Layer], plan: MemoryPlan, storages: dict[Tier, Storage], dtype: torch.dtype,
+                 mover: Mover, num_slots: int):
+        self.dtype, self.mover = dtype, mover
+        self.homes: dict[str, tuple[Tier, torch.Tensor]] = {}
+        self.layer_specs = [layer.weight_specs() for layer in layers]
+        for specs in self.layer_specs:
+            for spec in specs:
+                if spec.key not in self.homes:
+                    tier = plan.weight_tiers[spec.key]
+                    name = spec.key.replace(".", "_")
+                    self.homes[spec.key] = (tier, storages[tier].allocate(spec.shape, dtype, name))
+        self.fetch_order = [i for i, specs in enumerate(self.layer_specs)
+                            if any(self.homes[s.key][0] != Tier.GPU for s in specs)]
+        self._position = {layer: p for p, layer in enumerate(self.fetch_order)}
+        gpu = storages[Tier.GPU]
+        self.slots = [gpu.allocate((plan.weight_slot_bytes,), torch.uint8, f"weight_slot{n}")
+                      for n in range(num_slots if self.fetch_order else 0)]
+        self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._issued: dict[int, tuple[dict[str, torch.Tensor], list[Pending]]] = {}
+        self._expected = 0  # fetch sequence number of the next streamed layer to be used
+        self._next_issue = 0
+
+    def layer_weights_on_gpu(self, i: int) -> dict[str, torch.Tensor]:
+        """Weights of layer i if none needs streaming (e.g. for tests and memory checks)."""
+        return {s.name: self.homes[s.key][1] for s in self.layer_specs[i]}
+
+    def get(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's weights on the compute device, waiting for their copy if streamed."""
+        if i not in self._position:
+            return self.layer_weights_on_gpu(i)
+        n = self._expected
+        if self.fetch_order[n % len(self.fetch_order)] != i:  # schedule restarted (e.g. a new generate call)
+            n = self._restart(i)
+        self._issue_up_to(n + len(self.slots) - 1)
+        views, pends = self._issued.pop(n)
+        for p in pends:
+            p.wait()
+        self._expected = n + 1
+        return views
+
+    def _restart(self, i: int) -> int:
+        for _, pends in self._issued.values():
+            for p in pends:
+                p.synchronize()
+        self._issued.clear()
+        n = self._expected - self._expected % len(self.fetch_order) + self._position[i]
+        if n < self._expected:
+            n += len(self.fetch_order)
+        self._next_issue = n
+        return n
+
+    def _issue_up_to(self, last: int) -> None:
+        while self._next_issue <= last:
+            n = self._next_issue
+            layer = self.fetch_order[n % len(self.fetch_order)]
+            slot = n % len(self.slots)
+            views = self._slot_views(slot, layer)
+            pends = []
+            for spec in self.layer_specs[layer]:
+                tier, home = self.homes[spec.key]
+                if tier != Tier.GPU:
+                    pends.append(self.mover.load(views[spec.name], home, "weight_io", from_disk=tier == Tier.DISK))
+            self._issued[n] = (views, pends)
+            self._next_issue += 1
+
+    def _slot_views(self, slot: int, layer: int) -> dict[str, torch.Tensor]:
+        key = (slot, layer)
+        if key not in self._views:
+            views, offset = {}, 0
+            buf = self.slots[slot]
+            for spec in self.layer_specs[layer]:
+                tier, home = self.homes[spec.key]
+                if tier == Tier.GPU:
+                    views[spec.name] = home
+                    continue
+                nbytes = home.numel() * home.element_size()
+                views[spec.name] = buf[offset:offset + nbytes].view(self.dtype).view(spec.shape)
+                offset = round_up(offset + nbytes, ALIGN)
+            self._views[key] = views
+        return self._views[key]

@@ -1,0 +1,147 @@
+"""Memory planning: which tier holds each tensor, the bytes each tier needs, and refusal.
+
+Everything the engine allocates is decided here first, so a policy that does not fit is
+refused before a single byte is allocated, with the tier, the shortfall and what to change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from offload_engine.errors import EngineError
+from offload_engine.models.base import Layer
+from offload_engine.tiers import Tier, round_up, tensor_bytes
+
+from .placement import Policy, assign_tiers
+
+GiB = float(1 << 30)
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompt_len: int
+    gen_len: int
+
+    @property
+    def max_len(self) -> int:
+        return self.prompt_len + self.gen_len
+
+
+@dataclass
+class TierBudget:
+    weights: int = 0
+    kv_cache: int = 0
+    activations: int = 0
+    buffers: int = 0  # staging slots for streamed weights / KV cache
+    working: int = 0  # transient tensors of one layer's forward
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations + self.buffers + self.working
+
+    def describe(self) -> str:
+        parts = [("weights", self.weights), ("KV cache", self.kv_cache), ("activations", self.activations),
+                 ("staging buffers", self.buffers), ("working memory", self.working)]
+        return ", ".join(f"{name} {b / GiB:.2f}" for name, b in parts if b)
+
+
+@dataclass
+class MemoryPlan:
+    """Tier of every weight, KV cache and activation buffer, and the bytes per tier."""
+
+    weight_tiers: dict[str, Tier]  # checkpoint key -> tier (shared tensors appear once)
+    kv_tiers: dict[tuple[int, int], Tier]  # (layer index, gpu batch) -> tier
+    act_tiers: list[Tier]  # per gpu batch
+    kv_item_bytes: int
+    weight_slot_bytes: int  # one staging slot: the largest layer's streamed weights
+    kv_slots: int
+    tiers: dict[Tier, TierBudget] = field(default_factory=lambda: {t: TierBudget() for t in Tier})
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(b.weights for b in self.tiers.values())
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(b.kv_cache for b in self.tiers.values())
+
+    @property
+    def act_bytes(self) -> int:
+        return sum(b.activations for b in self.tiers.values())
+
+    def persistent_bytes(self, tier: Tier) -> int:
+        """What the engine allocates up front on a tier (all but transient working memory)."""
+        b = self.tiers[tier]
+        return b.weights + b.kv_cache + b.activations + b.buffers
+
+    def check(self, gpu_bytes: int, cpu_bytes: int, disk_bytes: int) -> None:
+        hints = {
+            Tier.GPU: ("--gpu-mem", "move weights or KV cache off the GPU (lower the 1st or 3rd --percent value) "
+                       "or lower --gpu-batch-size"),
+            Tier.CPU: ("--cpu-mem", "move weights or KV cache to disk (lower the 2nd or 4th --percent value) "
+                       "or lower --gpu-batch-size / --num-gpu-batches"),
+            Tier.DISK: ("--offload-dir", "free disk space, point --offload-dir elsewhere, or keep more on GPU/CPU"),
+        }
+        for tier, cap in ((Tier.GPU, gpu_bytes), (Tier.CPU, cpu_bytes), (Tier.DISK, disk_bytes)):
+            need = self.tiers[tier].total
+            if need > cap:
+                flag, fix = hints[tier]
+                raise EngineError(
+                    f"policy does not fit: the {tier.value.upper()} tier needs {need / GiB:.2f} GiB "
+                    f"({self.tiers[tier].describe()}) but {cap / GiB:.2f} GiB are available ({flag}), "
+                    f"{(need - cap) / GiB:.2f} GiB short.", f"To fix: {fix}.")
+
+
+def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torch.dtype,
+                hidden_size: int) -> MemoryPlan:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+
+    # Weights: one entry per checkpoint key, in layer order.
+    sizes: dict[str, int] = {}
+    for layer in layers:
+        for spec in layer.weight_specs():
+            sizes.setdefault(spec.key, spec.numel() * itemsize)
+    keys = list(sizes)
+    weight_tiers = dict(zip(keys, assign_tiers([sizes[k] for k in keys],
+                                               policy.weight_gpu_percent, policy.weight_cpu_percent)))
+    streamed = [sum(round_up(sizes[s.key]) for s in {s.key: s for s in layer.weight_specs()}.values()
+                    if weight_tiers[s.key] != Tier.GPU) for layer in layers]
+    weight_slot = max(streamed)
+
+    # KV cache: one item per (attention layer, gpu batch), layer-major.
+    b, k_batches = policy.gpu_batch_size, policy.num_gpu_batches
+    attn = [(i, layer.kv_spec) for i, layer in enumerate(layers) if layer.kv_spec is not None]
+    kv_item = 0
+    if attn:
+        spec = attn[0][1]
+        kv_item = 2 * tensor_bytes((work.max_len, b, spec.num_heads, spec.head_dim), dtype)
+    kv_keys = [(i, k) for i, _ in attn for k in range(k_batches)]
+    kv_tiers = dict(zip(kv_keys, assign_tiers([kv_item] * len(kv_keys),
+                                              policy.cache_gpu_percent, policy.cache_cpu_percent)))
+    fetched_kv = any(t == Tier.DISK or (t == Tier.CPU and not policy.cpu_cache_compute) for t in kv_tiers.values())
+
+    # Activations: the hidden states between layers, one buffer per gpu batch.
+    act_item = tensor_bytes((b, work.prompt_len, hidden_size), dtype)
+    act_tiers = assign_tiers([act_item] * k_batches, policy.act_gpu_percent, policy.act_cpu_percent)
+
+    plan = MemoryPlan(weight_tiers, kv_tiers, act_tiers, kv_item, weight_slot, 2 if fetched_kv else 0)
+    for key, tier in weight_tiers.items():
+        plan.tiers[tier].weights += sizes[key]
+    for tier in kv_tiers.values():
+        plan.tiers[tier].kv_cache += kv_item
+    for tier in act_tiers:
+        if tier != Tier.GPU:  # GPU-resident hidden states are transient: counted as working memory
+            plan.tiers[tier].activations += act_item
+    gpu = plan.tiers[Tier.GPU]
+    gpu.buffers = (policy.weight_buffers * weight_slot if weight_slot else 0) + plan.kv_slots * kv_item
+    # Working memory: the largest layer forward, its input and output, the resident hidden
+    # states of the other gpu batches, the attention mask and one prefetched input.
+    layer_work = max(layer.working_bytes(b, work.prompt_len, itemsize) for layer in layers)
+    mask = b * work.prompt_len * work.prompt_len
+    gpu.working = layer_work + 3 * act_item + mask + act_item * act_tiers.count(Tier.GPU)
+    if policy.cpu_cache_compute and attn:
+        spec = attn[0][1]
+        plan.tiers[Tier.CPU].working = 4 * b * spec.num_heads * (work.max_len + 2 * spec.head_dim) * 4
+    return plan
+

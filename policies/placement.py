@@ -1,0 +1,84 @@
+"""The placement policy (FlexGen's knobs) and the rule that maps percentages to tensors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from offload_engine.errors import EngineError
+from offload_engine.tiers import Tier
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Where things live and how the batch is cut.
+
+    Percentages are of bytes; what is not on the GPU or CPU goes to disk.
+    The effective batch is gpu_batch_size * num_gpu_batches: a "block" of GPU batches shares
+    one load of each layer's weights.
+    """
+
+    weight_gpu_percent: float = 100
+    weight_cpu_percent: float = 0
+    cache_gpu_percent: float = 100
+    cache_cpu_percent: float = 0
+    act_gpu_percent: float = 100
+    act_cpu_percent: float = 0
+    gpu_batch_size: int = 4
+    num_gpu_batches: int = 1
+    overlap: bool = True
+    pin_weight: bool = True
+    cpu_cache_compute: bool = False
+    sep_layer: bool = True
+    weight_buffers: int = 2  # GPU staging slots for streamed weights (2 = double buffering)
+
+    @classmethod
+    def from_percent(cls, percent: Sequence[float], **kw) -> "Policy":
+        if len(percent) != 6:
+            raise EngineError(f"--percent takes 6 numbers, got {len(percent)}.",
+                              "Give weights, KV cache, activations on GPU and CPU, e.g. --percent 100 0 100 0 100 0.")
+        return cls(*percent, **kw)
+
+    def __post_init__(self) -> None:
+        for kind, gpu, cpu in self._pairs():
+            if min(gpu, cpu) < 0 or gpu + cpu > 100:
+                raise EngineError(
+                    f"--percent for {kind}: GPU {gpu:g} + CPU {cpu:g} must be between 0 and 100 each and sum to at most 100.",
+                    "The rest goes to disk; lower one of the two.")
+        if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
+            raise EngineError("--gpu-batch-size and --num-gpu-batches must be at least 1.")
+        if self.weight_buffers < 2:
+            raise EngineError("weight_buffers must be at least 2 (double buffering).")
+
+    def _pairs(self):
+        return [("weights", self.weight_gpu_percent, self.weight_cpu_percent),
+                ("KV cache", self.cache_gpu_percent, self.cache_cpu_percent),
+                ("activations", self.act_gpu_percent, self.act_cpu_percent)]
+
+    @property
+    def batch_size(self) -> int:
+        return self.gpu_batch_size * self.num_gpu_batches
+
+    @property
+    def percent(self) -> tuple[float, ...]:
+        return tuple(x for _, g, c in self._pairs() for x in (g, c))
+
+
+def assign_tiers(sizes: Sequence[int], gpu_percent: float, cpu_percent: float) -> list[Tier]:
+    """Tier of each item, by where its byte midpoint falls in the cumulative order.
+
+    Items are in layer order, so the first `gpu_percent` of the bytes land on the GPU, the next
+    `cpu_percent` on the CPU, the rest on disk: the percentages hold for the whole model, not
+    per layer, up to one item's size.
+    """
+    total = sum(sizes) or 1
+    tiers, cum = [], 0
+    for size in sizes:
+        mid = 100.0 * (cum + size / 2) / total
+        cum += size
+        if mid < gpu_percent:
+            tiers.append(Tier.GPU)
+        elif mid < gpu_percent + cpu_percent:
+            tiers.append(Tier.CPU)
+        else:
+            tiers.append(Tier.DISK)
+    return tiers

@@ -1,0 +1,111 @@
+"""Throughput as FlexGen defines it, the printed report, and machine-readable results."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+GB = 1e9
+
+
+@dataclass
+class RunMetrics:
+    batch_size: int
+    prompt_len: int
+    gen_len: int  # tokens generated per sequence
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    @property
+    def prefill_throughput(self) -> float:
+        return self.batch_size * self.prompt_len / self.prefill_s
+
+    @property
+    def decode_throughput(self) -> float:
+        steps = self.gen_len - 1
+        return self.batch_size * steps / self.decode_s if steps and self.decode_s > 0 else 0.0
+
+    @property
+    def total_throughput(self) -> float:
+        """Generated tokens / (prefill + decode time)."""
+        return self.batch_size * self.gen_len / self.total_s
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(total_s=self.total_s, prefill_throughput=self.prefill_throughput,
+                 decode_throughput=self.decode_throughput, total_throughput=self.total_throughput)
+        return d
+
+
+def peak_memory() -> dict[str, float]:
+    """Measured peaks: GPU bytes allocated by PyTorch, and the process's resident host memory."""
+    out = {"peak_cpu_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB}
+    if torch.cuda.is_available():
+        out["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / GB
+    return out
+
+
+def hardware() -> dict:
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_cores": psutil.cpu_count(logical=True),
+        "ram_gb": psutil.virtual_memory().total / GB,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_mem_gb=props.total_memory / GB)
+    else:
+        info["gpu"] = None
+    return info
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def report(m: RunMetrics, sizes: dict[str, float], peaks: dict[str, float]) -> str:
+    """The lines FlexGen prints, in its units."""
+    lines = [
+        f"model size: {sizes['model_gb']:.3f} GB\tcache size: {sizes['cache_gb']:.3f} GB\t"
+        f"hidden size (p): {sizes['hidden_gb']:.3f} GB",
+        f"peak gpu mem: {peaks.get('peak_gpu_mem_gb', 0.0):.3f} GB\tpeak cpu mem: {peaks['peak_cpu_rss_gb']:.3f} GB",
+        f"prefill latency: {m.prefill_s:.3f} s\tprefill throughput: {m.prefill_throughput:.3f} token/s",
+        f"decode latency: {m.decode_s:.3f} s\tdecode throughput: {m.decode_throughput:.3f} token/s",
+        f"total latency: {m.total_s:.3f} s\ttotal throughput: {m.total_throughput:.3f} token/s",
+    ]
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write all or nothing: an interrupted run never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

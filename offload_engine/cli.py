@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
-
-import torch
 
 from policies.memory import Workload
 from policies.placement import Policy
@@ -112,6 +111,9 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Weights, caches and slots are long-lived and of few sizes; expandable segments keep the
+    # allocator from fragmenting the GPU under a --gpu-mem cap. Read at the first CUDA allocation.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     try:
         from .runner import run_throughput  # heavy imports after argument errors are reported
         if args.prompt_len < 1:

@@ -118,7 +118,7 @@ class Engine:
         self.plan.check(gpu, cpu, disk)
         if self.device.type == "cuda" and opts.gpu_mem_bytes:
             total = torch.cuda.get_device_properties(self.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, opts.gpu_mem_bytes / total), self.device)
+            torch.cuda.set_per_process_memory_fraction(min(1.0, opts.gpu_mem_bytes / total), self.device.index or 0)
 
     def allocated_bytes(self) -> dict[Tier, int]:
         """Bytes the engine holds per tier (persistent allocations)."""

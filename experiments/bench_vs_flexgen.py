@@ -97,7 +97,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=480)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {"hardware": hardware(), "commit": git_commit(), "runs": []}
+    summary_path = args.out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}  # earlier calls: keep their runs
+    summary.update(hardware=hardware(), commit=git_commit())
+    summary.setdefault("runs", [])
     with open(args.out / "runs.log", "a") as log:
         for name in args.cases:
             case = CASES[name]
@@ -115,7 +118,7 @@ def main() -> None:
                     res = dict(parse_flexgen(text), cut_gen_len=cut)
                 summary["runs"].append(dict(case=name, engine=engine, settings=case, rc=rc, wall_s=wall, **res,
                                             tail=text[-1500:] if rc else ""))
-                write_json_atomic(args.out / "summary.json", summary)
+                write_json_atomic(summary_path, summary)
     print(f"\n{'case':<15}{'engine':<9}{'rc':>4}{'prefill s':>11}{'decode s':>10}{'token/s':>10}{'peak GPU GB':>13}")
     for r in summary["runs"]:
         print(f"{r['case']:<15}{r['engine']:<9}{r['rc']:>4}{r.get('prefill_s', 0):>11.3f}{r.get('decode_s', 0):>10.3f}"

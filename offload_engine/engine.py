@@ -76,8 +76,7 @@ class Engine:
             raise EngineError(f"prompt + generated length {workload.max_len} exceeds {model.name}'s "
                               f"{model.max_positions} positions.", "Lower --prompt-len or --gen-len.")
         self.layers = build_layers(model, policy.sep_layer)
-        self.plan: MemoryPlan = plan_memory(self.layers, policy, workload, self.dtype, model.hidden_size)
-        self._check_fits(opts)
+        self.plan: MemoryPlan = self._plan(opts)
 
         self.profiler = Profiler(opts.profile)
         self.mover = Mover(self.device, policy.overlap, self.profiler)
@@ -88,37 +87,56 @@ class Engine:
         if not policy.pin_weight:
             weight_storages[Tier.CPU] = HostStorage(pin=False)
         self.weight_host = weight_storages[Tier.CPU]
-        self.weights = WeightStore(self.layers, self.plan, weight_storages, self.dtype, self.mover,
-                                   policy.weight_buffers)
+        self.weights = WeightStore(self.layers, self.plan, weight_storages, self.dtype, self.mover)
         specs = {s.key: s for layer in self.layers for s in layer.weight_specs()}
         if opts.checkpoint is not None:
             load_checkpoint(opts.checkpoint, specs, self.weights.homes, opts.progress)
         else:
             dummy_weights(specs, self.weights.homes, opts.seed, self.device, opts.progress)
-        self.kv = KVCacheStore(self.layers, self.plan, storages, policy.gpu_batch_size, workload.max_len, self.dtype,
-                               self.device, self.mover, self.profiler, policy.cpu_cache_compute)
+        self.kv = KVCacheStore(self.layers, self.plan, storages, policy.gpu_batch_size, workload.prompt_len,
+                               workload.max_len, self.dtype, self.mover, self.profiler, policy.cpu_cache_compute)
         self.acts = ActivationStore(self.plan.act_tiers, storages,
                                     policy.gpu_batch_size * workload.prompt_len * model.hidden_size,
                                     self.dtype, self.device, self.mover)
         self.scheduler = Scheduler(self.layers, self.weights, self.kv, self.acts, self.profiler, self.device)
 
-    def _check_fits(self, opts: EngineOptions) -> None:
+    def _plan(self, opts: EngineOptions) -> MemoryPlan:
+        """The memory plan, refused before any allocation if it does not fit.
+
+        Streamed weights get a third staging slot when it fits: it lets the next two layers load
+        while one computes, which hides the load of a small layer behind a slow one.
+        """
+        caps = self._caps(opts)
+        error = None
+        for slots in [self.policy.weight_buffers] if self.policy.weight_buffers else [3, 2]:
+            plan = plan_memory(self.layers, self.policy, self.workload, self.dtype, self.model.hidden_size, slots)
+            try:
+                plan.check(*caps)
+                break
+            except EngineError as e:
+                error = e
+        else:
+            raise error
+        if self.device.type == "cuda" and opts.gpu_mem_bytes:
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, opts.gpu_mem_bytes / total), self.device.index or 0)
+        return plan
+
+    def _caps(self, opts: EngineOptions) -> tuple[int, int, int]:
+        """Bytes available on the GPU, CPU and disk tiers."""
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             gpu = min(opts.gpu_mem_bytes or total, free + torch.cuda.memory_allocated(self.device))
         else:
             gpu = opts.gpu_mem_bytes or psutil.virtual_memory().available
         cpu = opts.cpu_mem_bytes or psutil.virtual_memory().available
-        if self.device.type == "cpu" and opts.cpu_mem_bytes is None:
-            cpu -= self.plan.tiers[Tier.GPU].total  # the "GPU" tier shares host memory
+        if self.device.type == "cpu" and opts.gpu_mem_bytes is None and opts.cpu_mem_bytes is None:
+            gpu = cpu = cpu // 2  # both tiers share host memory
         disk = 0
-        if self.plan.tiers[Tier.DISK].total:
+        if self.policy.uses_disk:
             check_writable(Path(opts.offload_dir))
             disk = shutil.disk_usage(opts.offload_dir).free
-        self.plan.check(gpu, cpu, disk)
-        if self.device.type == "cuda" and opts.gpu_mem_bytes:
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, opts.gpu_mem_bytes / total), self.device.index or 0)
+        return gpu, cpu, disk
 
     def allocated_bytes(self) -> dict[Tier, int]:
         """Bytes the engine holds per tier (persistent allocations)."""

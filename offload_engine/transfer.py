@@ -94,6 +94,13 @@ class Mover:
             return Pending(future=self.pool.submit(run))
         return Pending(event=run())
 
+    def on_host(self, fn) -> Pending:
+        """Run host-side work (e.g. a copy between host buffers) beside compute when overlapping."""
+        if self.pool is None:
+            fn()
+            return DONE
+        return Pending(future=self.pool.submit(lambda: fn() and None))
+
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)

@@ -1,7 +1,7 @@
 """Layer weights on their home tiers, and the GPU staging slots that stream them in.
 
 A layer whose weights are all on the GPU is used in place. The others are fetched in layer
-order into a ring of `policy.weight_buffers` slots, `weight_buffers - 1` layers ahead of the
+order into a ring of `plan.weight_slots` slots, `weight_slots - 1` layers ahead of the
 one computing (across step boundaries too), so the copy of the next layers overlaps compute.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .transfer import Mover, Pending
 
 class WeightStore:
     def __init__(self, layers: list[Layer], plan: MemoryPlan, storages: dict[Tier, Storage], dtype: torch.dtype,
-                 mover: Mover, num_slots: int):
+                 mover: Mover):
         self.dtype, self.mover = dtype, mover
         self.homes: dict[str, tuple[Tier, torch.Tensor]] = {}
         self.layer_specs = [layer.weight_specs() for layer in layers]
@@ -32,7 +32,7 @@ class WeightStore:
         self._position = {layer: p for p, layer in enumerate(self.fetch_order)}
         gpu = storages[Tier.GPU]
         self.slots = [gpu.allocate((plan.weight_slot_bytes,), torch.uint8, f"weight_slot{n}")
-                      for n in range(num_slots if self.fetch_order else 0)]
+                      for n in range(plan.weight_slots if self.fetch_order else 0)]
         self._views: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._issued: dict[int, tuple[dict[str, torch.Tensor], list[Pending]]] = {}
         self._expected = 0  # fetch sequence number of the next streamed layer to be used

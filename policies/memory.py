@@ -55,7 +55,9 @@ class MemoryPlan:
     act_tiers: list[Tier]  # per gpu batch
     kv_item_bytes: int
     weight_slot_bytes: int  # one staging slot: the largest layer's streamed weights
-    kv_slots: int
+    weight_slots: int
+    kv_slots: int  # GPU slots for streamed KV cache
+    kv_staging_slots: int  # pinned host buffers for writing prompts into head-major CPU caches
     tiers: dict[Tier, TierBudget] = field(default_factory=lambda: {t: TierBudget() for t in Tier})
 
     @property
@@ -94,7 +96,7 @@ class MemoryPlan:
 
 
 def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torch.dtype,
-                hidden_size: int) -> MemoryPlan:
+                hidden_size: int, weight_slots: int = 2) -> MemoryPlan:
     itemsize = torch.empty((), dtype=dtype).element_size()
 
     # Weights: one entry per checkpoint key, in layer order.
@@ -112,20 +114,24 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
     # KV cache: one item per (attention layer, gpu batch), layer-major.
     b, k_batches = policy.gpu_batch_size, policy.num_gpu_batches
     attn = [(i, layer.kv_spec) for i, layer in enumerate(layers) if layer.kv_spec is not None]
-    kv_item = 0
+    kv_item = prompt_item = 0
     if attn:
         spec = attn[0][1]
         kv_item = 2 * tensor_bytes((work.max_len, b, spec.num_heads, spec.head_dim), dtype)
+        prompt_item = 2 * tensor_bytes((work.prompt_len, b, spec.num_heads, spec.head_dim), dtype)
     kv_keys = [(i, k) for i, _ in attn for k in range(k_batches)]
     kv_tiers = dict(zip(kv_keys, assign_tiers([kv_item] * len(kv_keys),
                                               policy.cache_gpu_percent, policy.cache_cpu_percent)))
     fetched_kv = any(t == Tier.DISK or (t == Tier.CPU and not policy.cpu_cache_compute) for t in kv_tiers.values())
+    cpu_attended = policy.cpu_cache_compute and Tier.CPU in kv_tiers.values()
 
     # Activations: the hidden states between layers, one buffer per gpu batch.
     act_item = tensor_bytes((b, work.prompt_len, hidden_size), dtype)
     act_tiers = assign_tiers([act_item] * k_batches, policy.act_gpu_percent, policy.act_cpu_percent)
 
-    plan = MemoryPlan(weight_tiers, kv_tiers, act_tiers, kv_item, weight_slot, 2 if fetched_kv else 0)
+    weight_slots = weight_slots if weight_slot else 0
+    plan = MemoryPlan(weight_tiers, kv_tiers, act_tiers, kv_item, weight_slot, weight_slots,
+                      kv_slots=2 if fetched_kv else 0, kv_staging_slots=2 if cpu_attended else 0)
     for key, tier in weight_tiers.items():
         plan.tiers[tier].weights += sizes[key]
     for tier in kv_tiers.values():
@@ -134,7 +140,8 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
         if tier != Tier.GPU:  # GPU-resident hidden states are transient: counted as working memory
             plan.tiers[tier].activations += act_item
     gpu = plan.tiers[Tier.GPU]
-    gpu.buffers = (policy.weight_buffers * weight_slot if weight_slot else 0) + plan.kv_slots * kv_item
+    gpu.buffers = weight_slots * weight_slot + plan.kv_slots * kv_item
+    plan.tiers[Tier.CPU].buffers = plan.kv_staging_slots * prompt_item
     # Working memory: the largest layer forward, its input and output, the resident hidden
     # states of the other gpu batches, the attention mask and one prefetched input.
     layer_work = max(layer.working_bytes(b, work.prompt_len, itemsize) for layer in layers)

@@ -29,7 +29,7 @@ class Policy:
     pin_weight: bool = True
     cpu_cache_compute: bool = False
     sep_layer: bool = True
-    weight_buffers: int = 2  # GPU staging slots for streamed weights (2 = double buffering)
+    weight_buffers: int = 0  # GPU staging slots for streamed weights; 0: 3 if they fit, else 2
 
     @classmethod
     def from_percent(cls, percent: Sequence[float], **kw) -> "Policy":
@@ -46,8 +46,8 @@ class Policy:
                     "The rest goes to disk; lower one of the two.")
         if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
             raise EngineError("--gpu-batch-size and --num-gpu-batches must be at least 1.")
-        if self.weight_buffers < 2:
-            raise EngineError("weight_buffers must be at least 2 (double buffering).")
+        if self.weight_buffers == 1 or self.weight_buffers < 0:
+            raise EngineError("--weight-buffers must be 0 (automatic) or at least 2 (double buffering).")
 
     def _pairs(self):
         return [("weights", self.weight_gpu_percent, self.weight_cpu_percent),
@@ -57,6 +57,10 @@ class Policy:
     @property
     def batch_size(self) -> int:
         return self.gpu_batch_size * self.num_gpu_batches
+
+    @property
+    def uses_disk(self) -> bool:
+        return any(gpu + cpu < 100 for _, gpu, cpu in self._pairs())
 
     @property
     def percent(self) -> tuple[float, ...]:

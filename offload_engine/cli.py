@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="schedule attention and MLP as separate layers: smaller weight staging buffers (default: on)")
     p.add_argument("--pin-weight", action=argparse.BooleanOptionalAction, default=True,
                    help="keep CPU weights in pinned memory for fast asynchronous copies (default: on)")
-    p.add_argument("--weight-buffers", type=int, default=2,
-                   help="GPU staging slots for streamed weights: 2 double-buffers, more prefetches further ahead")
+    p.add_argument("--weight-buffers", type=int, default=0,
+                   help="GPU staging slots for streamed weights: 2 double-buffers, 3 loads two layers ahead "
+                        "(default 0: 3 if they fit, else 2)")
 
     r = run.add_argument_group("resources")
     r.add_argument("--gpu-mem", type=float, default=None, metavar="GiB",

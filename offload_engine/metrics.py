@@ -74,6 +74,9 @@ def hardware() -> dict:
 
 
 def git_commit() -> str:
+    """The commit of the source tree; OFFLOAD_ENGINE_COMMIT names it where the tree is a copy without .git."""
+    if os.environ.get("OFFLOAD_ENGINE_COMMIT"):
+        return os.environ["OFFLOAD_ENGINE_COMMIT"]
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)

@@ -68,23 +68,24 @@ class Policy:
 
 
 def assign_tiers(sizes: Sequence[int], gpu_percent: float, cpu_percent: float) -> list[Tier]:
-    """Tier of each item (in layer order) so the byte percentages hold, spread evenly along the order.
+    """Tier of each item, by where its byte midpoint falls in the cumulative order.
 
-    Each item goes to the tier that lags its share the most once the item is counted (error
-    diffusion), so every stretch of layers holds about the given share on each tier: with
-    20% of weights on the GPU, each layer streams about 80% of its bytes, and weight I/O
-    overlaps compute all along the model instead of idling over a resident first 20%.
-    The percentages hold for the whole model up to one item's size.
+    Items are in layer order, so the first `gpu_percent` of the bytes land on the GPU, the next
+    `cpu_percent` on the CPU, the rest on disk: the percentages hold for the whole model, not
+    per layer (as FlexGen's per-layer rule does not), up to one item's size.
+    Keeping the resident layers together measured faster than spreading them evenly
+    (experiments/results/h100_2026-11-25_spread): on the H100 machine, host memory bandwidth
+    is shared by weight streaming and CPU attention, and running both at once slows both.
     """
-    shares = (gpu_percent / 100, cpu_percent / 100, max(0.0, 1 - (gpu_percent + cpu_percent) / 100))
-    order = (Tier.GPU, Tier.CPU, Tier.DISK)
-    placed = [0, 0, 0]
-    cum = 0
-    tiers = []
+    total = sum(sizes) or 1
+    tiers, cum = [], 0
     for size in sizes:
+        mid = 100.0 * (cum + size / 2) / total
         cum += size
-        lag = [shares[t] * cum - placed[t] if shares[t] > 0 else float("-inf") for t in range(3)]
-        t = max(range(3), key=lambda i: lag[i])  # first of equals: GPU before CPU before disk
-        placed[t] += size
-        tiers.append(order[t])
+        if mid < gpu_percent:
+            tiers.append(Tier.GPU)
+        elif mid < gpu_percent + cpu_percent:
+            tiers.append(Tier.CPU)
+        else:
+            tiers.append(Tier.DISK)
     return tiers

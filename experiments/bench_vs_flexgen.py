@@ -64,7 +64,7 @@ def parse_flexgen(text: str) -> dict:
     for key, pattern in (("prefill_s", "prefill latency: " + NUMBER), ("decode_s", "decode latency: " + NUMBER),
                          ("total_throughput", "total throughput: " + NUMBER),
                          ("decode_throughput", "decode throughput: " + NUMBER),
-                         ("peak_gpu_mem_gb", "peak gpu mem: " + NUMBER)):
+                         ("peak_gpu_mem_gib", "peak gpu mem: " + NUMBER)):  # FlexGen's "GB" are GiB
         m = re.search(pattern, text)
         if m:
             out[key] = float(m.group(1))
@@ -119,10 +119,10 @@ def main() -> None:
                 summary["runs"].append(dict(case=name, engine=engine, settings=case, rc=rc, wall_s=wall, **res,
                                             tail=text[-1500:] if rc else ""))
                 write_json_atomic(summary_path, summary)
-    print(f"\n{'case':<15}{'engine':<9}{'rc':>4}{'prefill s':>11}{'decode s':>10}{'token/s':>10}{'peak GPU GB':>13}")
+    print(f"\n{'case':<15}{'engine':<9}{'rc':>4}{'prefill s':>11}{'decode s':>10}{'token/s':>10}{'peak GPU GiB':>13}")
     for r in summary["runs"]:
         print(f"{r['case']:<15}{r['engine']:<9}{r['rc']:>4}{r.get('prefill_s', 0):>11.3f}{r.get('decode_s', 0):>10.3f}"
-              f"{r.get('total_throughput', 0):>10.1f}{r.get('peak_gpu_mem_gb', 0):>13.2f}")
+              f"{r.get('total_throughput', 0):>10.1f}{r.get('peak_gpu_mem_gib', r.get('peak_gpu_mem_gb', 0)):>13.2f}")
         if r.get("decode_step_busy_s"):
             print("   busy per decode step: " + ", ".join(f"{k} {v * 1e3:.1f} ms"
                                                          for k, v in sorted(r["decode_step_busy_s"].items())))

@@ -17,9 +17,12 @@ _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBack
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Scaled dot-product attention (scale 1: the model scales q); fp16 runs natively on CPU too."""
+    s, t = q.shape[2], k.shape[2]
+    if mask is None and 1 < s < t:  # SDPA's is_causal aligns queries to the first keys, not the last
+        mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
     with sdpa_kernel(_BACKENDS):
         if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=1.0)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=1.0)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import torch
 
-GB = 1e9
+GiB = float(1 << 30)
 
 
 @dataclass
@@ -51,9 +51,9 @@ class RunMetrics:
 
 def peak_memory() -> dict[str, float]:
     """Measured peaks: GPU bytes allocated by PyTorch, and the process's resident host memory."""
-    out = {"peak_cpu_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB}
+    out = {"peak_cpu_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB}
     if torch.cuda.is_available():
-        out["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / GB
+        out["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / GiB
     return out
 
 
@@ -61,13 +61,13 @@ def hardware() -> dict:
     info = {
         "cpu": platform.processor() or platform.machine(),
         "cpu_cores": psutil.cpu_count(logical=True),
-        "ram_gb": psutil.virtual_memory().total / GB,
+        "ram_gib": psutil.virtual_memory().total / GiB,
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_mem_gb=props.total_memory / GB)
+        info.update(gpu=props.name, gpu_mem_gib=props.total_memory / GiB)
     else:
         info["gpu"] = None
     return info
@@ -88,11 +88,11 @@ def git_commit() -> str:
 
 
 def report(m: RunMetrics, sizes: dict[str, float], peaks: dict[str, float]) -> str:
-    """The lines FlexGen prints, in its units."""
+    """The lines FlexGen prints (its "GB" are GiB, as here)."""
     lines = [
-        f"model size: {sizes['model_gb']:.3f} GB\tcache size: {sizes['cache_gb']:.3f} GB\t"
-        f"hidden size (p): {sizes['hidden_gb']:.3f} GB",
-        f"peak gpu mem: {peaks.get('peak_gpu_mem_gb', 0.0):.3f} GB\tpeak cpu mem: {peaks['peak_cpu_rss_gb']:.3f} GB",
+        f"model size: {sizes['model_gib']:.3f} GiB\tcache size: {sizes['cache_gib']:.3f} GiB\t"
+        f"hidden size (p): {sizes['hidden_gib']:.3f} GiB",
+        f"peak gpu mem: {peaks.get('peak_gpu_mem_gib', 0.0):.3f} GiB\tpeak cpu mem: {peaks['peak_cpu_rss_gib']:.3f} GiB",
         f"prefill latency: {m.prefill_s:.3f} s\tprefill throughput: {m.prefill_throughput:.3f} token/s",
         f"decode latency: {m.decode_s:.3f} s\tdecode throughput: {m.decode_throughput:.3f} token/s",
         f"total latency: {m.total_s:.3f} s\ttotal throughput: {m.total_throughput:.3f} token/s",

@@ -52,8 +52,8 @@ def run_throughput(args: argparse.Namespace, model: ModelConfig, folder: Path | 
     finally:
         engine.close()
     metrics = RunMetrics(policy.batch_size, work.prompt_len, result.tokens.shape[1], result.prefill_s, result.decode_s)
-    sizes = {"model_gb": plan.model_bytes / 1e9, "cache_gb": plan.cache_bytes / 1e9,
-             "hidden_gb": policy.batch_size * work.prompt_len * model.hidden_size * engine.dtype.itemsize / 1e9}
+    sizes = {"model_gib": plan.model_bytes / GiB, "cache_gib": plan.cache_bytes / GiB,
+             "hidden_gib": policy.batch_size * work.prompt_len * model.hidden_size * engine.dtype.itemsize / GiB}
     peaks = peak_memory()
     print(report(metrics, sizes, peaks))
     if result.decode_split_s:
@@ -61,7 +61,7 @@ def run_throughput(args: argparse.Namespace, model: ModelConfig, folder: Path | 
     data = {
         "model": model.name, "weights": weights, "dtype": str(engine.dtype).replace("torch.", ""),
         "device": str(engine.device), "policy": policy.__dict__, "workload": work.__dict__,
-        "metrics": metrics.as_dict(), "sizes_gb": sizes, "peak_memory": peaks,
+        "metrics": metrics.as_dict(), "sizes_gib": sizes, "peak_memory": peaks,
         "planned_gib": {t.value: plan.tiers[t].total / GiB for t in Tier},
         "decode_step_busy_s": result.decode_split_s, "hardware": hardware(), "commit": git_commit(),
         "command": sys.argv,

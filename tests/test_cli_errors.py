@@ -1,0 +1,134 @@
+"""Bad input ends in one clear line on stderr, exit status 2, no traceback and no result file."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from offload_engine.cli import main
+
+from conftest import save_checkpoint, tiny_hf_opt
+
+
+def run_cli(capsys, tmp_path, *args):
+    out = tmp_path / "result.json"
+    code = main(["run", "--quiet", "--prompt-len", "8", "--gen-len", "2", "--json", str(out),
+                 "--offload-dir", str(tmp_path / "offload"), *args])
+    err = capsys.readouterr().err
+    return code, err, out
+
+
+def assert_clean_error(code, err, out, *needles):
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert not out.exists()
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_hf_opt(seed=5), tmp_path_factory.mktemp("ckpt")
+
+
+def copy_checkpoint(checkpoint, tmp_path, fmt):
+    model, _ = checkpoint
+    return save_checkpoint(model, tmp_path / fmt, fmt)
+
+
+def test_percent_over_100(capsys, tmp_path):
+    assert_clean_error(*run_cli(capsys, tmp_path, "--percent", "60", "50", "100", "0", "100", "0"),
+                       "weights", "at most 100")
+
+
+def test_negative_percent(capsys, tmp_path):
+    assert_clean_error(*run_cli(capsys, tmp_path, "--percent", "100", "0", "-5", "0", "100", "0"), "KV cache")
+
+
+def test_unknown_model(capsys, tmp_path):
+    assert_clean_error(*run_cli(capsys, tmp_path, "--model", "opt-7b"), "unknown model 'opt-7b'", "opt-6.7b")
+
+
+def test_missing_shard(capsys, tmp_path, checkpoint):
+    folder = copy_checkpoint(checkpoint, tmp_path, "safetensors-sharded")
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    assert_clean_error(*run_cli(capsys, tmp_path, "--model", str(folder)), shard.name, "missing")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_truncated_file(capsys, tmp_path, checkpoint, fmt):
+    folder = copy_checkpoint(checkpoint, tmp_path, fmt)
+    weights = next(folder.glob("*.safetensors" if fmt == "safetensors" else "*.bin"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    assert_clean_error(*run_cli(capsys, tmp_path, "--model", str(folder)), weights.name, "truncated or corrupt")
+
+
+def test_config_weight_shape_mismatch(capsys, tmp_path, checkpoint):
+    folder = copy_checkpoint(checkpoint, tmp_path, "safetensors")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["ffn_dim"] = 80
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert_clean_error(*run_cli(capsys, tmp_path, "--model", str(folder)), "fc1.weight", "shape", "config.json")
+
+
+def test_no_weights_in_folder(capsys, tmp_path, checkpoint):
+    folder = copy_checkpoint(checkpoint, tmp_path, "safetensors")
+    (folder / "model.safetensors").unlink()
+    assert_clean_error(*run_cli(capsys, tmp_path, "--model", str(folder)), "no weights", "--dummy")
+
+
+def test_unwritable_offload_dir(capsys, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = tmp_path / "result.json"
+    code = main(["run", "--quiet", "--prompt-len", "8", "--gen-len", "2", "--json", str(out),
+                 "--percent", "0", "0", "100", "0", "100", "0", "--offload-dir", str(blocker / "offload")])
+    assert_clean_error(code, capsys.readouterr().err, out, "offload directory", "--offload-dir")
+
+
+def test_policy_too_large_for_gpu_cap(capsys, tmp_path):
+    code, err, out = run_cli(capsys, tmp_path, "--gpu-mem", "0.1")
+    assert_clean_error(code, err, out, "GPU tier needs", "GiB", "--gpu-mem", "short", "To fix")
+
+
+def test_policy_too_large_for_cpu_cap(capsys, tmp_path):
+    code, err, out = run_cli(capsys, tmp_path, "--percent", "0", "100", "100", "0", "100", "0", "--cpu-mem", "0.05")
+    assert_clean_error(code, err, out, "CPU tier needs", "--cpu-mem")
+
+
+def test_interrupted_run_writes_nothing(capsys, tmp_path, monkeypatch):
+    import offload_engine.engine as engine_module
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_module.Engine, "generate", interrupt)
+    code, err, out = run_cli(capsys, tmp_path)
+    assert code == 130 and "interrupted" in err and not out.exists()
+    assert not list(tmp_path.glob(".result.json*"))
+
+
+def test_default_command_and_json(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["run", "--quiet", "--gen-len", "3", "--json", str(out), "--offload-dir", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "total throughput:" in printed and "prefill latency:" in printed
+    data = json.loads(out.read_text())
+    m = data["metrics"]
+    assert m["total_throughput"] == pytest.approx(m["batch_size"] * m["gen_len"] / (m["prefill_s"] + m["decode_s"]))
+    assert data["model"] == "opt-125m" and data["policy"]["gpu_batch_size"] == 4 and data["commit"]
+    assert {"hardware", "workload", "peak_memory", "planned_gib"} <= set(data)
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in ("--percent", "rest of each goes to disk", "--num-gpu-batches", "--cpu-cache-compute", "examples:"):
+        assert phrase in text

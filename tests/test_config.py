@@ -1,0 +1,51 @@
+"""OPT configurations: the layer definitions give each published model its parameter count."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from offload_engine.config import OPT_CONFIGS, from_hf_config, resolve_model
+from offload_engine.errors import EngineError
+from offload_engine.models import build_layers
+
+from conftest import tiny_hf_opt
+
+# Parameter counts of the released checkpoints (tied LM head counted once).
+PUBLISHED_PARAMS = {"opt-125m": 125.2e6, "opt-350m": 331.2e6, "opt-1.3b": 1.316e9, "opt-2.7b": 2.652e9,
+                    "opt-6.7b": 6.658e9, "opt-13b": 12.853e9, "opt-30b": 29.975e9, "opt-66b": 65.7e9,
+                    "opt-175b": 175e9}
+
+
+@pytest.mark.parametrize("name", list(OPT_CONFIGS))
+def test_parameter_count(name):
+    specs = {s.key: s for layer in build_layers(OPT_CONFIGS[name]) for s in layer.weight_specs()}
+    params = sum(s.numel() for s in specs.values())
+    assert params == pytest.approx(PUBLISHED_PARAMS[name], rel=0.01)
+
+
+def test_opt_350m_shape():
+    cfg = OPT_CONFIGS["opt-350m"]
+    keys = {s.key for layer in build_layers(cfg) for s in layer.weight_specs()}
+    assert not cfg.layer_norm_before and not cfg.final_layer_norm and cfg.embed_dim == 512
+    assert {"decoder.project_in.weight", "decoder.project_out.weight"} <= keys
+    assert "decoder.final_layer_norm.weight" not in keys
+
+
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_hf_config_roundtrip(tmp_path, pre_ln):
+    model = tiny_hf_opt(pre_ln)
+    model.config.save_pretrained(tmp_path)
+    cfg = from_hf_config(tmp_path)
+    expected = {k for k in model.state_dict() if k != "lm_head.weight"}
+    ours = {"model." + s.key for layer in build_layers(cfg) for s in layer.weight_specs()}
+    assert ours == expected
+
+
+def test_resolve_names_and_errors(tmp_path):
+    assert resolve_model("facebook/opt-6.7b")[0] is OPT_CONFIGS["opt-6.7b"]
+    with pytest.raises(EngineError, match="unknown model"):
+        resolve_model("gpt-2")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(EngineError, match="only OPT"):
+        resolve_model(str(tmp_path))

@@ -99,7 +99,7 @@ class Mover:
         if self.pool is None:
             fn()
             return DONE
-        return Pending(future=self.pool.submit(lambda: fn() and None))
+        return Pending(future=self.pool.submit(fn))  # fn returns None: no event to wait on
 
     def close(self) -> None:
         if self.pool is not None:

@@ -108,3 +108,5 @@ def test_dummy_weights_are_seeded_and_not_constant(tmp_path):
         assert torch.equal(wa, b.weights.homes[key][1])
         assert not torch.equal(wa, c.weights.homes[key][1])
         assert wa.unique().numel() > wa.numel() // 2  # random, not a constant fill
+    for e in (a, b, c):
+        e.close()

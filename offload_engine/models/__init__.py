@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from ..config import ModelConfig
-from .base import FusedLayer, Layer
 from . import opt
+from .base import FusedLayer, Layer
 
 FAMILIES = {"opt": opt.build_layers}
 
@@ -15,8 +15,8 @@ def build_layers(config: ModelConfig, sep_layer: bool = True) -> list[Layer]:
         return layers
     fused: list[Layer] = []
     for layer in layers:
-        if fused and fused[-1].kv_spec is not None and layer.kv_spec is None and not isinstance(fused[-1], FusedLayer) \
-                and getattr(layer, "fuses_after_attention", False):
+        follows_attention = fused and fused[-1].kv_spec is not None and not isinstance(fused[-1], FusedLayer)
+        if follows_attention and getattr(layer, "fuses_after_attention", False):
             fused[-1] = FusedLayer([fused[-1], layer])
         else:
             fused.append(layer)

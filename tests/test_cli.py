@@ -1,4 +1,5 @@
-"""Bad input ends in one clear line on stderr, exit status 2, no traceback and no result file."""
+"""The command line: the default job, checkpoints, --help, and bad input (one clear line on stderr,
+exit status 2, no traceback, no result file)."""
 from __future__ import annotations
 
 import json
@@ -132,3 +133,14 @@ def test_help_teaches(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for phrase in ("--percent", "rest of each goes to disk", "--num-gpu-batches", "--cpu-cache-compute", "examples:"):
         assert phrase in text
+
+
+@pytest.mark.parametrize("dummy", [False, True])
+def test_run_from_checkpoint_folder(capsys, tmp_path, checkpoint, dummy):
+    folder = copy_checkpoint(checkpoint, tmp_path, "safetensors")
+    out = tmp_path / "r.json"
+    args = ["run", "--quiet", "--model", str(folder), "--prompt-len", "8", "--gen-len", "3", "--json", str(out)]
+    assert main(args + (["--dummy"] if dummy else [])) == 0
+    data = json.loads(out.read_text())
+    assert data["weights"] == ("dummy weights" if dummy else f"checkpoint {folder}")
+    assert data["model"] == folder.name and data["metrics"]["gen_len"] == 3

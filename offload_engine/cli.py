@@ -6,11 +6,14 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from policies.memory import Workload
 from policies.placement import Policy
 
 from .config import OPT_CONFIGS, resolve_model
 from .errors import EngineError
+from .metrics import check_output_file
 from .sampling import GenerationConfig
 
 GiB = 1 << 30
@@ -126,10 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         policy = policy_from_args(args)
         gen = GenerationConfig(max_new_tokens=args.gen_len, do_sample=args.do_sample, temperature=args.temperature,
                                top_p=args.top_p, seed=args.seed, stop_token_id=args.stop_token)
+        if args.json is not None:
+            check_output_file(args.json)
         run_throughput(args, model, None if args.dummy else folder, policy, Workload(args.prompt_len, args.gen_len),
                        gen)
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError as e:
+        first = str(e).splitlines()[0][:300]
+        print(f"error: the GPU ran out of memory beyond the plan ({first}). Lower --gpu-batch-size or move "
+              "weights / KV cache off the GPU (lower the 1st or 3rd --percent value).", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: no results written", file=sys.stderr)

@@ -40,7 +40,7 @@ class EngineOptions:
     seed: int = 0
     dtype: torch.dtype | None = None  # default: float16 on a GPU, float32 on the CPU
     device: str | None = None  # default: cuda if available
-    offload_dir: Path = Path("offload")
+    offload_dir: Path = Path("offload_dir")
     gpu_mem_bytes: int | None = None  # caps; default: what the machine has
     cpu_mem_bytes: int | None = None
     profile: bool = False
@@ -60,9 +60,18 @@ class GenerationResult:
 def resolve_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError("--device cuda was asked for but no CUDA GPU is visible.", "Drop --device to run on the CPU.")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise EngineError(f"unknown device '{name}'.", "Use cpu, cuda or cuda:N.") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise EngineError(f"device '{name}' is not supported.", "Use cpu, cuda or cuda:N.")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count():
+            raise EngineError(f"--device {name} was asked for but no such CUDA GPU is visible.",
+                              "Drop --device to use what the machine has.")
+        dev = torch.device("cuda", dev.index or 0)
+        torch.cuda.set_device(dev)  # streams and events below are created on the current device
     return dev
 
 
@@ -81,12 +90,19 @@ class Engine:
         self.profiler = Profiler(opts.profile)
         self.mover = Mover(self.device, policy.overlap, self.profiler)
         self.disk = DiskStorage(Path(opts.offload_dir))
-        storages = {Tier.GPU: DeviceStorage(self.device), Tier.CPU: HostStorage(pin=True), Tier.DISK: self.disk}
-        self.storages = storages
-        weight_storages = dict(storages)
-        if not policy.pin_weight:
-            weight_storages[Tier.CPU] = HostStorage(pin=False)
-        self.weight_host = weight_storages[Tier.CPU]
+        cpu = self.plan.tiers[Tier.CPU]
+        pinned = self.plan.persistent_bytes(Tier.CPU) - (0 if policy.pin_weight else cpu.weights)
+        self.storages = {Tier.GPU: DeviceStorage(self.device), Tier.CPU: HostStorage(True, pinned), Tier.DISK: self.disk}
+        self.weight_host = self.storages[Tier.CPU] if policy.pin_weight else HostStorage(pin=False)
+        try:
+            self._allocate_and_load(opts)
+        except BaseException:
+            self.close()  # no offload files or pinned memory left behind
+            raise
+
+    def _allocate_and_load(self, opts: EngineOptions) -> None:
+        policy, workload, model, storages = self.policy, self.workload, self.model, self.storages
+        weight_storages = {**storages, Tier.CPU: self.weight_host}
         self.weights = WeightStore(self.layers, self.plan, weight_storages, self.dtype, self.mover)
         specs = {s.key: s for layer in self.layers for s in layer.weight_specs()}
         if opts.checkpoint is not None:
@@ -126,7 +142,8 @@ class Engine:
         """Bytes available on the GPU, CPU and disk tiers."""
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            gpu = min(opts.gpu_mem_bytes or total, free + torch.cuda.memory_allocated(self.device))
+            cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            gpu = min(opts.gpu_mem_bytes or total, free + cached)
         else:
             gpu = opts.gpu_mem_bytes or psutil.virtual_memory().available
         cpu = opts.cpu_mem_bytes or psutil.virtual_memory().available
@@ -145,24 +162,40 @@ class Engine:
             out[Tier.CPU] += self.weight_host.allocated_bytes
         return out
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 config: GenerationConfig | None = None, collect_logits: bool = False) -> GenerationResult:
-        """Generate for N <= batch size left-padded prompts (N, s)."""
-        cfg = config or GenerationConfig(max_new_tokens=self.workload.gen_len)
-        n, s = input_ids.shape
+    def _prepare_inputs(self, input_ids, attention_mask, cfg: GenerationConfig):
+        """Check the prompts where they enter; fill a short batch with copies of row 0 (dropped later)."""
         p = self.policy
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
+                or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise EngineError("input_ids must be a non-empty 2-D integer tensor (N prompts, s tokens).")
+        n, s = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if tuple(attention_mask.shape) != (n, s):
+            raise EngineError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {(n, s)}.",
+                              "Give one mask entry per token.")
+        if not bool(attention_mask[:, -1].all()):
+            raise EngineError("prompts must be left-padded: the last token of every row must be real.")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.model.vocab_size:
+            raise EngineError(f"token ids must be in [0, {self.model.vocab_size}).")
         if n > p.batch_size:
             raise EngineError(f"{n} prompts exceed the batch of {p.batch_size} ({p.gpu_batch_size} x "
                               f"{p.num_gpu_batches}).", "Raise --gpu-batch-size or --num-gpu-batches.")
         if s > self.workload.prompt_len or cfg.max_new_tokens > self.workload.gen_len:
             raise EngineError(f"prompt {s} + {cfg.max_new_tokens} new tokens exceed the planned workload "
                               f"{self.workload.prompt_len} + {self.workload.gen_len}.", "Plan a larger workload.")
-        if n < p.batch_size:  # fill the batch with copies of row 0; their outputs are dropped
+        if n < p.batch_size:
             fill = p.batch_size - n
             input_ids = torch.cat([input_ids, input_ids[:1].expand(fill, s)])
             attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(fill, s)])
+        return n, input_ids.long(), attention_mask
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 config: GenerationConfig | None = None, collect_logits: bool = False) -> GenerationResult:
+        """Generate for N <= batch size left-padded prompts (N, s)."""
+        cfg = config or GenerationConfig(max_new_tokens=self.workload.gen_len)
+        p = self.policy
+        n, input_ids, attention_mask = self._prepare_inputs(input_ids, attention_mask, cfg)
         ids = input_ids.to(self.device).split(p.gpu_batch_size)
         states = [BatchState(m, self.workload.max_len, self.device) for m in attention_mask.split(p.gpu_batch_size)]
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed) if cfg.do_sample else None
@@ -203,5 +236,8 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
+        """Stop the I/O threads, delete offload files and unpin host memory; the engine is done."""
         self.mover.close()
         self.disk.cleanup()
+        for storage in (self.storages[Tier.CPU], self.weight_host):
+            storage.release()

@@ -112,3 +112,19 @@ def write_json_atomic(path: Path, data: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_output_file(path: Path) -> None:
+    """Refuse a results path that cannot be written, before a long run rather than after it."""
+    from .errors import EngineError
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise EngineError(f"cannot write results to {path} ({e.strerror}).", "Pass a writable --json path.") from None
+    if path.is_dir():
+        raise EngineError(f"--json {path} is a folder.", "Name a file.")

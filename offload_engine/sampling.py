@@ -21,7 +21,7 @@ class GenerationConfig:
         if self.max_new_tokens < 1:
             raise EngineError("--gen-len must be at least 1.")
         if self.do_sample and self.temperature <= 0:
-            raise EngineError("--temperature must be > 0 when sampling.", "Use --greedy for deterministic output.")
+            raise EngineError("--temperature must be > 0 when sampling.", "Drop --do-sample for greedy decoding.")
         if not 0 < self.top_p <= 1:
             raise EngineError("--top-p must be in (0, 1].")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,6 @@ import torch
 from .errors import EngineError
 
 ALIGN = 256
-CHUNK_BYTES = 1 << 30
 
 
 class Tier(str, enum.Enum):
@@ -68,55 +69,69 @@ class DeviceStorage(Storage):
 
 
 class HostStorage(Storage):
-    """Host memory, page-locked when a GPU is present so copies run asynchronously at full speed."""
+    """Host memory, page-locked when a GPU is present so copies run asynchronously at full speed.
+
+    Pinned memory comes from one arena sized to the plan and registered with CUDA, carved
+    into aligned tensors: no per-tensor rounding, so what is pinned is what was planned.
+    """
 
     tier = Tier.CPU
+    SLACK = 4 << 20  # room for per-tensor alignment
 
-    def __init__(self, pin: bool):
+    def __init__(self, pin: bool, planned_bytes: int = 0):
         super().__init__()
         self.pin = pin and torch.cuda.is_available()
-        self._chunks: list[torch.Tensor] = []
-        self._free_offset = 0
+        self.planned_bytes = planned_bytes
+        self._arenas: list[torch.Tensor] = []
+        self._offset = 0
         self.reserved_bytes = 0
 
     def _allocate(self, shape, dtype, name):
         nbytes = tensor_bytes(shape, dtype)
         if not self.pin:
             return torch.empty(shape, dtype=dtype)
-        if not self._chunks or self._free_offset + nbytes > self._chunks[-1].numel():
-            self._new_chunk(max(CHUNK_BYTES, round_up(nbytes)))
-        chunk = self._chunks[-1]
-        view = chunk[self._free_offset:self._free_offset + nbytes]
-        self._free_offset = round_up(self._free_offset + nbytes)
+        if not self._arenas or self._offset + nbytes > self._arenas[-1].numel():
+            self._new_arena(max(round_up(nbytes), self.planned_bytes - self.allocated_bytes + self.SLACK))
+        view = self._arenas[-1][self._offset:self._offset + nbytes]
+        self._offset = round_up(self._offset + nbytes)
         return view.view(dtype).view(shape)
 
-    def _new_chunk(self, nbytes: int) -> None:
+    def _new_arena(self, nbytes: int) -> None:
         try:
-            chunk = torch.empty(nbytes, dtype=torch.uint8, pin_memory=nbytes == CHUNK_BYTES)
-            if nbytes != CHUNK_BYTES:  # exact-size pinning for large tensors
-                err = torch.cuda.cudart().cudaHostRegister(chunk.data_ptr(), nbytes, 0)
-                if int(err) != 0:
-                    raise RuntimeError(f"cudaHostRegister returned {err}")
+            arena = torch.empty(nbytes, dtype=torch.uint8)
+            err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), nbytes, 0)
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister returned {err}")
         except RuntimeError as e:
-            raise EngineError(f"could not pin {nbytes / 2**30:.1f} GiB of host memory ({e}).",
-                              "Lower --cpu-mem usage: move KV cache or weights to disk, or shrink the batch.") from None
-        self._chunks.append(chunk)
-        self._free_offset = 0
+            raise EngineError(f"could not pin {nbytes / 2**30:.2f} GiB of host memory ({e}).",
+                              "Lower --cpu-mem use: move KV cache or weights to disk, or shrink the batch.") from None
+        self._arenas.append(arena)
+        self._offset = 0
         self.reserved_bytes += nbytes
+
+    def release(self) -> None:
+        """Unpin the arenas (the same addresses may be registered again by a later engine)."""
+        for arena in self._arenas:
+            torch.cuda.cudart().cudaHostUnregister(arena.data_ptr())
+        self._arenas.clear()
 
 
 class DiskStorage(Storage):
-    """One memory-mapped file per tensor in the offload directory."""
+    """One memory-mapped file per tensor, in a folder of its own inside the offload directory
+    (so engines sharing an offload directory never truncate each other's files)."""
 
     tier = Tier.DISK
 
-    def __init__(self, directory: Path):
+    def __init__(self, offload_dir: Path):
         super().__init__()
-        self.directory = Path(directory)
+        self.offload_dir = Path(offload_dir)
+        self.directory: Path | None = None
         self._files: list[Path] = []
 
     def _allocate(self, shape, dtype, name):
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.directory is None:
+            self.offload_dir.mkdir(parents=True, exist_ok=True)
+            self.directory = Path(tempfile.mkdtemp(prefix="engine-", dir=self.offload_dir))
         path = self.directory / f"{name}.bin"
         nbytes = max(tensor_bytes(shape, dtype), 1)
         mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(nbytes,))
@@ -133,6 +148,9 @@ class DiskStorage(Storage):
             except FileNotFoundError:
                 pass
         self._files.clear()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory = None
 
 
 def check_writable(directory: Path) -> None:

@@ -26,8 +26,9 @@ class Pending:
         self.future = future
 
     def _resolve(self) -> None:
-        if self.future is not None:
-            self.event = self.future.result()
+        future = self.future  # may be resolved by several threads at once
+        if future is not None:
+            self.event = future.result()
             self.future = None
 
     def wait(self, stream: "torch.cuda.Stream | None" = None) -> None:

@@ -38,16 +38,16 @@ class WeightStore:
         self._expected = 0  # fetch sequence number of the next streamed layer to be used
         self._next_issue = 0
 
-    def layer_weights_on_gpu(self, i: int) -> dict[str, torch.Tensor]:
-        """Weights of layer i if none needs streaming (e.g. for tests and memory checks)."""
+    def _in_place(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's weights where they live (all on the GPU tier: nothing to stream)."""
         return {s.name: self.homes[s.key][1] for s in self.layer_specs[i]}
 
     def get(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's weights on the compute device, waiting for their copy if streamed."""
         if i not in self._position:
-            return self.layer_weights_on_gpu(i)
+            return self._in_place(i)
         n = self._expected
-        if self.fetch_order[n % len(self.fetch_order)] != i:  # schedule restarted (e.g. a new generate call)
+        if self.fetch_order[n % len(self.fetch_order)] != i:  # a step was abandoned midway: realign
             n = self._restart(i)
         self._issue_up_to(n + len(self.slots) - 1)
         views, pends = self._issued.pop(n)

@@ -16,6 +16,8 @@ from offload_engine.tiers import Tier, round_up, tensor_bytes
 from .placement import Policy, assign_tiers
 
 GiB = float(1 << 30)
+MiB = float(1 << 20)
+LIBRARY_WORKSPACE = 64 << 20  # cuBLAS / attention workspaces, allocated by the libraries on first use
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,8 @@ class TierBudget:
     def describe(self) -> str:
         parts = [("weights", self.weights), ("KV cache", self.kv_cache), ("activations", self.activations),
                  ("staging buffers", self.buffers), ("working memory", self.working)]
-        return ", ".join(f"{name} {b / GiB:.2f}" for name, b in parts if b)
+        return ", ".join(f"{name} {b / GiB:.2f} GiB" if b >= 0.01 * GiB else f"{name} {b / MiB:.1f} MiB"
+                         for name, b in parts if b)
 
 
 @dataclass
@@ -53,7 +56,6 @@ class MemoryPlan:
     weight_tiers: dict[str, Tier]  # checkpoint key -> tier (shared tensors appear once)
     kv_tiers: dict[tuple[int, int], Tier]  # (layer index, gpu batch) -> tier
     act_tiers: list[Tier]  # per gpu batch
-    kv_item_bytes: int
     weight_slot_bytes: int  # one staging slot: the largest layer's streamed weights
     weight_slots: int
     kv_slots: int  # GPU slots for streamed KV cache
@@ -67,10 +69,6 @@ class MemoryPlan:
     @property
     def cache_bytes(self) -> int:
         return sum(b.kv_cache for b in self.tiers.values())
-
-    @property
-    def act_bytes(self) -> int:
-        return sum(b.activations for b in self.tiers.values())
 
     def persistent_bytes(self, tier: Tier) -> int:
         """What the engine allocates up front on a tier (all but transient working memory)."""
@@ -130,7 +128,7 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
     act_tiers = assign_tiers([act_item] * k_batches, policy.act_gpu_percent, policy.act_cpu_percent)
 
     weight_slots = weight_slots if weight_slot else 0
-    plan = MemoryPlan(weight_tiers, kv_tiers, act_tiers, kv_item, weight_slot, weight_slots,
+    plan = MemoryPlan(weight_tiers, kv_tiers, act_tiers, weight_slot, weight_slots,
                       kv_slots=2 if fetched_kv else 0, kv_staging_slots=2 if cpu_attended else 0)
     for key, tier in weight_tiers.items():
         plan.tiers[tier].weights += sizes[key]
@@ -146,7 +144,7 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
     # states of the other gpu batches, the attention mask and one prefetched input.
     layer_work = max(layer.working_bytes(b, work.prompt_len, itemsize) for layer in layers)
     mask = b * work.prompt_len * work.prompt_len
-    gpu.working = layer_work + 3 * act_item + mask + act_item * act_tiers.count(Tier.GPU)
+    gpu.working = layer_work + 3 * act_item + mask + act_item * act_tiers.count(Tier.GPU) + LIBRARY_WORKSPACE
     if policy.cpu_cache_compute and attn:
         spec = attn[0][1]
         plan.tiers[Tier.CPU].working = 4 * b * spec.num_heads * (work.max_len + 2 * spec.head_dim) * 4

@@ -144,3 +144,25 @@ def test_run_from_checkpoint_folder(capsys, tmp_path, checkpoint, dummy):
     data = json.loads(out.read_text())
     assert data["weights"] == ("dummy weights" if dummy else f"checkpoint {folder}")
     assert data["model"] == folder.name and data["metrics"]["gen_len"] == 3
+
+
+def test_unwritable_json_path(capsys, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    out = blocker / "result.json"
+    code = main(["run", "--quiet", "--gen-len", "2", "--json", str(out), "--offload-dir", str(tmp_path / "o")])
+    assert_clean_error(code, capsys.readouterr().err, out, "cannot write results", "--json")
+
+
+def test_unknown_device(capsys, tmp_path):
+    assert_clean_error(*run_cli(capsys, tmp_path, "--device", "tpu7"), "device", "cpu, cuda")
+
+
+def test_offload_files_removed_when_construction_fails(capsys, tmp_path, checkpoint):
+    folder = copy_checkpoint(checkpoint, tmp_path, "safetensors")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["ffn_dim"] = 80
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert_clean_error(*run_cli(capsys, tmp_path, "--model", str(folder), "--percent", "0", "0", "0", "0", "0", "0"),
+                       "shape")
+    assert not [p for p in (tmp_path / "offload").rglob("*") if p.is_file()]

@@ -89,3 +89,25 @@ def test_fewer_prompts_than_batch(opt_checkpoints, tmp_path):
     policy = Policy.from_percent(PLACEMENTS["cpu"], gpu_batch_size=2, num_gpu_batches=2)
     result = run_engine(folder, policy, ids, mask, tmp_path)
     check_against_hf(result, hf_reference(model, ids, mask, GEN), mask)
+
+
+@pytest.mark.parametrize("ids,mask,needle", [
+    (torch.randint(3, 90, (9,)), None, "2-D"),
+    (torch.rand(2, 4), None, "integer"),
+    (torch.randint(3, 90, (2, 4)), torch.ones(2, 3, dtype=torch.long), "attention_mask has shape"),
+    (torch.randint(3, 90, (2, 4)), torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), "left-padded"),
+    (torch.full((2, 4), 500), None, "token ids must be in"),
+    (torch.randint(3, 90, (9, 4)), None, "exceed the batch"),
+    (torch.randint(3, 90, (2, PROMPT + 1)), None, "exceed the planned workload"),
+])
+def test_bad_generate_inputs(opt_checkpoints, tmp_path, ids, mask, needle):
+    from offload_engine.errors import EngineError
+
+    _, folder = opt_checkpoints[True]
+    engine = Engine(from_hf_config(folder), Policy.from_percent(PLACEMENTS["gpu"], gpu_batch_size=2, num_gpu_batches=2),
+                    Workload(PROMPT, GEN), EngineOptions(checkpoint=folder, offload_dir=tmp_path, progress=False))
+    try:
+        with pytest.raises(EngineError, match=needle):
+            engine.generate(ids, mask)
+    finally:
+        engine.close()

@@ -4,9 +4,6 @@ Prints one JSON object: CPU flags, host memory bandwidth, PCIe copies (alone and
 in both directions), and CPU / GPU decode-attention variants at OPT-30B / OPT-6.7B shapes.
 """
 import json
-import os
-import subprocess
-import sys
 import time
 
 import torch

@@ -31,8 +31,6 @@ from .transfer import Mover
 from .weight_store import WeightStore
 from .weights import dummy_weights, load_checkpoint
 
-GiB = 1 << 30
-
 
 @dataclass
 class EngineOptions:

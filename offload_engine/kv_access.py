@@ -32,7 +32,7 @@ class CacheAccess:
             keys, values = self.k_cache[:t + s].permute(1, 2, 0, 3), self.v_cache[:t + s].permute(1, 2, 0, 3)
         out = attention(q.transpose(1, 2), keys, values, self.state.mask(s, q.device))
         if self.store:
-            self.owner.store(self.item, t, k_new.contiguous(), v_new.contiguous())
+            self.owner.store(self.item, t, k_new, v_new)
         return out.transpose(1, 2)
 
 

@@ -92,14 +92,17 @@ class KVCacheStore:
         return CacheAccess(self, item, state, k_buf, v_buf, store=True)
 
     def store(self, item: Item, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write new tokens (s, B, H, D), on the compute device, back to the item's home."""
+        """Write new tokens (s, B, H, D views), on the compute device, back to the item's home.
+
+        Each layout gets one contiguous copy on the device, then one transfer.
+        """
         tier, k_home, v_home = self.homes[item]
         if self.head_major[item]:
             self._store_head_major(item, start, k, v)
             return
         disk, s = tier == Tier.DISK, k.shape[0]
-        self.last_store[item] = [self.mover.store(k_home[start:start + s], k, "kv_io", to_disk=disk),
-                                 self.mover.store(v_home[start:start + s], v, "kv_io", to_disk=disk)]
+        self.last_store[item] = [self.mover.store(k_home[start:start + s], k.contiguous(), "kv_io", to_disk=disk),
+                                 self.mover.store(v_home[start:start + s], v.contiguous(), "kv_io", to_disk=disk)]
 
     def _store_head_major(self, item: Item, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         _, k_home, v_home = self.homes[item]

@@ -31,11 +31,11 @@ class Pending:
             self.event = future.result()
             self.future = None
 
-    def wait(self, stream: "torch.cuda.Stream | None" = None) -> None:
-        """Order `stream` (default: the current one) after this copy; block the host for disk I/O."""
+    def wait(self) -> None:
+        """Order the current stream after this copy; block the host for disk I/O."""
         self._resolve()
         if self.event is not None:
-            (stream or torch.cuda.current_stream()).wait_event(self.event)
+            torch.cuda.current_stream().wait_event(self.event)
 
     def synchronize(self) -> None:
         """Block the host until the copy is done."""

@@ -3,8 +3,6 @@ exit status 2, no traceback, no result file)."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 

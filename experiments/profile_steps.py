@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from offload_engine.config import replace, resolve_model
+from offload_engine.config import replace
+from offload_engine.model_zoo import resolve_model
 from offload_engine.engine import Engine, EngineOptions
 from offload_engine.runner import synthetic_prompts
 from offload_engine.sampling import GenerationConfig
@@ -31,7 +32,7 @@ def main() -> None:
     ap.add_argument("--cpu-cache-compute", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("."))
     args = ap.parse_args()
-    model, _ = resolve_model(args.model)
+    model = resolve_model(args.model, dummy=True).config
     model = replace(model, num_layers=args.layers)
     policy = Policy.from_percent(args.percent, gpu_batch_size=args.batch, cpu_cache_compute=args.cpu_cache_compute)
     engine = Engine(model, policy, Workload(args.prompt_len, args.gen_len), EngineOptions(progress=False))

@@ -1,7 +1,8 @@
 """Dense attention over a KV cache, on the GPU or the CPU.
 
-Layouts: q is (B, H, s, D); keys/values are (B, H, t, D) views, usually permuted from the
-cache's token-major (t, B, H, D) storage. `mask` is a boolean (B, 1, s, t) tensor, True where a
+Layouts: q is (B, Hq, s, D); keys/values are (B, Hkv, t, D) views, usually permuted from the
+cache's token-major (t, B, Hkv, D) storage. Grouped-query attention: Hq is a multiple of Hkv
+and query head h reads KV head h // (Hq // Hkv). `mask` is a boolean (B, 1, s, t) tensor, True where a
 query may attend, or None for plain causal attention. Queries must already be scaled.
 """
 from __future__ import annotations
@@ -20,15 +21,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     s, t = q.shape[2], k.shape[2]
     if mask is None and 1 < s < t:  # SDPA's is_causal aligns queries to the first keys, not the last
         mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
+    gqa = q.shape[1] != k.shape[1]
     with sdpa_kernel(_BACKENDS):
         if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=1.0)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=1.0, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=gqa)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Float64 softmax(q k^T) v, the reference for tests."""
     s, t = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scores = q.double() @ k.double().transpose(-1, -2)
     if mask is None:
         mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)

@@ -1,12 +1,16 @@
 """The engine: plans memory, places weights, and runs batched generation.
 
-    engine = Engine(ModelConfig, Policy, Workload(prompt_len, gen_len), EngineOptions(...))
-    result = engine.generate(input_ids, attention_mask, GenerationConfig(max_new_tokens=32))
+    with Engine(ModelConfig, Policy, Workload(prompt_len, gen_len), EngineOptions(...)) as engine:
+        result = engine.generate(input_ids, attention_mask, GenerationConfig(max_new_tokens=32))
+
+An engine holds pinned host memory and offload files until `close()` (or the end of the `with`
+block, or garbage collection, or interpreter exit: a finalizer runs `close()` then).
 """
 from __future__ import annotations
 
 import shutil
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +96,9 @@ class Engine:
         pinned = self.plan.persistent_bytes(Tier.CPU) - (0 if policy.pin_weight else cpu.weights)
         self.storages = {Tier.GPU: DeviceStorage(self.device), Tier.CPU: HostStorage(True, pinned), Tier.DISK: self.disk}
         self.weight_host = self.storages[Tier.CPU] if policy.pin_weight else HostStorage(pin=False)
+        # Runs close() once: explicitly, on garbage collection, or at interpreter exit.
+        self._finalizer = weakref.finalize(self, _release, self.mover, self.disk,
+                                           (self.storages[Tier.CPU], self.weight_host))
         try:
             self._allocate_and_load(opts)
         except BaseException:
@@ -103,10 +110,11 @@ class Engine:
         weight_storages = {**storages, Tier.CPU: self.weight_host}
         self.weights = WeightStore(self.layers, self.plan, weight_storages, self.dtype, self.mover)
         specs = {s.key: s for layer in self.layers for s in layer.weight_specs()}
+        store = self.weights.store
         if opts.checkpoint is not None:
-            load_checkpoint(opts.checkpoint, specs, self.weights.homes, opts.progress)
+            load_checkpoint(opts.checkpoint, specs, store, model.tie_word_embeddings, opts.progress)
         else:
-            dummy_weights(specs, self.weights.homes, opts.seed, self.device, opts.progress)
+            dummy_weights(specs, store, opts.seed, self.device, opts.progress)
         self.kv = KVCacheStore(self.layers, self.plan, storages, policy.gpu_batch_size, workload.prompt_len,
                                workload.max_len, self.dtype, self.mover, self.profiler, policy.cpu_cache_compute)
         self.acts = ActivationStore(self.plan.act_tiers, storages,
@@ -202,7 +210,8 @@ class Engine:
         self.profiler.collect()
         t0 = time.perf_counter()
         prefill_s = 0.0
-        for step in tqdm(range(cfg.max_new_tokens), desc="generate", disable=not self.options.progress, unit="tok"):
+        bar = tqdm(total=n * cfg.max_new_tokens, desc="generate", disable=not self.options.progress, unit="tok")
+        for step in range(cfg.max_new_tokens):
             out = torch.cat(self.scheduler.step(list(ids), states, all_logits=collect_logits and step == 0))
             if collect_logits and step == 0:
                 prompt_logits = out[:n].cpu()
@@ -214,6 +223,7 @@ class Engine:
                 nxt = nxt.masked_fill(finished, self.model.pad_token_id)
                 finished |= nxt == cfg.stop_token_id
             tokens.append(nxt)
+            bar.update(n)
             ids = nxt[:, None].split(p.gpu_batch_size)
             if step == 0:
                 self._sync()
@@ -224,6 +234,7 @@ class Engine:
             if cfg.stop_token_id is not None and bool(finished[:n].all()):
                 break
         self._sync()
+        bar.close()
         total_s = time.perf_counter() - t0
         avg = {k: sum(sp.get(k, 0.0) for sp in splits) / len(splits) for k in splits[0]} if splits else {}
         return GenerationResult(torch.stack(tokens, 1)[:n].cpu(), prefill_s, total_s - prefill_s, step_logits,
@@ -235,7 +246,17 @@ class Engine:
 
     def close(self) -> None:
         """Stop the I/O threads, delete offload files and unpin host memory; the engine is done."""
-        self.mover.close()
-        self.disk.cleanup()
-        for storage in (self.storages[Tier.CPU], self.weight_host):
-            storage.release()
+        self._finalizer()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _release(mover: Mover, disk: DiskStorage, hosts: tuple[HostStorage, ...]) -> None:
+    mover.close()
+    disk.cleanup()
+    for storage in hosts:
+        storage.release()

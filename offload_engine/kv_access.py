@@ -46,9 +46,10 @@ class CpuCacheAccess:
     def attend(self, q, k, v):
         t, s = self.state.length, q.shape[1]
         with self.profiler.span("cpu_attention", None, host=True):
-            qkv = torch.stack([q, k, v]).transpose(2, 3).to("cpu")  # one device-to-host copy: (3, B, H, s, D)
-            self.k_home[:, :, t:t + s].copy_(qkv[1])
-            self.v_home[:, :, t:t + s].copy_(qkv[2])
-            out = attention(qkv[0], self.k_home[:, :, :t + s], self.v_home[:, :, :t + s],
+            hq, hkv = q.shape[2], k.shape[2]
+            qkv = torch.cat([q, k, v], dim=2).transpose(1, 2).to("cpu")  # one device-to-host copy: (B, H, s, D)
+            self.k_home[:, :, t:t + s].copy_(qkv[:, hq:hq + hkv])
+            self.v_home[:, :, t:t + s].copy_(qkv[:, hq + hkv:])
+            out = attention(qkv[:, :hq], self.k_home[:, :, :t + s], self.v_home[:, :, :t + s],
                             self.state.mask(s, torch.device("cpu")))
         return out.transpose(1, 2).to(q.device)

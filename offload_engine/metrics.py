@@ -103,7 +103,6 @@ def report(m: RunMetrics, sizes: dict[str, float], peaks: dict[str, float]) -> s
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write all or nothing: an interrupted run never leaves a half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
@@ -119,12 +118,14 @@ def check_output_file(path: Path) -> None:
     from .errors import EngineError
 
     path = Path(path)
+    if not path.parent.is_dir():
+        raise EngineError(f"cannot write results to {path}: the folder {path.parent} does not exist.",
+                          "Create it first, or pass --json a file in an existing folder.")
+    if path.is_dir():
+        raise EngineError(f"--json {path} is a folder.", "Name a file.")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
         raise EngineError(f"cannot write results to {path} ({e.strerror}).", "Pass a writable --json path.") from None
-    if path.is_dir():
-        raise EngineError(f"--json {path} is a folder.", "Name a file.")

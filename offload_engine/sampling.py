@@ -1,6 +1,7 @@
 """Choosing the next token: greedy, or sampling with temperature and nucleus (top-p) filtering."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,8 @@ class GenerationConfig:
     stop_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and math.isfinite(self.top_p)):
+            raise EngineError("--temperature and --top-p must be finite numbers.")
         if self.max_new_tokens < 1:
             raise EngineError("--gen-len must be at least 1.")
         if self.do_sample and self.temperature <= 0:

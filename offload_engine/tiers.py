@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 from .errors import EngineError
@@ -118,7 +119,11 @@ class HostStorage(Storage):
 
 class DiskStorage(Storage):
     """One memory-mapped file per tensor, in a folder of its own inside the offload directory
-    (so engines sharing an offload directory never truncate each other's files)."""
+    (so engines sharing an offload directory never truncate each other's files).
+
+    The folder is named after the process (`engine-<pid>-...`): folders left behind by processes
+    that died without cleaning up (killed, out of memory) are reclaimed by the next engine.
+    """
 
     tier = Tier.DISK
 
@@ -131,7 +136,8 @@ class DiskStorage(Storage):
     def _allocate(self, shape, dtype, name):
         if self.directory is None:
             self.offload_dir.mkdir(parents=True, exist_ok=True)
-            self.directory = Path(tempfile.mkdtemp(prefix="engine-", dir=self.offload_dir))
+            reclaim_stale_folders(self.offload_dir)
+            self.directory = Path(tempfile.mkdtemp(prefix=f"engine-{os.getpid()}-", dir=self.offload_dir))
         path = self.directory / f"{name}.bin"
         nbytes = max(tensor_bytes(shape, dtype), 1)
         mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(nbytes,))
@@ -151,6 +157,17 @@ class DiskStorage(Storage):
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None
+
+
+def reclaim_stale_folders(offload_dir: Path) -> list[Path]:
+    """Remove `engine-<pid>-*` folders whose process no longer exists; returns what was removed."""
+    removed = []
+    for folder in offload_dir.glob("engine-*-*"):
+        pid = folder.name.split("-")[1]
+        if folder.is_dir() and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def check_writable(directory: Path) -> None:

@@ -38,6 +38,10 @@ class WeightStore:
         self._expected = 0  # fetch sequence number of the next streamed layer to be used
         self._next_issue = 0
 
+    def store(self, key: str, tensor: torch.Tensor) -> None:
+        """Write a checkpoint tensor into its home."""
+        self.homes[key][1].copy_(tensor)
+
     def _in_place(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's weights where they live (all on the GPU tier: nothing to stream)."""
         return {s.name: self.homes[s.key][1] for s in self.layer_specs[i]}

@@ -1,109 +1,65 @@
-"""Filling weight homes: from a local Hugging Face checkpoint, or random ("dummy") weights.
+"""Filling weight homes: from a checkpoint (folder or GGUF file), or random ("dummy") weights.
 
-Checkpoints: `*.safetensors` or `pytorch_model*.bin`, single or sharded with an index file.
 Tensors are read one at a time and written straight to their home tier, so loading never
-holds a second copy of the model in host memory.
+holds a second copy of the model in host memory. A checkpoint must match the config exactly:
+a missing tensor, a wrong shape or a tensor the config does not use is refused by name.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
+from .checkpoints import open_checkpoint
 from .errors import EngineError
 from .models.base import WeightSpec
-from .tiers import Tier
 
-INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+# Tensors some checkpoints carry that no layer reads: rotary tables (recomputed) and a tied head.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-
-class Checkpoint:
-    """Lazy access to the tensors of a checkpoint folder by key."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self._open: dict[Path, object] = {}
-        self.key_to_file = self._index()
-
-    def _index(self) -> dict[str, Path]:
-        for name in INDEX_FILES:
-            index = self.folder / name
-            if index.exists():
-                try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise EngineError(f"{index} is not a valid checkpoint index ({e}).", "Re-download it.") from None
-                files = {k: self.folder / f for k, f in weight_map.items()}
-                for f in sorted(set(files.values())):
-                    if not f.exists():
-                        raise EngineError(f"checkpoint shard {f.name} listed in {name} is missing from {self.folder}.",
-                                          "Re-download the checkpoint or restore that file.")
-                return files
-        for name in SINGLE_FILES:
-            f = self.folder / name
-            if f.exists():
-                return {k: f for k in self._keys_of(f)}
-        raise EngineError(f"no weights in {self.folder}: expected {' or '.join(SINGLE_FILES + INDEX_FILES)}.",
-                          "Point --model at a checkpoint folder, or pass --dummy for random weights.")
-
-    def _keys_of(self, f: Path) -> list[str]:
-        return list(self._handle(f).keys())
-
-    def _handle(self, f: Path):
-        if f not in self._open:
-            try:
-                if f.suffix == ".safetensors":
-                    from safetensors import safe_open
-                    self._open[f] = safe_open(str(f), framework="pt")
-                else:
-                    self._open[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as e:  # truncated or corrupt files fail in many library-specific ways
-                raise EngineError(f"cannot read checkpoint file {f.name}: {str(e).splitlines()[0][:200]}",
-                                  "The file is truncated or corrupt; re-download it.") from None
-        return self._open[f]
-
-    def get(self, key: str) -> torch.Tensor | None:
-        for k in (key, "model." + key):
-            if k in self.key_to_file:
-                f = self.key_to_file[k]
-                try:
-                    h = self._handle(f)
-                    return h.get_tensor(k) if f.suffix == ".safetensors" else h[k]
-                except EngineError:
-                    raise
-                except Exception as e:
-                    raise EngineError(f"cannot read tensor {k} from {f.name}: {str(e).splitlines()[0][:200]}",
-                                      "The file is truncated or corrupt; re-download it.") from None
-        return None
+Store = Callable[[str, torch.Tensor], None]  # (checkpoint key, tensor) -> written to its home
 
 
-def load_checkpoint(folder: Path, specs: dict[str, WeightSpec], homes: dict[str, tuple[Tier, torch.Tensor]],
+def _unused_keys(ckpt_keys: list[str], expected: set[str], tied_head: bool) -> list[str]:
+    unused = []
+    for key in ckpt_keys:
+        bare = key[len("model."):] if key.startswith("model.") else key
+        if bare in expected or key.endswith(IGNORED_SUFFIXES) or (tied_head and bare == "lm_head.weight"):
+            continue
+        unused.append(key)
+    return unused
+
+
+def load_checkpoint(path: Path, specs: dict[str, WeightSpec], store: Store, tied_head: bool,
                     progress: bool = True) -> None:
-    ckpt = Checkpoint(folder)
-    for key in tqdm(list(homes), desc="load weights", disable=not progress, unit="tensor"):
+    ckpt = open_checkpoint(path)
+    unused = _unused_keys(ckpt.keys(), set(specs), tied_head)
+    if unused:
+        shown = ", ".join(unused[:3]) + (f" and {len(unused) - 3} more" if len(unused) > 3 else "")
+        raise EngineError(f"checkpoint {path} holds {len(unused)} tensor(s) the config does not use ({shown}).",
+                          "The config does not match the weights (e.g. more layers in the files than in the "
+                          "config); use the config that came with them.")
+    for key, spec in tqdm(list(specs.items()), desc="load weights", disable=not progress, unit="tensor"):
         tensor = ckpt.get(key)
         if tensor is None:
-            raise EngineError(f"checkpoint {folder} has no tensor '{key}'.",
-                              "The weights do not match config.json; re-download the checkpoint.")
-        spec = specs[key]
+            raise EngineError(f"checkpoint {path} has no tensor '{key}'.",
+                              "The weights do not match the config; re-download the checkpoint.")
         if tuple(tensor.shape) != spec.shape:
-            raise EngineError(f"checkpoint tensor '{key}' has shape {tuple(tensor.shape)} but config.json implies "
-                              f"{spec.shape}.", "config.json does not match the weights; use the matching config.")
-        homes[key][1].copy_(tensor)
+            raise EngineError(f"checkpoint tensor '{key}' has shape {tuple(tensor.shape)} but config.json (or the GGUF metadata) implies "
+                              f"{spec.shape}.", "The config does not match the weights; use the matching config.")
+        store(key, tensor)
 
 
-def dummy_weights(specs: dict[str, WeightSpec], homes: dict[str, tuple[Tier, torch.Tensor]], seed: int,
-                  device: torch.device, progress: bool = True) -> None:
+def dummy_weights(specs: dict[str, WeightSpec], store: Store, seed: int, device: torch.device,
+                  progress: bool = True) -> None:
     """Random weights of the right scale (never constants: they would make attention uniform).
 
-    Drawn on the compute device (fast on a GPU) in one seeded order, then copied home.
+    Drawn on the compute device (fast on a GPU) in one seeded order, then stored home.
     """
     gen = torch.Generator(device=device).manual_seed(seed)
-    for key in tqdm(list(homes), desc="init dummy weights", disable=not progress, unit="tensor"):
-        spec, home = specs[key], homes[key][1]
+    for key, spec in tqdm(list(specs.items()), desc="init dummy weights", disable=not progress, unit="tensor"):
         x = torch.empty(spec.shape, dtype=torch.float32, device=device)
         if spec.init == "norm_weight":
             x.normal_(0.0, 0.1, generator=gen).add_(1.0)
@@ -112,5 +68,4 @@ def dummy_weights(specs: dict[str, WeightSpec], homes: dict[str, tuple[Tier, tor
         else:
             fan_in = spec.shape[-1]
             x.normal_(0.0, fan_in ** -0.5, generator=gen)
-        home.copy_(x)
-
+        store(key, x)

@@ -13,7 +13,7 @@ from offload_engine.errors import EngineError
 from offload_engine.models.base import Layer
 from offload_engine.tiers import Tier, round_up, tensor_bytes
 
-from .placement import Policy, assign_tiers
+from .placement import EvenSplit, Policy, assign_tiers
 
 GiB = float(1 << 30)
 MiB = float(1 << 20)
@@ -51,16 +51,35 @@ class TierBudget:
 
 @dataclass
 class MemoryPlan:
-    """Tier of every weight, KV cache and activation buffer, and the bytes per tier."""
+    """Tier of every weight, KV cache and activation buffer, and the bytes per tier.
+
+    KV cache items and activation buffers are equal-sized, so their tiers are computed from
+    their index (`EvenSplit`), never listed: the plan costs the same for any batch count.
+    """
 
     weight_tiers: dict[str, Tier]  # checkpoint key -> tier (shared tensors appear once)
-    kv_tiers: dict[tuple[int, int], Tier]  # (layer index, gpu batch) -> tier
-    act_tiers: list[Tier]  # per gpu batch
+    kv_layers: list[int]  # indices of the layers that hold a KV cache
+    num_gpu_batches: int
+    kv_split: EvenSplit  # over (attention layer, gpu batch) items, layer-major
+    act_split: EvenSplit  # over gpu batches
     weight_slot_bytes: int  # one staging slot: the largest layer's streamed weights
     weight_slots: int
     kv_slots: int  # GPU slots for streamed KV cache
     kv_staging_slots: int  # pinned host buffers for writing prompts into head-major CPU caches
     tiers: dict[Tier, TierBudget] = field(default_factory=lambda: {t: TierBudget() for t in Tier})
+
+    def kv_tier(self, layer: int, batch: int) -> Tier:
+        return self.kv_split.tier(self.kv_layers.index(layer) * self.num_gpu_batches + batch)
+
+    @property
+    def kv_tiers(self) -> dict[tuple[int, int], Tier]:
+        """(layer, gpu batch) -> tier for every item; build only for a plan that fits."""
+        k = self.num_gpu_batches
+        return {(j, b): self.kv_split.tier(a * k + b) for a, j in enumerate(self.kv_layers) for b in range(k)}
+
+    @property
+    def act_tiers(self) -> list[Tier]:
+        return [self.act_split.tier(k) for k in range(self.num_gpu_batches)]
 
     @property
     def model_bytes(self) -> int:
@@ -117,26 +136,25 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
         spec = attn[0][1]
         kv_item = 2 * tensor_bytes((work.max_len, b, spec.num_heads, spec.head_dim), dtype)
         prompt_item = 2 * tensor_bytes((work.prompt_len, b, spec.num_heads, spec.head_dim), dtype)
-    kv_keys = [(i, k) for i, _ in attn for k in range(k_batches)]
-    kv_tiers = dict(zip(kv_keys, assign_tiers([kv_item] * len(kv_keys),
-                                              policy.cache_gpu_percent, policy.cache_cpu_percent)))
-    fetched_kv = any(t == Tier.DISK or (t == Tier.CPU and not policy.cpu_cache_compute) for t in kv_tiers.values())
-    cpu_attended = policy.cpu_cache_compute and Tier.CPU in kv_tiers.values()
+    kv_split = EvenSplit(len(attn) * k_batches, policy.cache_gpu_percent, policy.cache_cpu_percent)
+    kv_counts = kv_split.counts() if attn else {t: 0 for t in Tier}
+    fetched_kv = kv_counts[Tier.DISK] > 0 or (kv_counts[Tier.CPU] > 0 and not policy.cpu_cache_compute)
+    cpu_attended = policy.cpu_cache_compute and kv_counts[Tier.CPU] > 0
 
     # Activations: the hidden states between layers, one buffer per gpu batch.
     act_item = tensor_bytes((b, work.prompt_len, hidden_size), dtype)
-    act_tiers = assign_tiers([act_item] * k_batches, policy.act_gpu_percent, policy.act_cpu_percent)
+    act_split = EvenSplit(k_batches, policy.act_gpu_percent, policy.act_cpu_percent)
+    act_counts = act_split.counts()
 
     weight_slots = weight_slots if weight_slot else 0
-    plan = MemoryPlan(weight_tiers, kv_tiers, act_tiers, weight_slot, weight_slots,
+    plan = MemoryPlan(weight_tiers, [i for i, _ in attn], k_batches, kv_split, act_split, weight_slot, weight_slots,
                       kv_slots=2 if fetched_kv else 0, kv_staging_slots=2 if cpu_attended else 0)
     for key, tier in weight_tiers.items():
         plan.tiers[tier].weights += sizes[key]
-    for tier in kv_tiers.values():
-        plan.tiers[tier].kv_cache += kv_item
-    for tier in act_tiers:
+    for tier in Tier:
+        plan.tiers[tier].kv_cache += kv_counts[tier] * kv_item
         if tier != Tier.GPU:  # GPU-resident hidden states are transient: counted as working memory
-            plan.tiers[tier].activations += act_item
+            plan.tiers[tier].activations += act_counts[tier] * act_item
     gpu = plan.tiers[Tier.GPU]
     gpu.buffers = weight_slots * weight_slot + plan.kv_slots * kv_item
     plan.tiers[Tier.CPU].buffers = plan.kv_staging_slots * prompt_item
@@ -144,7 +162,7 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
     # states of the other gpu batches, the attention mask and one prefetched input.
     layer_work = max(layer.working_bytes(b, work.prompt_len, itemsize) for layer in layers)
     mask = b * work.prompt_len * work.prompt_len
-    gpu.working = layer_work + 3 * act_item + mask + act_item * act_tiers.count(Tier.GPU) + LIBRARY_WORKSPACE
+    gpu.working = layer_work + 3 * act_item + mask + act_item * act_counts[Tier.GPU] + LIBRARY_WORKSPACE
     if policy.cpu_cache_compute and attn:
         spec = attn[0][1]
         plan.tiers[Tier.CPU].working = 4 * b * spec.num_heads * (work.max_len + 2 * spec.head_dim) * 4

@@ -1,11 +1,19 @@
 """Shared fixtures: tiny random OPT checkpoints written the way Hugging Face lays them out."""
 from __future__ import annotations
 
+import os
+
+import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. This must be set
+# before any kernel module is imported (the @triton.jit decorator reads it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import json
 from pathlib import Path
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 
@@ -89,3 +97,25 @@ def random_prompts(batch: int, length: int, seed: int = 0):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def tiny_hf_llama(kv_heads: int = 2, tied: bool = False, rope_scaling: dict | None = None, seed: int = 0):
+    """A small Llama (grouped-query attention by default) with random weights."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=kv_heads, max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+        rope_theta=1000.0, rope_scaling=rope_scaling, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+            else:
+                p.normal_(0.0, 0.25)
+    return model
+
+
+def hf_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for left-padded rows, as generate() computes them."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)

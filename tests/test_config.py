@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from offload_engine.config import OPT_CONFIGS, from_hf_config, resolve_model
+from offload_engine.checkpoints.hf import from_hf_config
+from offload_engine.model_zoo import OPT_CONFIGS, resolve_model
 from offload_engine.errors import EngineError
 from offload_engine.models import build_layers
 
@@ -43,9 +44,23 @@ def test_hf_config_roundtrip(tmp_path, pre_ln):
 
 
 def test_resolve_names_and_errors(tmp_path):
-    assert resolve_model("facebook/opt-6.7b")[0] is OPT_CONFIGS["opt-6.7b"]
+    assert resolve_model("opt-6.7b").config is OPT_CONFIGS["opt-6.7b"]
+    assert resolve_model("opt-6.7b").source is None
     with pytest.raises(EngineError, match="unknown model"):
         resolve_model("gpt-2")
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(EngineError, match="only OPT"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(EngineError, match="'gpt2' model; supported families: opt, llama"):
         resolve_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["./opt-1.3b", "./typo/opt-125m", "facebook/opt-125m", "~/nowhere/model.gguf"])
+def test_a_path_that_does_not_exist_is_refused(name):
+    """Random weights only for a bare published name or --dummy: a missing path never falls back."""
+    with pytest.raises(EngineError, match="no such file or folder"):
+        resolve_model(name)
+
+
+def test_dummy_accepts_a_hub_style_name():
+    resolved = resolve_model("facebook/opt-125m", dummy=True)
+    assert resolved.config is OPT_CONFIGS["opt-125m"] and resolved.source is None
+    assert resolved.weights_label == "dummy weights"

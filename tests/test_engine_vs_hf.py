@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from offload_engine.config import from_hf_config
+from offload_engine.checkpoints.hf import from_hf_config
 from offload_engine.engine import Engine, EngineOptions
 from offload_engine.sampling import GenerationConfig
 from policies.memory import Workload

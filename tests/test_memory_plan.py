@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offload_engine.config import OPT_CONFIGS
+from offload_engine.model_zoo import OPT_CONFIGS
 from offload_engine.engine import Engine, EngineOptions
 from offload_engine.models import build_layers
 from offload_engine.tiers import Tier

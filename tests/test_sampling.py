@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offload_engine.config import OPT_CONFIGS
+from offload_engine.model_zoo import OPT_CONFIGS
 from offload_engine.engine import Engine, EngineOptions
 from offload_engine.sampling import GenerationConfig, sample
 from policies.memory import Workload

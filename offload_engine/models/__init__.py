@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from ..config import ModelConfig
-from . import opt
+from . import llama, opt
 from .base import FusedLayer, Layer
 
-FAMILIES = {"opt": opt.build_layers}
+FAMILIES = {"opt": opt.build_layers, "llama": llama.build_layers}
 
 
 def build_layers(config: ModelConfig, sep_layer: bool = True) -> list[Layer]:

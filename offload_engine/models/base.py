@@ -48,6 +48,13 @@ class BatchView:
 
     positions: torch.Tensor  # (B, s) position of each new token; -1 at left padding
     prefill: bool
+    memo: dict = field(default_factory=dict)  # per-step values layers share (e.g. rotary tables)
+
+    def cached(self, key: str, make):
+        """`make()` once per step and GPU batch, then shared by every layer."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
 
 
 @dataclass

@@ -1,36 +1,21 @@
 """OPT (Zhang et al., 2022): learned positions with an offset of 2, pre- or post-LayerNorm,
-ReLU MLP, LM head tied to the token embedding."""
+ReLU MLP, LM head tied to the token embedding (or a separate `lm_head.weight` when untied)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .base import KVSpec, Layer, LayerContext, WeightSpec
+from .ops import embedding, layer_norm as _layer_norm, linear as _linear, linear_specs as _linear_specs, lm_head
 
 POSITION_OFFSET = 2  # OPT's learned position table starts two rows in
-
-
-def _linear_specs(name: str, key: str, out_dim: int, in_dim: int, bias: bool = True) -> list[WeightSpec]:
-    specs = [WeightSpec(f"{name}.weight", f"{key}.weight", (out_dim, in_dim))]
-    if bias:
-        specs.append(WeightSpec(f"{name}.bias", f"{key}.bias", (out_dim,), "bias"))
-    return specs
 
 
 def _norm_specs(name: str, key: str, dim: int) -> list[WeightSpec]:
     return [WeightSpec(f"{name}.weight", f"{key}.weight", (dim,), "norm_weight"),
             WeightSpec(f"{name}.bias", f"{key}.bias", (dim,), "bias")]
-
-
-def _layer_norm(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), w[f"{name}.weight"], w[f"{name}.bias"], eps)
-
-
-def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 
 
 @dataclass
@@ -48,10 +33,10 @@ class InputEmbed(Layer):
         return specs
 
     def forward(self, ids, w, ctx):
-        x = F.embedding(ids, w["tokens"])
+        x = embedding(ids, w["tokens"])
         if self.cfg.word_embed_dim:
             x = _linear(x, w, "project_in")
-        return x + F.embedding(ctx.batch.positions + POSITION_OFFSET, w["positions"])
+        return x + embedding(ctx.batch.positions + POSITION_OFFSET, w["positions"])
 
     def working_bytes(self, batch, seq, itemsize):
         return batch * seq * (self.cfg.embed_dim + 2 * self.cfg.hidden_size) * itemsize
@@ -65,7 +50,7 @@ class SelfAttention(Layer):
 
     def __post_init__(self):
         self.name = f"attn{self.index}"
-        self.kv_spec = KVSpec(self.cfg.num_heads, self.cfg.head_dim)
+        self.kv_spec = KVSpec(self.cfg.kv_heads, self.cfg.head_dim)
 
     def weight_specs(self):
         h, key = self.cfg.hidden_size, f"decoder.layers.{self.index}"
@@ -127,7 +112,8 @@ class OutputEmbed(Layer):
         specs = _norm_specs("final_norm", "decoder.final_layer_norm", c.hidden_size) if c.final_layer_norm else []
         if c.word_embed_dim:
             specs += _linear_specs("project_out", "decoder.project_out", c.embed_dim, c.hidden_size, bias=False)
-        return specs + [WeightSpec("tokens", "decoder.embed_tokens.weight", (c.vocab_size, c.embed_dim))]
+        head = "decoder.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+        return specs + [WeightSpec("tokens", head, (c.vocab_size, c.embed_dim))]
 
     def forward(self, x, w, ctx):
         c = self.cfg
@@ -137,7 +123,7 @@ class OutputEmbed(Layer):
             x = _layer_norm(x, w, "final_norm", c.layer_norm_eps)
         if c.word_embed_dim:
             x = _linear(x, w, "project_out")
-        return F.linear(x, w["tokens"]).float()
+        return lm_head(x, w["tokens"])
 
     def working_bytes(self, batch, seq, itemsize):
         # Only the last position reaches the LM head during generation.

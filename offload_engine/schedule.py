@@ -10,7 +10,7 @@ import torch
 
 from .activations import ActivationStore
 from .batch import BatchState
-from .kv_cache import KVCacheStore
+from .kv import KVCacheStore
 from .models.base import Layer, LayerContext
 from .profiler import Profiler
 from .weight_store import WeightStore

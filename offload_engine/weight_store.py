@@ -3,6 +3,10 @@
 A layer whose weights are all on the GPU is used in place. The others are fetched in layer
 order into a ring of `plan.weight_slots` slots, `weight_slots - 1` layers ahead of the
 one computing (across step boundaries too), so the copy of the next layers overlaps compute.
+
+With --compress-weight, 2-D weights are stored packed (kernels/quant.py) in every tier, so the
+packed bytes are what crosses PCIe; layers receive them as `PackedWeight` and the linear op
+dequantizes on the fly.
 """
 from __future__ import annotations
 
@@ -11,22 +15,29 @@ import torch
 from policies.memory import MemoryPlan
 
 from .models.base import Layer
+from .models.ops import PackedWeight
 from .tiers import ALIGN, Storage, Tier, round_up
 from .transfer import Mover, Pending
 
 
 class WeightStore:
     def __init__(self, layers: list[Layer], plan: MemoryPlan, storages: dict[Tier, Storage], dtype: torch.dtype,
-                 mover: Mover):
-        self.dtype, self.mover = dtype, mover
+                 mover: Mover, quant_spec=None, device: torch.device | None = None):
+        self.dtype, self.mover, self.quant_spec, self.device = dtype, mover, quant_spec, device
         self.homes: dict[str, tuple[Tier, torch.Tensor]] = {}
+        self.packed: dict[str, tuple[int, ...]] = {}  # key -> original shape, for weights stored packed
         self.layer_specs = [layer.weight_specs() for layer in layers]
         for specs in self.layer_specs:
             for spec in specs:
                 if spec.key not in self.homes:
                     tier = plan.weight_tiers[spec.key]
                     name = spec.key.replace(".", "_")
-                    self.homes[spec.key] = (tier, storages[tier].allocate(spec.shape, dtype, name))
+                    if spec.key in plan.compressed_weights:
+                        self.packed[spec.key] = spec.shape
+                        home = storages[tier].allocate(quant_spec.packed_shape(spec.shape), torch.uint8, name)
+                    else:
+                        home = storages[tier].allocate(spec.shape, dtype, name)
+                    self.homes[spec.key] = (tier, home)
         self.fetch_order = [i for i, specs in enumerate(self.layer_specs)
                             if any(self.homes[s.key][0] != Tier.GPU for s in specs)]
         self._position = {layer: p for p, layer in enumerate(self.fetch_order)}
@@ -39,12 +50,30 @@ class WeightStore:
         self._next_issue = 0
 
     def store(self, key: str, tensor: torch.Tensor) -> None:
-        """Write a checkpoint tensor into its home."""
-        self.homes[key][1].copy_(tensor)
+        """Write a checkpoint tensor into its home (quantized on the compute device if stored packed)."""
+        home = self.homes[key][1]
+        if key in self.packed:
+            from kernels.quant import quantize
+            home.copy_(quantize(tensor.to(self.device, torch.float32), self.quant_spec))
+        else:
+            home.copy_(tensor)
+
+    def accepts_packed(self, key: str, bits: int, group_size: int) -> bool:
+        s = self.quant_spec
+        return key in self.packed and s is not None and (s.bits, s.group_size) == (bits, group_size)
+
+    def store_packed(self, key: str, packed: torch.Tensor) -> None:
+        """Write bytes already in the packed format (e.g. GGUF Q4_1 blocks): no float round trip."""
+        self.homes[key][1].copy_(packed)
+
+    def _wrap(self, key: str, tensor: torch.Tensor):
+        if key in self.packed:
+            return PackedWeight(tensor, self.quant_spec, self.packed[key], self.dtype)
+        return tensor
 
     def _in_place(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's weights where they live (all on the GPU tier: nothing to stream)."""
-        return {s.name: self.homes[s.key][1] for s in self.layer_specs[i]}
+        return {s.name: self._wrap(s.key, self.homes[s.key][1]) for s in self.layer_specs[i]}
 
     def get(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's weights on the compute device, waiting for their copy if streamed."""
@@ -81,7 +110,9 @@ class WeightStore:
             for spec in self.layer_specs[layer]:
                 tier, home = self.homes[spec.key]
                 if tier != Tier.GPU:
-                    pends.append(self.mover.load(views[spec.name], home, "weight_io", from_disk=tier == Tier.DISK))
+                    view = views[spec.name]
+                    dst = view.packed if isinstance(view, PackedWeight) else view
+                    pends.append(self.mover.load(dst, home, "weight_io", from_disk=tier == Tier.DISK))
             self._issued[n] = (views, pends)
             self._next_issue += 1
 
@@ -93,10 +124,11 @@ class WeightStore:
             for spec in self.layer_specs[layer]:
                 tier, home = self.homes[spec.key]
                 if tier == Tier.GPU:
-                    views[spec.name] = home
+                    views[spec.name] = self._wrap(spec.key, home)
                     continue
                 nbytes = home.numel() * home.element_size()
-                views[spec.name] = buf[offset:offset + nbytes].view(self.dtype).view(spec.shape)
+                view = buf[offset:offset + nbytes].view(home.dtype).view(home.shape)
+                views[spec.name] = self._wrap(spec.key, view)
                 offset = round_up(offset + nbytes, ALIGN)
             self._views[key] = views
         return self._views[key]

@@ -7,7 +7,7 @@ a missing tensor, a wrong shape or a tensor the config does not use is refused b
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
@@ -19,7 +19,16 @@ from .models.base import WeightSpec
 # Tensors some checkpoints carry that no layer reads: rotary tables (recomputed) and a tied head.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-Store = Callable[[str, torch.Tensor], None]  # (checkpoint key, tensor) -> written to its home
+
+
+class WeightTarget(Protocol):
+    """Where loaded weights go (the engine's WeightStore)."""
+
+    def store(self, key: str, tensor: torch.Tensor) -> None: ...
+
+    def accepts_packed(self, key: str, bits: int, group_size: int) -> bool: ...
+
+    def store_packed(self, key: str, packed: torch.Tensor) -> None: ...
 
 
 def _unused_keys(ckpt_keys: list[str], expected: set[str], tied_head: bool) -> list[str]:
@@ -32,8 +41,11 @@ def _unused_keys(ckpt_keys: list[str], expected: set[str], tied_head: bool) -> l
     return unused
 
 
-def load_checkpoint(path: Path, specs: dict[str, WeightSpec], store: Store, tied_head: bool,
+def load_checkpoint(path: Path, specs: dict[str, WeightSpec], target: WeightTarget, tied_head: bool,
                     progress: bool = True) -> None:
+    """Stream every tensor the layers need into its home. A checkpoint that stores 4/8-bit blocks
+    in the engine's packed format (GGUF Q4_0/Q4_1/Q8_0) hands them over without a float round
+    trip when the weight is stored compressed with the same bits and group size."""
     ckpt = open_checkpoint(path)
     unused = _unused_keys(ckpt.keys(), set(specs), tied_head)
     if unused:
@@ -41,7 +53,12 @@ def load_checkpoint(path: Path, specs: dict[str, WeightSpec], store: Store, tied
         raise EngineError(f"checkpoint {path} holds {len(unused)} tensor(s) the config does not use ({shown}).",
                           "The config does not match the weights (e.g. more layers in the files than in the "
                           "config); use the config that came with them.")
+    get_packed = getattr(ckpt, "get_packed", None)
     for key, spec in tqdm(list(specs.items()), desc="load weights", disable=not progress, unit="tensor"):
+        packed = get_packed(key) if get_packed is not None else None
+        if packed is not None and target.accepts_packed(key, packed[1], packed[2]):
+            target.store_packed(key, packed[0])
+            continue
         tensor = ckpt.get(key)
         if tensor is None:
             raise EngineError(f"checkpoint {path} has no tensor '{key}'.",
@@ -49,10 +66,10 @@ def load_checkpoint(path: Path, specs: dict[str, WeightSpec], store: Store, tied
         if tuple(tensor.shape) != spec.shape:
             raise EngineError(f"checkpoint tensor '{key}' has shape {tuple(tensor.shape)} but config.json (or the GGUF metadata) implies "
                               f"{spec.shape}.", "The config does not match the weights; use the matching config.")
-        store(key, tensor)
+        target.store(key, tensor)
 
 
-def dummy_weights(specs: dict[str, WeightSpec], store: Store, seed: int, device: torch.device,
+def dummy_weights(specs: dict[str, WeightSpec], target: WeightTarget, seed: int, device: torch.device,
                   progress: bool = True) -> None:
     """Random weights of the right scale (never constants: they would make attention uniform).
 
@@ -68,4 +85,4 @@ def dummy_weights(specs: dict[str, WeightSpec], store: Store, seed: int, device:
         else:
             fan_in = spec.shape[-1]
             x.normal_(0.0, fan_in ** -0.5, generator=gen)
-        store(key, x)
+        target.store(key, x)

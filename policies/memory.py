@@ -66,6 +66,9 @@ class MemoryPlan:
     weight_slots: int
     kv_slots: int  # GPU slots for streamed KV cache
     kv_staging_slots: int  # pinned host buffers for writing prompts into head-major CPU caches
+    kv_scratch_slots: int = 0  # pinned host buffers for per-head token writes (H2O) to CPU/disk homes
+    cache_len: int = 0  # token slots per sequence in each KV item
+    compressed_weights: set[str] = field(default_factory=set)  # checkpoint keys stored packed
     tiers: dict[Tier, TierBudget] = field(default_factory=lambda: {t: TierBudget() for t in Tier})
 
     def kv_tier(self, layer: int, batch: int) -> Tier:
@@ -112,15 +115,27 @@ class MemoryPlan:
                     f"{(need - cap) / GiB:.2f} GiB short.", f"To fix: {fix}.")
 
 
+def weight_bytes(spec, policy: Policy, itemsize: int) -> int:
+    """Bytes of one weight in storage: packed when compressed (2-D weights only)."""
+    if policy.compress_weight is not None and len(spec.shape) == 2:
+        return policy.compress_weight.packed_bytes(spec.shape[1], spec.shape[0])
+    return spec.numel() * itemsize
+
+
+def kv_token_bytes(num_heads: int, head_dim: int, policy: Policy, itemsize: int) -> int:
+    """Bytes of one cached token's keys (or values) for one sequence: packed when compressed."""
+    if policy.compress_cache is not None:
+        return policy.compress_cache.packed_bytes(head_dim, num_heads)
+    return num_heads * head_dim * itemsize
+
+
 def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torch.dtype,
                 hidden_size: int, weight_slots: int = 2) -> MemoryPlan:
     itemsize = torch.empty((), dtype=dtype).element_size()
 
     # Weights: one entry per checkpoint key, in layer order.
-    sizes: dict[str, int] = {}
-    for layer in layers:
-        for spec in layer.weight_specs():
-            sizes.setdefault(spec.key, spec.numel() * itemsize)
+    specs = {s.key: s for layer in layers for s in layer.weight_specs()}
+    sizes = {key: weight_bytes(spec, policy, itemsize) for key, spec in specs.items()}
     keys = list(sizes)
     weight_tiers = dict(zip(keys, assign_tiers([sizes[k] for k in keys],
                                                policy.weight_gpu_percent, policy.weight_cpu_percent)))
@@ -128,18 +143,24 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
                     if weight_tiers[s.key] != Tier.GPU) for layer in layers]
     weight_slot = max(streamed)
 
-    # KV cache: one item per (attention layer, gpu batch), layer-major.
+    # KV cache: one item per (attention layer, gpu batch), layer-major, `cache_len` token slots each.
     b, k_batches = policy.gpu_batch_size, policy.num_gpu_batches
     attn = [(i, layer.kv_spec) for i, layer in enumerate(layers) if layer.kv_spec is not None]
-    kv_item = prompt_item = 0
+    cache_len = policy.kv.cache_len(work.prompt_len, work.max_len)
+    kv_item = prompt_item = scratch_item = meta_item = 0
     if attn:
         spec = attn[0][1]
-        kv_item = 2 * tensor_bytes((work.max_len, b, spec.num_heads, spec.head_dim), dtype)
-        prompt_item = 2 * tensor_bytes((work.prompt_len, b, spec.num_heads, spec.head_dim), dtype)
+        token = kv_token_bytes(spec.num_heads, spec.head_dim, policy, itemsize)
+        kv_item = 2 * cache_len * b * token
+        prompt_item = 2 * min(work.prompt_len, cache_len) * b * token
+        scratch_item = 2 * b * token + b * spec.num_heads * 8
+        if policy.kv.policy == "h2o":  # float32 score and int32 position per slot, beside the attention
+            meta_item = b * spec.num_heads * cache_len * 8
     kv_split = EvenSplit(len(attn) * k_batches, policy.cache_gpu_percent, policy.cache_cpu_percent)
     kv_counts = kv_split.counts() if attn else {t: 0 for t in Tier}
     fetched_kv = kv_counts[Tier.DISK] > 0 or (kv_counts[Tier.CPU] > 0 and not policy.cpu_cache_compute)
     cpu_attended = policy.cpu_cache_compute and kv_counts[Tier.CPU] > 0
+    scatters = policy.kv.policy == "h2o" and (kv_counts[Tier.CPU] + kv_counts[Tier.DISK]) > 0
 
     # Activations: the hidden states between layers, one buffer per gpu batch.
     act_item = tensor_bytes((b, work.prompt_len, hidden_size), dtype)
@@ -148,16 +169,23 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
 
     weight_slots = weight_slots if weight_slot else 0
     plan = MemoryPlan(weight_tiers, [i for i, _ in attn], k_batches, kv_split, act_split, weight_slot, weight_slots,
-                      kv_slots=2 if fetched_kv else 0, kv_staging_slots=2 if cpu_attended else 0)
+                      kv_slots=2 if fetched_kv else 0, kv_staging_slots=2 if cpu_attended else 0,
+                      kv_scratch_slots=2 if scatters else 0, cache_len=cache_len,
+                      compressed_weights={k for k in keys if policy.compress_weight is not None
+                                          and len(specs[k].shape) == 2})
     for key, tier in weight_tiers.items():
         plan.tiers[tier].weights += sizes[key]
     for tier in Tier:
         plan.tiers[tier].kv_cache += kv_counts[tier] * kv_item
         if tier != Tier.GPU:  # GPU-resident hidden states are transient: counted as working memory
             plan.tiers[tier].activations += act_counts[tier] * act_item
+    # H2O's scores live where attention runs: on the CPU for CPU-attended items, else the GPU.
+    cpu_meta = kv_counts[Tier.CPU] if policy.cpu_cache_compute else 0
+    plan.tiers[Tier.CPU].kv_cache += cpu_meta * meta_item
+    plan.tiers[Tier.GPU].kv_cache += (kv_split.count - cpu_meta if attn else 0) * meta_item
     gpu = plan.tiers[Tier.GPU]
     gpu.buffers = weight_slots * weight_slot + plan.kv_slots * kv_item
-    plan.tiers[Tier.CPU].buffers = plan.kv_staging_slots * prompt_item
+    plan.tiers[Tier.CPU].buffers = plan.kv_staging_slots * prompt_item + plan.kv_scratch_slots * scratch_item
     # Working memory: the largest layer forward, its input and output, the resident hidden
     # states of the other gpu batches, the attention mask and one prefetched input.
     layer_work = max(layer.working_bytes(b, work.prompt_len, itemsize) for layer in layers)

@@ -8,6 +8,8 @@ from typing import Sequence
 from offload_engine.errors import EngineError
 from offload_engine.tiers import Tier
 
+from .kv_policy import Compression, KVSettings
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -31,6 +33,9 @@ class Policy:
     cpu_cache_compute: bool = False
     sep_layer: bool = True
     weight_buffers: int = 0  # GPU staging slots for streamed weights; 0: 3 if they fit, else 2
+    compress_weight: Compression | None = None  # 2-D weights stored 4/8-bit in every tier
+    compress_cache: Compression | None = None  # KV cache stored 4/8-bit in every tier
+    kv: KVSettings = KVSettings()
 
     @classmethod
     def from_percent(cls, percent: Sequence[float], **kw) -> "Policy":

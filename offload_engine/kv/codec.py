@@ -1,0 +1,84 @@
+"""How KV tokens are stored: as they are, or packed 4/8-bit (kernels/quant.py).
+
+A codec gives the per-token storage shape and dtype that homes, staging slots and transfers
+use, encodes new tokens into a cache slice, and runs decode attention over a stored cache. The
+rest of the KV machinery is the same for both: tiers only ever see bytes.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.attention import attention
+
+
+def token_major_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
+                          mask: torch.Tensor | None) -> torch.Tensor:
+    """q (B, s, Hq, D) over the first `length` tokens of token-major (T, B, Hkv, D) keys/values."""
+    keys, values = k[:length].permute(1, 2, 0, 3), v[:length].permute(1, 2, 0, 3)
+    return attention(q.transpose(1, 2), keys, values, mask).transpose(1, 2)
+
+
+class PlainCodec:
+    """Tokens stored in the compute dtype."""
+
+    packed = False
+
+    def __init__(self, dtype: torch.dtype, head_dim: int):
+        self.dtype, self.head_dim = dtype, head_dim
+
+    @property
+    def tail(self) -> tuple[int, ...]:
+        return (self.head_dim,)
+
+    def encode(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(x)
+
+    def encoded(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous()
+
+    def decode(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        return token_major_attention(q, k, v, length, mask)
+
+
+class PackedCodec:
+    """Tokens quantized group-wise along the head dimension; decode attention reads the packed
+    cache directly (the full-precision cache is never materialised)."""
+
+    packed = True
+
+    def __init__(self, spec, compute_dtype: torch.dtype, head_dim: int):
+        self.spec, self.compute_dtype, self.head_dim = spec, compute_dtype, head_dim
+        self.dtype = torch.uint8
+
+    @property
+    def tail(self) -> tuple[int, ...]:
+        return (self.spec.num_groups(self.head_dim), self.spec.record_bytes)
+
+    def encode(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        from kernels.quant import quantize
+        quantize(x, self.spec, out=out)
+
+    def encoded(self, x: torch.Tensor) -> torch.Tensor:
+        from kernels.quant import quantize
+        return quantize(x, self.spec)
+
+    def decode(self, stored: torch.Tensor) -> torch.Tensor:
+        from kernels.quant import dequantize
+        return dequantize(stored, self.spec, self.head_dim, self.compute_dtype)
+
+    def attend(self, q, k, v, length, mask, key_valid: torch.Tensor | None = None):
+        """Decode only (one query per sequence): `key_valid` (B, length) masks left padding."""
+        from kernels.quant_attention import quant_decode_attention
+        assert q.shape[1] == 1, "packed caches are attended in decode steps only"
+        out = quant_decode_attention(q[:, 0], k, v, self.spec, self.head_dim, length, key_valid)
+        return out[:, None]
+
+
+def make_codec(compression, dtype: torch.dtype, head_dim: int):
+    if compression is None:
+        return PlainCodec(dtype, head_dim)
+    return PackedCodec(compression.kernel_spec(), dtype, head_dim)

@@ -1,0 +1,78 @@
+"""Full attention over the whole cache (`--kv-policy full`): the access objects behind
+`LayerContext.kv` when every token is kept."""
+from __future__ import annotations
+
+import torch
+
+from ..batch import BatchState
+from ..profiler import Profiler
+from .codec import token_major_attention
+from .store import CacheLocation, Item, KVCacheStore
+
+
+class DenseKV:
+    """The full-cache policy: every token stays, attention reads all of them."""
+
+    def __init__(self, codec, profiler: Profiler):
+        self.codec, self.profiler = codec, profiler
+
+    def stored_tokens(self, state: BatchState) -> int:
+        return state.length
+
+    def access(self, store: KVCacheStore, item: Item, state: BatchState, where: CacheLocation):
+        if where.kind == "cpu":
+            return CpuCacheAccess(self.codec, self.profiler, state, where.k, where.v)
+        return CacheAccess(self.codec, store, item, state, where)
+
+
+class CacheAccess:
+    """Attention on the compute device over a token-major cache there: its home or a staging slot.
+
+    In prefill the new tokens are the whole sequence, so attention runs on them directly (in the
+    compute dtype, also when the cache is stored compressed); decode reads the stored cache.
+    """
+
+    def __init__(self, codec, store: KVCacheStore, item: Item, state: BatchState, where: CacheLocation):
+        self.codec, self.store, self.item, self.state, self.where = codec, store, item, state, where
+
+    def attend(self, q, k, v):
+        t, s = self.state.length, q.shape[1]
+        k_new, v_new = k.transpose(0, 1), v.transpose(0, 1)  # (s, B, H, D)
+        cache_k, cache_v = self.where.k, self.where.v
+        if cache_k is not None:
+            self.codec.encode(k_new, cache_k[t:t + s])
+            self.codec.encode(v_new, cache_v[t:t + s])
+        if t == 0:  # prefill: the new tokens are the whole sequence, in the compute dtype
+            out = token_major_attention(q, k_new, v_new, s, self.state.mask(s, q.device))
+        elif self.codec.packed:
+            out = self.codec.attend(q, cache_k, cache_v, t + s, None, self.state.key_valid[:, :t + s])
+        else:
+            out = self.codec.attend(q, cache_k, cache_v, t + s, self.state.mask(s, q.device))
+        if self.where.writes_home:  # from fresh tensors: the slot is reused by the next prefetch
+            self.store.store(self.item, t, self.codec.encoded(k_new), self.codec.encoded(v_new))
+        return out
+
+
+class CpuCacheAccess:
+    """Decode attention on the CPU over a head-major cache there: only q/k/v of the new tokens and
+    the attention output cross PCIe, instead of the whole cache."""
+
+    def __init__(self, codec, profiler: Profiler, state: BatchState, k_home: torch.Tensor, v_home: torch.Tensor):
+        self.codec, self.profiler, self.state, self.k_home, self.v_home = codec, profiler, state, k_home, v_home
+
+    def attend(self, q, k, v):
+        t, s = self.state.length, q.shape[1]
+        with self.profiler.span("cpu_attention", None, host=True):
+            hq, hkv = q.shape[2], k.shape[2]
+            qkv = torch.cat([q, k, v], dim=2).to("cpu")  # one device-to-host copy: (B, s, H, D)
+            q_c, k_c, v_c = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
+            cpu = torch.device("cpu")
+            self.codec.encode(k_c.transpose(1, 2), self.k_home[:, :, t:t + s])
+            self.codec.encode(v_c.transpose(1, 2), self.v_home[:, :, t:t + s])
+            order = (2, 0, 1, *range(3, self.k_home.dim()))  # token-major views of the head-major homes
+            keys, values = self.k_home.permute(order), self.v_home.permute(order)
+            if self.codec.packed:
+                out = self.codec.attend(q_c, keys, values, t + s, None, self.state.key_valid[:, :t + s].to(cpu))
+            else:
+                out = self.codec.attend(q_c, keys, values, t + s, self.state.mask(s, cpu))
+        return out.to(q.device)

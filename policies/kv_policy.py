@@ -1,0 +1,130 @@
+"""What the KV cache keeps and how it is stored: the KV policy (full, H2O, HiP) and compression.
+
+These are settings only; the engine's access objects (offload_engine/kv/) carry them out and the
+memory plan (memory.py) sizes the cache from them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from offload_engine.errors import EngineError
+
+KV_POLICIES = ("full", "h2o", "hip")
+
+
+@dataclass(frozen=True)
+class Compression:
+    """Group-wise asymmetric quantization (FlexGen's: 4 bits, groups of 64)."""
+
+    bits: int = 4
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise EngineError(f"--quant-bits must be 4 or 8, got {self.bits}.")
+        if self.group_size < 2 or self.group_size % 2:
+            raise EngineError(f"--quant-group-size must be an even number >= 2, got {self.group_size}.")
+
+    def record_bytes(self) -> int:
+        return 4 + self.group_size * self.bits // 8
+
+    def packed_bytes(self, numel_last: int, lead: int) -> int:
+        """Bytes of a (lead, numel_last) tensor quantized along its last dimension."""
+        return lead * math.ceil(numel_last / self.group_size) * self.record_bytes()
+
+    def kernel_spec(self):
+        from kernels.quant import QuantSpec
+        return QuantSpec(bits=self.bits, group_size=self.group_size)
+
+
+@dataclass(frozen=True)
+class H2OConfig:
+    """Heavy hitters + recent tokens, as fractions of the prompt (the paper's knobs) or absolute sizes.
+
+    `simulate`: dense attention over the whole cache with the H2O mask applied (the paper's
+    masked simulation; nothing is freed): the reference for the real eviction.
+    """
+
+    hh_ratio: float = 0.1
+    recent_ratio: float = 0.1
+    hh_size: int | None = None
+    recent_size: int | None = None
+    simulate: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("hh_ratio", "recent_ratio"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 <= value <= 1):
+                raise EngineError(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}.")
+        for name in ("hh_size", "recent_size"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise EngineError(f"--{name.replace('_', '-')} must be >= 0, got {value}.")
+
+    def sizes(self, prompt_len: int) -> tuple[int, int]:
+        """(heavy hitters, recent) kept per sequence and KV head; at least one recent token."""
+        hh = self.hh_size if self.hh_size is not None else int(self.hh_ratio * prompt_len)
+        recent = self.recent_size if self.recent_size is not None else int(self.recent_ratio * prompt_len)
+        return hh, max(1, recent)
+
+    def budget(self, prompt_len: int) -> int:
+        hh, recent = self.sizes(prompt_len)
+        return hh + recent
+
+
+@dataclass(frozen=True)
+class HiPConfig:
+    """HiP's knobs (defaults of the paper's v1.0 code): top-k tokens per query block, found by a
+    tree search over key blocks; sink tokens and a sliding window always attended."""
+
+    k: int = 512
+    block_size_q: int = 32
+    block_size_k: int = 2
+    sink: int = 4
+    window: int = 128
+    refresh: int = 8  # decode steps between selections; in between the last one is reused
+    dense_layers: int = 0  # the first layers attend densely
+    gpu_cache_tokens: int | None = None  # hot-block cache per sequence and KV head; None: automatic
+
+    def __post_init__(self) -> None:
+        for name in ("k", "block_size_q", "block_size_k", "refresh"):
+            if getattr(self, name) < 1:
+                raise EngineError(f"--hip-{name.replace('_size', '').replace('_', '-')} must be at least 1.")
+        if self.k % self.block_size_k:
+            raise EngineError(f"--hip-k {self.k} must be a multiple of --hip-block-k {self.block_size_k}.")
+        if min(self.sink, self.window, self.dense_layers) < 0:
+            raise EngineError("--hip-sink, --hip-window and --hip-dense-layers must be >= 0.")
+
+    def kernel_config(self):
+        from kernels.hip_select import HipConfig
+        return HipConfig(k=self.k, block_size_q=self.block_size_q, block_size_k=self.block_size_k,
+                         sink=self.sink, window=self.window)
+
+
+@dataclass(frozen=True)
+class KVSettings:
+    """Everything about the KV cache that is not placement."""
+
+    policy: str = "full"
+    h2o: H2OConfig | None = None
+    hip: HiPConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy not in KV_POLICIES:
+            raise EngineError(f"--kv-policy must be one of {', '.join(KV_POLICIES)}, got '{self.policy}'.")
+        if self.policy == "h2o" and self.h2o is None:
+            object.__setattr__(self, "h2o", H2OConfig())
+        if self.policy == "hip" and self.hip is None:
+            object.__setattr__(self, "hip", HiPConfig())
+
+    def cache_len(self, prompt_len: int, max_len: int) -> int:
+        """Token slots the cache of one sequence holds.
+
+        H2O keeps `budget` tokens between steps, plus one slot for the incoming token (it is
+        attended before the lowest-scoring entry is evicted); with a budget >= the sequence it
+        is the full cache.
+        """
+        if self.policy == "h2o" and not self.h2o.simulate:
+            return min(max_len, self.h2o.budget(prompt_len) + 1)
+        return max_len

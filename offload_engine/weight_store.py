@@ -4,7 +4,7 @@ A layer whose weights are all on the GPU is used in place. The others are fetche
 order into a ring of `plan.weight_slots` slots, `weight_slots - 1` layers ahead of the
 one computing (across step boundaries too), so the copy of the next layers overlaps compute.
 
-With --compress-weight, 2-D weights are stored packed (kernels/quant.py) in every tier, so the
+With --compress-weight, 2-D weights are stored packed (kernels/quant/pack.py) in every tier, so the
 packed bytes are what crosses PCIe; layers receive them as `PackedWeight` and the linear op
 dequantizes on the fly.
 """
@@ -53,7 +53,7 @@ class WeightStore:
         """Write a checkpoint tensor into its home (quantized on the compute device if stored packed)."""
         home = self.homes[key][1]
         if key in self.packed:
-            from kernels.quant import quantize
+            from kernels.quant.pack import quantize
             home.copy_(quantize(tensor.to(self.device, torch.float32), self.quant_spec))
         else:
             home.copy_(tensor)

@@ -34,7 +34,7 @@ class Compression:
         return lead * math.ceil(numel_last / self.group_size) * self.record_bytes()
 
     def kernel_spec(self):
-        from kernels.quant import QuantSpec
+        from kernels.quant.pack import QuantSpec
         return QuantSpec(bits=self.bits, group_size=self.group_size)
 
 
@@ -97,7 +97,7 @@ class HiPConfig:
             raise EngineError("--hip-sink, --hip-window and --hip-dense-layers must be >= 0.")
 
     def kernel_config(self):
-        from kernels.hip_select import HipConfig
+        from kernels.hip.select import HipConfig
         return HipConfig(k=self.k, block_size_q=self.block_size_q, block_size_k=self.block_size_k,
                          sink=self.sink, window=self.window)
 
@@ -128,3 +128,10 @@ class KVSettings:
         if self.policy == "h2o" and not self.h2o.simulate:
             return min(max_len, self.h2o.budget(prompt_len) + 1)
         return max_len
+
+    def prefill_tokens(self, prompt_len: int, max_len: int) -> int:
+        """Token slots written at prefill: H2O fills its whole (small) cache, zeros beyond the kept."""
+        cache_len = self.cache_len(prompt_len, max_len)
+        if self.policy == "h2o" and not self.h2o.simulate:
+            return cache_len
+        return min(prompt_len, cache_len)

@@ -68,6 +68,7 @@ class MemoryPlan:
     kv_staging_slots: int  # pinned host buffers for writing prompts into head-major CPU caches
     kv_scratch_slots: int = 0  # pinned host buffers for per-head token writes (H2O) to CPU/disk homes
     cache_len: int = 0  # token slots per sequence in each KV item
+    prefill_tokens: int = 0  # token slots written per sequence at prefill
     compressed_weights: set[str] = field(default_factory=set)  # checkpoint keys stored packed
     tiers: dict[Tier, TierBudget] = field(default_factory=lambda: {t: TierBudget() for t in Tier})
 
@@ -152,7 +153,7 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
         spec = attn[0][1]
         token = kv_token_bytes(spec.num_heads, spec.head_dim, policy, itemsize)
         kv_item = 2 * cache_len * b * token
-        prompt_item = 2 * min(work.prompt_len, cache_len) * b * token
+        prompt_item = 2 * policy.kv.prefill_tokens(work.prompt_len, work.max_len) * b * token
         scratch_item = 2 * b * token + b * spec.num_heads * 8
         if policy.kv.policy == "h2o":  # float32 score and int32 position per slot, beside the attention
             meta_item = b * spec.num_heads * cache_len * 8
@@ -171,6 +172,7 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
     plan = MemoryPlan(weight_tiers, [i for i, _ in attn], k_batches, kv_split, act_split, weight_slot, weight_slots,
                       kv_slots=2 if fetched_kv else 0, kv_staging_slots=2 if cpu_attended else 0,
                       kv_scratch_slots=2 if scatters else 0, cache_len=cache_len,
+                      prefill_tokens=policy.kv.prefill_tokens(work.prompt_len, work.max_len),
                       compressed_weights={k for k in keys if policy.compress_weight is not None
                                           and len(specs[k].shape) == 2})
     for key, tier in weight_tiers.items():

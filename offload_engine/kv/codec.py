@@ -1,4 +1,4 @@
-"""How KV tokens are stored: as they are, or packed 4/8-bit (kernels/quant.py).
+"""How KV tokens are stored: as they are, or packed 4/8-bit (kernels/quant/pack.py).
 
 A codec gives the per-token storage shape and dtype that homes, staging slots and transfers
 use, encodes new tokens into a cache slice, and runs decode attention over a stored cache. The
@@ -59,20 +59,20 @@ class PackedCodec:
         return (self.spec.num_groups(self.head_dim), self.spec.record_bytes)
 
     def encode(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        from kernels.quant import quantize
+        from kernels.quant.pack import quantize
         quantize(x, self.spec, out=out)
 
     def encoded(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels.quant import quantize
+        from kernels.quant.pack import quantize
         return quantize(x, self.spec)
 
     def decode(self, stored: torch.Tensor) -> torch.Tensor:
-        from kernels.quant import dequantize
+        from kernels.quant.pack import dequantize
         return dequantize(stored, self.spec, self.head_dim, self.compute_dtype)
 
     def attend(self, q, k, v, length, mask, key_valid: torch.Tensor | None = None):
         """Decode only (one query per sequence): `key_valid` (B, length) masks left padding."""
-        from kernels.quant_attention import quant_decode_attention
+        from kernels.quant.attention import quant_decode_attention
         assert q.shape[1] == 1, "packed caches are attended in decode steps only"
         out = quant_decode_attention(q[:, 0], k, v, self.spec, self.head_dim, length, key_valid)
         return out[:, None]

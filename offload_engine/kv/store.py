@@ -68,7 +68,7 @@ class KVCacheStore:
         gpu, cpu = storages[Tier.GPU], storages[Tier.CPU]
         self.slots = [(gpu.allocate(token_shape, codec.dtype, f"kv_slot{n}_k"),
                        gpu.allocate(token_shape, codec.dtype, f"kv_slot{n}_v")) for n in range(plan.kv_slots)]
-        staging = (head_shape[0], head_shape[1], min(prompt_len, capacity), *head_shape[3:]) if head_shape else None
+        staging = (head_shape[0], head_shape[1], plan.prefill_tokens, *head_shape[3:]) if head_shape else None
         self.staging = [(cpu.allocate(staging, codec.dtype, f"kv_staging{n}_k"),
                          cpu.allocate(staging, codec.dtype, f"kv_staging{n}_v")) for n in range(plan.kv_staging_slots)]
         self._staging_busy: list[Pending | None] = [None] * len(self.staging)
@@ -84,6 +84,9 @@ class KVCacheStore:
         self._next_slot = 0
         self._next_staging = 0
         self.policy = None  # the KV policy: set by the engine, asked for access objects
+
+    def attended_on_cpu(self, item: Item) -> bool:
+        return self.homes[item][0] == Tier.CPU and self.cpu_compute
 
     def _streamed(self, item: Item) -> bool:
         tier = self.homes[item][0]

@@ -18,15 +18,15 @@ from .base import WeightSpec
 
 @dataclass
 class PackedWeight:
-    """A weight (out, in) quantized group-wise along `in` (see kernels/quant.py)."""
+    """A weight (out, in) quantized group-wise along `in` (see kernels/quant/pack.py)."""
 
     packed: torch.Tensor  # uint8 (out, groups, record bytes)
-    spec: object  # kernels.quant.QuantSpec
+    spec: object  # kernels.quant.pack.QuantSpec
     shape: tuple[int, int]
     dtype: torch.dtype  # the compute dtype it stands for
 
     def dequantize(self) -> torch.Tensor:
-        from kernels.quant import dequantize
+        from kernels.quant.pack import dequantize
         return dequantize(self.packed, self.spec, self.shape[-1], self.dtype)
 
 
@@ -40,14 +40,14 @@ def linear_specs(name: str, key: str, out_dim: int, in_dim: int, bias: bool = Tr
 def linear(x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
     weight, bias = w[f"{name}.weight"], w.get(f"{name}.bias")
     if isinstance(weight, PackedWeight):
-        from kernels.quant_linear import quant_linear
+        from kernels.quant.linear import quant_linear
         return quant_linear(x, weight.packed, weight.spec, weight.shape[1], bias)
     return F.linear(x, weight, bias)
 
 
 def embedding(ids: torch.Tensor, weight) -> torch.Tensor:
     if isinstance(weight, PackedWeight):  # dequantize only the rows looked up
-        from kernels.quant import dequantize
+        from kernels.quant.pack import dequantize
         return dequantize(weight.packed[ids], weight.spec, weight.shape[1], weight.dtype)
     return F.embedding(ids, weight)
 

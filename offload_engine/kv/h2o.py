@@ -1,0 +1,201 @@
+"""H2O heavy-hitter eviction (`--kv-policy h2o`): per layer, sequence and KV head, keep the tokens
+with the largest accumulated attention probability plus the most recent ones, evict the rest.
+
+The cache has `budget + 1` token slots per (sequence, KV head) and a score and a position per
+slot, kept beside whatever attends the cache (the GPU, or the CPU with --cpu-cache-compute:
+no extra PCIe traffic). Prefill attends densely, sums the attention each prompt token received
+(kernels/attention_scores.py, without materialising the T x T probabilities) and keeps the
+`recent` last tokens plus the `hh` highest-scoring others. Each decode step writes the new token
+into a free slot, attends over all occupied slots, adds this step's probabilities to the
+scores, and, above the budget, frees the lowest-scoring slot outside the recent window (ties:
+the earliest position), so between steps no more than `budget` tokens are kept.
+
+Slots are independent of positions: tokens keep their positions (OPT adds them before the
+layers, Llama rotates keys before caching), so eviction never shifts anything.
+
+With `simulate`, the same rule runs over a full cache where slot = position and evicted tokens
+are masked instead of freed: the paper's masked simulation, the reference for real eviction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.attention_scores import attention_with_column_sums
+
+from ..batch import BatchState
+from ..profiler import Profiler
+from .codec import PlainCodec
+from .store import CacheLocation, Item, KVCacheStore
+
+NO_POSITION = -1
+
+
+@dataclass
+class SlotState:
+    """Per item: which position each slot holds (-1: free) and the attention it has accumulated."""
+
+    position: torch.Tensor  # (B, Hkv, C) int64
+    score: torch.Tensor  # (B, Hkv, C) float32
+
+
+class H2OKV:
+    def __init__(self, cfg, codec, profiler: Profiler, workload):
+        self.codec, self.profiler, self.simulate = codec, profiler, cfg.simulate
+        self.hh, self.recent = cfg.sizes(workload.prompt_len)
+        self.budget = self.hh + self.recent
+        self.slots: dict[Item, SlotState] = {}
+
+    def stored_tokens(self, state: BatchState) -> int:
+        """Slots a decode step may attend: one per token seen plus the incoming one (capped by the
+        cache). Real eviction zero-fills its cache at prefill, so all of them hold finite values."""
+        return state.length + 1
+
+    def access(self, store: KVCacheStore, item: Item, state: BatchState, where: CacheLocation):
+        return H2OAccess(self, store, item, state, where)
+
+    # --- the eviction rule, shared by real eviction and the masked simulation -------------------
+
+    def select_after_prefill(self, colsum: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        """Positions to keep (B, Hkv, n) sorted ascending, -1 where fewer valid tokens exist:
+        the last `recent` tokens and the `hh` highest-scoring earlier ones."""
+        b, h, s = colsum.shape
+        if s <= self.budget:
+            pos = torch.arange(s, device=colsum.device).expand(b, h, s).clone()
+            return pos.masked_fill(~key_valid[:, None, :], NO_POSITION)
+        older = s - min(self.recent, s)
+        score = colsum[:, :, :older].masked_fill(~key_valid[:, None, :older], float("-inf"))
+        # A stable sort makes ties deterministic: the earlier position wins.
+        values, order = score.sort(dim=-1, descending=True, stable=True)
+        hh = min(self.hh, older)
+        keep_heavy = order[..., :hh].masked_fill(values[..., :hh] == float("-inf"), NO_POSITION)
+        recent = torch.arange(older, s, device=colsum.device).expand(b, h, s - older)
+        kept = torch.cat([keep_heavy, recent], dim=-1)
+        ordered = kept.masked_fill(kept < 0, s).sort(-1).values  # ascending, placeholders (-1) last
+        return ordered.masked_fill(ordered >= s, NO_POSITION)
+
+    def evict(self, slots: SlotState, length: int) -> None:
+        """Above the budget, free the lowest-scoring occupied slot outside the recent window."""
+        occupied = slots.position >= 0
+        over = occupied.sum(-1) > self.budget  # (B, Hkv)
+        if not bool(over.any()):
+            return
+        candidate = occupied & (slots.position < length - self.recent)
+        score = slots.score.masked_fill(~candidate, float("inf"))
+        lowest = score.min(-1, keepdim=True).values
+        tied = candidate & (score == lowest)
+        big = torch.iinfo(slots.position.dtype).max
+        victim = slots.position.masked_fill(~tied, big).argmin(-1, keepdim=True)  # earliest position wins ties
+        freed = torch.zeros_like(occupied).scatter_(-1, victim, True) & over[..., None]
+        slots.position.masked_fill_(freed, NO_POSITION)
+        slots.score.masked_fill_(freed, 0.0)
+
+
+def attend_slots(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
+    """One query per sequence over occupied slots: q (B, Hq, D), keys/values (B, Hkv, C, D) views,
+    valid (B, Hkv, C). Returns out (B, Hq, D) and the probabilities summed over each KV head's
+    query heads, (B, Hkv, C) float32 (what H2O accumulates)."""
+    b, hq, d = q.shape
+    hkv = keys.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, d)
+    scores = (qg @ keys.transpose(-1, -2)).float()  # (B, Hkv, g, C)
+    scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
+    probs = scores.softmax(-1)
+    out = (probs.to(values.dtype) @ values).reshape(b, hq, d)
+    return out, probs.sum(2)
+
+
+class H2OAccess:
+    def __init__(self, policy: H2OKV, store: KVCacheStore, item: Item, state: BatchState, where: CacheLocation):
+        self.policy, self.store, self.item, self.state, self.where = policy, store, item, state, where
+        self.codec = policy.codec
+
+    def attend(self, q, k, v):
+        if self.state.length == 0:
+            return self._prefill(q, k, v)
+        if self.where.kind == "cpu":
+            with self.policy.profiler.span("cpu_attention", None, host=True):
+                hq, hkv = q.shape[2], k.shape[2]
+                qkv = torch.cat([q, k, v], dim=2).to("cpu")  # one device-to-host copy
+                out = self._decode(qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:])
+            return out.to(q.device)
+        return self._decode(q, k, v)
+
+    def _prefill(self, q, k, v):
+        p, s = self.policy, q.shape[1]
+        valid = self.state.key_valid[:, :s]
+        out, colsum = attention_with_column_sums(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 key_valid=valid, query_valid=valid)
+        if p.simulate:  # slot = position: the whole prompt stays in place, evicted tokens are masked
+            keep = p.select_after_prefill(colsum, valid)
+            kept = torch.zeros_like(keep[..., :1].expand_as(colsum)).scatter_add_(-1, keep.clamp(min=0),
+                                                                                  (keep >= 0).long()) > 0
+            position = torch.arange(s, device=q.device).expand_as(colsum).masked_fill(~kept, NO_POSITION)
+            k_keep, v_keep, n = k.transpose(0, 1), v.transpose(0, 1), s
+            score = colsum.masked_fill(~kept, 0.0)
+        else:
+            position = p.select_after_prefill(colsum, valid)  # (B, Hkv, n): slot i holds position[i]
+            index = position.clamp(min=0)
+            score = colsum.gather(-1, index).masked_fill(position < 0, 0.0)
+            gather = index.transpose(1, 2)[..., None].expand(-1, -1, -1, k.shape[-1])  # (B, n, Hkv, D)
+            k_keep, v_keep = k.gather(1, gather).transpose(0, 1), v.gather(1, gather).transpose(0, 1)
+            # Free slots are taken in any order (padding leaves holes), so every slot must hold
+            # finite values before it is attended, masked or not: zeros beyond the kept tokens.
+            k_keep, v_keep = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 0, 0, self.store.capacity - x.shape[0]))
+                              for x in (k_keep, v_keep))
+            n = self.store.capacity
+        capacity = self.store.capacity
+        attended_on_cpu = self.store.attended_on_cpu(self.item)
+        home = torch.device("cpu") if attended_on_cpu else q.device
+        pad = capacity - position.shape[-1]
+        slots = SlotState(torch.nn.functional.pad(position, (0, pad), value=NO_POSITION).to(home),
+                          torch.nn.functional.pad(score, (0, pad)).to(home))
+        p.slots[self.item] = slots
+        if self.where.kind == "gpu":
+            self.codec.encode(k_keep, self.where.k[:n])
+            self.codec.encode(v_keep, self.where.v[:n])
+        else:
+            self.store.store(self.item, 0, self.codec.encoded(k_keep), self.codec.encoded(v_keep))
+        return out.transpose(1, 2)
+
+    def _decode(self, q, k, v):
+        """One new token: into a free slot, attend, accumulate, evict. Runs where the slots live."""
+        p, t = self.policy, self.state.length
+        slots = p.slots[self.item]
+        k_new, v_new = k[:, 0], v[:, 0]  # (B, Hkv, D)
+        b, h = k_new.shape[:2]
+        if p.simulate:
+            free = torch.full((b, h), t, dtype=torch.int64, device=k_new.device)
+        else:
+            free = (slots.position < 0).to(torch.int32).argmax(-1)  # the first free slot
+        rows = torch.arange(b, device=k_new.device)[:, None].expand(b, h)
+        heads = torch.arange(h, device=k_new.device)[None, :].expand(b, h)
+        k_enc, v_enc = self.codec.encoded(k_new), self.codec.encoded(v_new)
+        cache_k, cache_v = self.where.k, self.where.v
+        head_major = self.where.kind == "cpu"
+        index = (rows, heads, free) if head_major else (free, rows, heads)
+        cache_k[index] = k_enc
+        cache_v[index] = v_enc
+        slots.position[rows, heads, free] = t
+        slots.score[rows, heads, free] = 0.0
+        # Slots beyond t + 1 were never written in this generation (and may hold anything).
+        used = min(self.store.capacity, t + 1)
+        keys, values = self._views(cache_k, cache_v, head_major, used)
+        out, probs = attend_slots(q[:, 0], keys, values, slots.position[..., :used] >= 0)
+        slots.score[..., :used] += probs
+        p.evict(slots, t + 1)
+        if self.where.kind == "slot":
+            self.store.scatter(self.item, free, k_enc, v_enc)
+        return out[:, None]
+
+    def _views(self, cache_k, cache_v, head_major: bool, used: int):
+        """(B, Hkv, used, D) keys and values in the compute dtype (a packed cache is decoded: it
+        holds only the budget's worth of tokens)."""
+        if head_major:
+            views = [c[:, :, :used] for c in (cache_k, cache_v)]
+        else:
+            views = [c[:used].permute(1, 2, 0, *range(3, c.dim())) for c in (cache_k, cache_v)]
+        if isinstance(self.codec, PlainCodec):
+            return views
+        return [self.codec.decode(c) for c in views]

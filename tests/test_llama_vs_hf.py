@@ -36,9 +36,10 @@ def llama_checkpoints(tmp_path_factory):
     return out
 
 
-def reference(model, ids, mask):
+def reference(model, ids, mask, gen_len=GEN):
+    model.generation_config.eos_token_id = None  # the engine generates past EOS unless told to stop
     with torch.no_grad():
-        gen = model.generate(ids, attention_mask=mask, max_new_tokens=GEN, do_sample=False, output_logits=True,
+        gen = model.generate(ids, attention_mask=mask, max_new_tokens=gen_len, do_sample=False, output_logits=True,
                              return_dict_in_generate=True, pad_token_id=1)
         prompt = model(ids, attention_mask=mask, position_ids=hf_positions(mask)).logits
     return gen.sequences[:, ids.shape[1]:], gen.logits, prompt

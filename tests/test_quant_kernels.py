@@ -3,9 +3,15 @@ against float64 references.
 
 Tolerances: fp32 results rel. error 1e-5, fp16 2e-3, bf16 1e-2 (||a-b|| / ||b||). The quantizer's
 decisions are exact, so its bytes are compared for equality, not within a tolerance.
+
+These tests drive the Triton launchers with CPU tensors, i.e. in Triton's interpreter. On a GPU
+machine run this file with TRITON_INTERPRET=1; there the compiled kernels are checked against
+the same references by experiments/bench_quant_kernels.py (before timing) and end to end by the
+engine's compressed-cache and compressed-weight tests on the GPU.
 """
 from __future__ import annotations
 
+import os
 import struct
 
 import numpy as np
@@ -19,6 +25,10 @@ from kernels.quant.attention import (quant_decode_attention, quant_decode_attent
 from kernels.quant.linear import quant_linear, quant_linear_reference, quant_linear_triton
 
 from conftest import rel_err
+
+if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
+    pytest.skip("Triton's interpreter is off on this GPU machine: run this file with TRITON_INTERPRET=1",
+                allow_module_level=True)
 
 
 def gen(seed: int) -> torch.Generator:

@@ -71,6 +71,13 @@ def add_model_args(parser: argparse.ArgumentParser, default: str = "opt-125m") -
 
 
 def add_policy_args(parser: argparse.ArgumentParser) -> None:
+    """Placement, compression and KV policy: everything a `Policy` holds."""
+    _add_placement_args(parser)
+    add_compression_args(parser)
+    add_kv_policy_args(parser)
+
+
+def _add_placement_args(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument_group("placement policy")
     p.add_argument("--percent", nargs="+", type=finite_float, default=[100, 0, 100, 0, 100, 0], metavar="P",
                    help="six numbers: weights, KV cache and activations, each as %% on GPU then %% on CPU; "
@@ -91,6 +98,68 @@ def add_policy_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-buffers", type=int, default=0,
                    help="GPU staging slots for streamed weights: 2 double-buffers, 3 loads two layers ahead "
                         "(default 0: 3 if they fit, else 2)")
+
+
+def fraction(text: str) -> float:
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"'{text}' must be between 0 and 1")
+    return value
+
+
+def add_compression_args(parser: argparse.ArgumentParser) -> None:
+    c = parser.add_argument_group("compression (FlexGen's group-wise quantization)")
+    c.add_argument("--compress-weight", action="store_true",
+                   help="store 2-D weights 4-bit (or --quant-bits 8) in every tier: about 0.28x the bytes of fp16 to "
+                        "hold and to stream; a fused kernel dequantizes inside the matmul")
+    c.add_argument("--compress-cache", action="store_true",
+                   help="store the KV cache 4-bit in every tier; decode attention reads it packed")
+    c.add_argument("--quant-bits", type=int, choices=[4, 8], default=4, help="bits per value (default: 4)")
+    c.add_argument("--quant-group-size", type=positive_int, default=64,
+                   help="values per group sharing a scale and minimum; weights are grouped along their input "
+                        "dimension, the KV cache along the head dimension (default: 64; a group size that does "
+                        "not divide the dimension pads the last group)")
+
+
+def add_kv_policy_args(parser: argparse.ArgumentParser) -> None:
+    k = parser.add_argument_group("KV policy (what the cache keeps)")
+    k.add_argument("--kv-policy", choices=["full", "h2o", "hip"], default="full",
+                   help="full: every token; h2o: heavy hitters + recent tokens, the rest evicted for real, so the "
+                        "cache (and the memory plan) shrinks to the budget; hip: hierarchically pruned attention "
+                        "over the top-k key blocks (default: full)")
+    k.add_argument("--hh-ratio", type=fraction, default=0.1,
+                   help="H2O heavy hitters kept, as a fraction of the prompt length (default: 0.1)")
+    k.add_argument("--recent-ratio", type=fraction, default=0.1,
+                   help="H2O most recent tokens kept, as a fraction of the prompt length (default: 0.1)")
+    k.add_argument("--hh-size", type=int, default=None, help="H2O heavy hitters as a token count (overrides the ratio)")
+    k.add_argument("--recent-size", type=int, default=None,
+                   help="H2O recent window as a token count (overrides the ratio)")
+    k.add_argument("--h2o-simulate", action="store_true",
+                   help="dense attention with the H2O mask applied, nothing evicted (the paper's masked simulation)")
+    k.add_argument("--hip-k", type=positive_int, default=512, help="HiP: tokens selected per query block (default: 512)")
+    k.add_argument("--hip-block-q", type=positive_int, default=32, help="HiP: queries per block (default: 32)")
+    k.add_argument("--hip-block-k", type=positive_int, default=2, help="HiP: keys per block (default: 2)")
+    k.add_argument("--hip-sink", type=int, default=4, help="HiP: first tokens always attended (default: 4)")
+    k.add_argument("--hip-window", type=int, default=128, help="HiP: recent tokens always attended (default: 128)")
+    k.add_argument("--hip-refresh", type=positive_int, default=8,
+                   help="HiP: decode steps between selections; in between the last selection is reused (default: 8)")
+    k.add_argument("--hip-dense-layers", type=int, default=0,
+                   help="HiP: the first N attention layers attend densely (default: 0)")
+    k.add_argument("--hip-gpu-cache", type=positive_int, default=None, metavar="TOKENS",
+                   help="HiP with the KV cache off the GPU: hot-block cache per sequence and KV head on the GPU "
+                        "(default: automatic, O(k log T))")
+
+
+def kv_settings_from_args(args: argparse.Namespace):
+    from policies import H2OConfig, HiPConfig, KVSettings
+
+    h2o = hip = None
+    if args.kv_policy == "h2o":
+        h2o = H2OConfig(args.hh_ratio, args.recent_ratio, args.hh_size, args.recent_size, args.h2o_simulate)
+    if args.kv_policy == "hip":
+        hip = HiPConfig(args.hip_k, args.hip_block_q, args.hip_block_k, args.hip_sink, args.hip_window,
+                        args.hip_refresh, args.hip_dense_layers, args.hip_gpu_cache)
+    return KVSettings(args.kv_policy, h2o, hip)
 
 
 def add_resource_args(parser: argparse.ArgumentParser) -> None:
@@ -119,10 +188,15 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
     if len(args.percent) != 6:
         raise EngineError(f"--percent takes 6 numbers, got {len(args.percent)}.",
                           "Give weights, KV cache, activations on GPU and CPU, e.g. --percent 100 0 100 0 100 0.")
+    from policies import Compression
+
+    quant = Compression(args.quant_bits, args.quant_group_size)
     return Policy.from_percent(
         args.percent, gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
         overlap=args.overlap, pin_weight=args.pin_weight, cpu_cache_compute=args.cpu_cache_compute,
-        sep_layer=args.sep_layer, weight_buffers=args.weight_buffers)
+        sep_layer=args.sep_layer, weight_buffers=args.weight_buffers,
+        compress_weight=quant if args.compress_weight else None, compress_cache=quant if args.compress_cache else None,
+        kv=kv_settings_from_args(args))
 
 
 def engine_options(args: argparse.Namespace, source: Path | None):

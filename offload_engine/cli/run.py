@@ -3,6 +3,7 @@ throughput (FlexGen's report, and JSON with the policy, plan, hardware and commi
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 import sys
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def execute(args: argparse.Namespace) -> dict:
         print("decode step busy time: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in sorted(result.decode_split_s.items())))
     data = {
         "model": model.name, "weights": resolved.weights_label, "dtype": str(engine.dtype).replace("torch.", ""),
-        "device": str(engine.device), "policy": policy.__dict__, "workload": work.__dict__,
+        "device": str(engine.device), "policy": asdict(policy), "workload": asdict(work),
         "metrics": metrics.as_dict(), "sizes_gib": sizes, "peak_memory": peaks,
         "planned_gib": {t.value: plan.tiers[t].total / GiB for t in Tier},
         "decode_step_busy_s": result.decode_split_s, "hardware": hardware(), "commit": git_commit(),

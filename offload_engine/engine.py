@@ -13,6 +13,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import torch
@@ -34,6 +35,9 @@ from .tiers import DeviceStorage, DiskStorage, HostStorage, Tier, check_writable
 from .transfer import Mover
 from .weight_store import WeightStore
 from .weights import dummy_weights, load_checkpoint
+
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, logits (N, V), tokens (N,))
 
 
 @dataclass
@@ -104,6 +108,13 @@ class Engine:
         except BaseException:
             self.close()  # no offload files or pinned memory left behind
             raise
+
+    @classmethod
+    def from_pretrained(cls, model, policy: Policy | None = None, max_prompt_len: int = 512,
+                        max_new_tokens: int = 128, options: EngineOptions | None = None) -> "Engine":
+        """An engine for a checkpoint with its tokenizer: `engine.generate(["text", ...])` returns text."""
+        from .text import from_pretrained
+        return from_pretrained(model, policy, max_prompt_len, max_new_tokens, options)
 
     def _allocate_and_load(self, opts: EngineOptions) -> None:
         policy, workload, model, storages = self.policy, self.workload, self.model, self.storages
@@ -199,12 +210,24 @@ class Engine:
             attention_mask = torch.cat([attention_mask, attention_mask[:1].expand(fill, s)])
         return n, input_ids.long(), attention_mask
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 config: GenerationConfig | None = None, collect_logits: bool = False) -> GenerationResult:
-        """Generate for N <= batch size left-padded prompts (N, s)."""
+    def generate(self, input_ids, attention_mask: torch.Tensor | None = None,
+                 config: GenerationConfig | None = None, collect_logits: bool = False,
+                 forced: torch.Tensor | None = None, on_step: StepCallback | None = None):
+        """Generate for N <= batch size left-padded prompts (N, s).
+
+        `forced` (N, steps) feeds given tokens instead of sampled ones (teacher forcing: how
+        perplexity runs token by token); `on_step(step, logits (N, V) on the device, tokens (N,))`
+        sees every step as it happens (streaming, scoring). A list of strings instead of token
+        ids runs the text path of an engine made by `from_pretrained` (see text.py).
+        """
+        if isinstance(input_ids, (list, tuple)):
+            from .text import generate_text
+            return generate_text(self, list(input_ids), config, on_step)
         cfg = config or GenerationConfig(max_new_tokens=self.workload.gen_len)
         p = self.policy
         n, input_ids, attention_mask = self._prepare_inputs(input_ids, attention_mask, cfg)
+        if forced is not None:
+            forced = self._check_forced(forced, n, cfg)
         ids = input_ids.to(self.device).split(p.gpu_batch_size)
         states = [BatchState(m, self.workload.max_len, self.device) for m in attention_mask.split(p.gpu_batch_size)]
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed) if cfg.do_sample else None
@@ -221,11 +244,13 @@ class Engine:
             logits = out[:, -1]
             if collect_logits:
                 step_logits.append(logits[:n].cpu())
-            nxt = sample(logits, cfg, gen)
+            nxt = sample(logits, cfg, gen) if forced is None else forced[:, step]
             if cfg.stop_token_id is not None:
                 nxt = nxt.masked_fill(finished, self.model.pad_token_id)
                 finished |= nxt == cfg.stop_token_id
             tokens.append(nxt)
+            if on_step is not None:
+                on_step(step, logits[:n], nxt[:n])
             bar.update(n)
             ids = nxt[:, None].split(p.gpu_batch_size)
             if step == 0:
@@ -242,6 +267,16 @@ class Engine:
         avg = {k: sum(sp.get(k, 0.0) for sp in splits) / len(splits) for k in splits[0]} if splits else {}
         return GenerationResult(torch.stack(tokens, 1)[:n].cpu(), prefill_s, total_s - prefill_s, step_logits,
                                 prompt_logits, avg)
+
+    def _check_forced(self, forced: torch.Tensor, n: int, cfg: GenerationConfig) -> torch.Tensor:
+        if tuple(forced.shape) != (n, cfg.max_new_tokens) or forced.is_floating_point():
+            raise EngineError(f"forced tokens must be an integer ({n}, {cfg.max_new_tokens}) tensor, got "
+                              f"{tuple(forced.shape)}.")
+        if int(forced.min()) < 0 or int(forced.max()) >= self.model.vocab_size:
+            raise EngineError(f"forced token ids must be in [0, {self.model.vocab_size}).")
+        fill = self.policy.batch_size - n
+        forced = torch.cat([forced, forced[:1].expand(fill, -1)]) if fill else forced
+        return forced.long().to(self.device)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

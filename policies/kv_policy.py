@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from offload_engine.errors import EngineError
 
-KV_POLICIES = ("full", "h2o", "hip")
+# "sink": StreamingLLM's baseline at an H2O budget: the first tokens ("attention sinks") in place
+# of the heavy hitters, plus the recent window; the eviction machinery is H2O's.
+KV_POLICIES = ("full", "h2o", "sink", "hip")
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,15 @@ class KVSettings:
             raise EngineError(f"--kv-policy must be one of {', '.join(KV_POLICIES)}, got '{self.policy}'.")
         if self.policy == "h2o" and self.h2o is None:
             object.__setattr__(self, "h2o", H2OConfig())
+        if self.policy == "sink" and self.h2o is None:
+            object.__setattr__(self, "h2o", H2OConfig(hh_size=4))
         if self.policy == "hip" and self.hip is None:
             object.__setattr__(self, "hip", HiPConfig())
+
+    @property
+    def evicts(self) -> bool:
+        """H2O and the sink baseline keep a budget of tokens and free the rest."""
+        return self.policy in ("h2o", "sink")
 
     def cache_len(self, prompt_len: int, max_len: int) -> int:
         """Token slots the cache of one sequence holds.
@@ -125,13 +134,13 @@ class KVSettings:
         attended before the lowest-scoring entry is evicted); with a budget >= the sequence it
         is the full cache.
         """
-        if self.policy == "h2o" and not self.h2o.simulate:
+        if self.evicts and not self.h2o.simulate:
             return min(max_len, self.h2o.budget(prompt_len) + 1)
         return max_len
 
     def prefill_tokens(self, prompt_len: int, max_len: int) -> int:
         """Token slots written at prefill: H2O fills its whole (small) cache, zeros beyond the kept."""
         cache_len = self.cache_len(prompt_len, max_len)
-        if self.policy == "h2o" and not self.h2o.simulate:
+        if self.evicts and not self.h2o.simulate:
             return cache_len
         return min(prompt_len, cache_len)

@@ -155,13 +155,13 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
         kv_item = 2 * cache_len * b * token
         prompt_item = 2 * policy.kv.prefill_tokens(work.prompt_len, work.max_len) * b * token
         scratch_item = 2 * b * token + b * spec.num_heads * 8
-        if policy.kv.policy == "h2o":  # float32 score and int32 position per slot, beside the attention
+        if policy.kv.evicts:  # float32 score and int32 position per slot, beside the attention
             meta_item = b * spec.num_heads * cache_len * 8
     kv_split = EvenSplit(len(attn) * k_batches, policy.cache_gpu_percent, policy.cache_cpu_percent)
     kv_counts = kv_split.counts() if attn else {t: 0 for t in Tier}
     fetched_kv = kv_counts[Tier.DISK] > 0 or (kv_counts[Tier.CPU] > 0 and not policy.cpu_cache_compute)
     cpu_attended = policy.cpu_cache_compute and kv_counts[Tier.CPU] > 0
-    scatters = policy.kv.policy == "h2o" and (kv_counts[Tier.CPU] + kv_counts[Tier.DISK]) > 0
+    scatters = policy.kv.evicts and (kv_counts[Tier.CPU] + kv_counts[Tier.DISK]) > 0
 
     # Activations: the hidden states between layers, one buffer per gpu batch.
     act_item = tensor_bytes((b, work.prompt_len, hidden_size), dtype)

@@ -12,10 +12,10 @@ import sys
 from importlib import metadata
 
 from ..errors import EngineError
-from . import run
+from . import generate, ppl, run
 from .options import ArgumentError, Parser
 
-COMMANDS = (run,)
+COMMANDS = (run, generate, ppl)
 
 DESCRIPTION = """\
 Throughput-oriented batch generation with OPT and Llama-family models whose weights, KV cache

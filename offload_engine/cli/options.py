@@ -123,10 +123,11 @@ def add_compression_args(parser: argparse.ArgumentParser) -> None:
 
 def add_kv_policy_args(parser: argparse.ArgumentParser) -> None:
     k = parser.add_argument_group("KV policy (what the cache keeps)")
-    k.add_argument("--kv-policy", choices=["full", "h2o", "hip"], default="full",
+    k.add_argument("--kv-policy", choices=["full", "h2o", "sink", "hip"], default="full",
                    help="full: every token; h2o: heavy hitters + recent tokens, the rest evicted for real, so the "
-                        "cache (and the memory plan) shrinks to the budget; hip: hierarchically pruned attention "
-                        "over the top-k key blocks (default: full)")
+                        "cache (and the memory plan) shrinks to the budget; sink: StreamingLLM's baseline, the first "
+                        "--hh-size tokens (default 4) + recent tokens; hip: hierarchically pruned attention over the "
+                        "top-k key blocks (default: full)")
     k.add_argument("--hh-ratio", type=fraction, default=0.1,
                    help="H2O heavy hitters kept, as a fraction of the prompt length (default: 0.1)")
     k.add_argument("--recent-ratio", type=fraction, default=0.1,
@@ -154,8 +155,9 @@ def kv_settings_from_args(args: argparse.Namespace):
     from policies import H2OConfig, HiPConfig, KVSettings
 
     h2o = hip = None
-    if args.kv_policy == "h2o":
-        h2o = H2OConfig(args.hh_ratio, args.recent_ratio, args.hh_size, args.recent_size, args.h2o_simulate)
+    if args.kv_policy in ("h2o", "sink"):
+        hh_size = args.hh_size if args.hh_size is not None or args.kv_policy == "h2o" else 4
+        h2o = H2OConfig(args.hh_ratio, args.recent_ratio, hh_size, args.recent_size, args.h2o_simulate)
     if args.kv_policy == "hip":
         hip = HiPConfig(args.hip_k, args.hip_block_q, args.hip_block_k, args.hip_sink, args.hip_window,
                         args.hip_refresh, args.hip_dense_layers, args.hip_gpu_cache)

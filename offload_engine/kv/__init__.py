@@ -14,8 +14,8 @@ def make_kv_policy(settings, codec, profiler, layers, workload, device):
     """The access-object factory for a policy's KV settings."""
     if settings.policy == "full":
         return DenseKV(codec, profiler)
-    if settings.policy == "h2o":
+    if settings.evicts:
         from .h2o import H2OKV
-        return H2OKV(settings.h2o, codec, profiler, workload)
+        return H2OKV(settings.h2o, codec, profiler, workload, sinks=settings.policy == "sink")
     from .hip import HiPKV
     return HiPKV(settings.hip, codec, profiler, layers, workload, device)

@@ -41,8 +41,11 @@ class SlotState:
 
 
 class H2OKV:
-    def __init__(self, cfg, codec, profiler: Profiler, workload):
+    def __init__(self, cfg, codec, profiler: Profiler, workload, sinks: bool = False):
         self.codec, self.profiler, self.simulate = codec, profiler, cfg.simulate
+        # StreamingLLM's baseline: a token's score is minus its position and never grows, so the
+        # "heavy hitters" are the first tokens (the sinks) and the rest leave with the window.
+        self.sinks = sinks
         self.hh, self.recent = cfg.sizes(workload.prompt_len)
         self.budget = self.hh + self.recent
         self.slots: dict[Item, SlotState] = {}
@@ -56,6 +59,11 @@ class H2OKV:
         return H2OAccess(self, store, item, state, where)
 
     # --- the eviction rule, shared by real eviction and the masked simulation -------------------
+
+    def initial_scores(self, colsum: torch.Tensor) -> torch.Tensor:
+        if not self.sinks:
+            return colsum
+        return -torch.arange(colsum.shape[-1], device=colsum.device, dtype=colsum.dtype).expand_as(colsum)
 
     def select_after_prefill(self, colsum: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
         """Positions to keep (B, Hkv, n) sorted ascending, -1 where fewer valid tokens exist:
@@ -127,6 +135,7 @@ class H2OAccess:
         valid = self.state.key_valid[:, :s]
         out, colsum = attention_with_column_sums(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  key_valid=valid, query_valid=valid)
+        colsum = p.initial_scores(colsum)
         if p.simulate:  # slot = position: the whole prompt stays in place, evicted tokens are masked
             keep = p.select_after_prefill(colsum, valid)
             kept = torch.zeros_like(keep[..., :1].expand_as(colsum)).scatter_add_(-1, keep.clamp(min=0),
@@ -178,12 +187,13 @@ class H2OAccess:
         cache_k[index] = k_enc
         cache_v[index] = v_enc
         slots.position[rows, heads, free] = t
-        slots.score[rows, heads, free] = 0.0
+        slots.score[rows, heads, free] = -float(t) if p.sinks else 0.0
         # Slots beyond t + 1 were never written in this generation (and may hold anything).
         used = min(self.store.capacity, t + 1)
         keys, values = self._views(cache_k, cache_v, head_major, used)
         out, probs = attend_slots(q[:, 0], keys, values, slots.position[..., :used] >= 0)
-        slots.score[..., :used] += probs
+        if not p.sinks:
+            slots.score[..., :used] += probs
         p.evict(slots, t + 1)
         if self.where.kind == "slot":
             self.store.scatter(self.item, free, k_enc, v_enc)

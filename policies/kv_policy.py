@@ -88,6 +88,7 @@ class HiPConfig:
     refresh: int = 8  # decode steps between selections; in between the last one is reused
     dense_layers: int = 0  # the first layers attend densely
     gpu_cache_tokens: int | None = None  # hot-block cache per sequence and KV head; None: automatic
+    exact: bool = False  # the exact top-k blocks from full scores: the upper bound of the estimate
 
     def __post_init__(self) -> None:
         for name in ("k", "block_size_q", "block_size_k", "refresh"):
@@ -115,6 +116,8 @@ class KVSettings:
     def __post_init__(self) -> None:
         if self.policy not in KV_POLICIES:
             raise EngineError(f"--kv-policy must be one of {', '.join(KV_POLICIES)}, got '{self.policy}'.")
+        if not isinstance(self.h2o, (H2OConfig, type(None))) or not isinstance(self.hip, (HiPConfig, type(None))):
+            raise TypeError("KVSettings(policy, h2o=H2OConfig(...), hip=HiPConfig(...)): a config in the wrong field.")
         if self.policy == "h2o" and self.h2o is None:
             object.__setattr__(self, "h2o", H2OConfig())
         if self.policy == "sink" and self.h2o is None:

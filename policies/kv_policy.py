@@ -99,6 +99,39 @@ class HiPConfig:
         if min(self.sink, self.window, self.dense_layers) < 0:
             raise EngineError("--hip-sink, --hip-window and --hip-dense-layers must be >= 0.")
 
+    def working_set_blocks(self, group: int) -> int:
+        """Blocks one decode step may need per (sequence, KV head): the union over the `group`
+        query heads of a selection widened by the window's blocks since the last refresh."""
+        return group * (self.kernel_config().max_selected + -(-self.refresh // self.block_size_k) + 1)
+
+    def hot_blocks(self, group: int, max_len: int) -> int:
+        """Block slots of the hot cache per (sequence, KV head) when the KV cache is off the GPU.
+
+        By default twice one step's working set (O(k) tokens: the tree search itself reads only the
+        block-start keys, which stay on the GPU apart from this cache), never more than the whole
+        cache: room for the blocks of the previous selection to stay while the next one arrives.
+        """
+        bk = self.block_size_k
+        need = self.working_set_blocks(group)
+        blocks = -(-max_len // bk)
+        if self.gpu_cache_tokens is not None:
+            asked = -(-self.gpu_cache_tokens // bk)
+            if asked < min(need, blocks):
+                raise EngineError(f"--hip-gpu-cache {self.gpu_cache_tokens} tokens is below one step's working set "
+                                  f"of {min(need, blocks) * bk} tokens per sequence and KV head.",
+                                  f"Pass at least {min(need, blocks) * bk}, or lower --hip-k / --hip-window.")
+            return min(asked, blocks)
+        return min(2 * need, blocks)
+
+    def hot_cache_bytes(self, batch: int, kv_heads: int, group: int, head_dim: int, max_len: int,
+                        itemsize: int) -> int:
+        """GPU bytes of one item's hot cache (offload_engine/kv/hot_cache.py): the block-start keys,
+        the key and value pool (plus one spare block) and the int64 maps (plus spare columns)."""
+        bk, cap = self.block_size_k, self.hot_blocks(group, max_len)
+        blocks = -(-max_len // bk)
+        per_head = (blocks * head_dim + 2 * (cap + 1) * bk * head_dim) * itemsize + (blocks + 1 + 2 * (cap + 1)) * 8
+        return batch * kv_heads * per_head
+
     def kernel_config(self):
         from kernels.hip.select import HipConfig
         return HipConfig(k=self.k, block_size_q=self.block_size_q, block_size_k=self.block_size_k,

@@ -159,7 +159,12 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
             meta_item = b * spec.num_heads * cache_len * 8
     kv_split = EvenSplit(len(attn) * k_batches, policy.cache_gpu_percent, policy.cache_cpu_percent)
     kv_counts = kv_split.counts() if attn else {t: 0 for t in Tier}
-    fetched_kv = kv_counts[Tier.DISK] > 0 or (kv_counts[Tier.CPU] > 0 and not policy.cpu_cache_compute)
+    off_gpu = kv_counts[Tier.DISK] + (0 if policy.cpu_cache_compute else kv_counts[Tier.CPU])  # GPU-attended
+    hot_item = 0
+    if policy.kv.policy == "hip" and attn and off_gpu:  # HiP keeps a hot-block cache instead of streaming
+        spec = attn[0][1]
+        hot_item = policy.kv.hip.hot_cache_bytes(b, spec.num_heads, spec.group, spec.head_dim, work.max_len, itemsize)
+    fetched_kv = off_gpu > 0 and not hot_item
     cpu_attended = policy.cpu_cache_compute and kv_counts[Tier.CPU] > 0
     scatters = policy.kv.evicts and (kv_counts[Tier.CPU] + kv_counts[Tier.DISK]) > 0
 
@@ -185,6 +190,7 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
     cpu_meta = kv_counts[Tier.CPU] if policy.cpu_cache_compute else 0
     plan.tiers[Tier.CPU].kv_cache += cpu_meta * meta_item
     plan.tiers[Tier.GPU].kv_cache += (kv_split.count - cpu_meta if attn else 0) * meta_item
+    plan.tiers[Tier.GPU].kv_cache += off_gpu * hot_item
     gpu = plan.tiers[Tier.GPU]
     gpu.buffers = weight_slots * weight_slot + plan.kv_slots * kv_item
     plan.tiers[Tier.CPU].buffers = plan.kv_staging_slots * prompt_item + plan.kv_scratch_slots * scratch_item

@@ -86,3 +86,49 @@ def test_merge_blocks():
     a = torch.tensor([[[[0, 3, 5, -1, -1]]]], dtype=torch.int32)
     b = torch.tensor([5, 6, 7], dtype=torch.int32)
     assert merge_blocks(a, b).tolist() == [[[[0, 3, 5, 6, 7, -1, -1, -1]]]]
+
+
+def test_hot_cache_with_evictions_equals_the_gpu_resident_cache(checkpoints, tmp_path):
+    """A hot cache at its smallest (one step's working set) evicts and refetches blocks; the
+    result is still the one computed with the whole cache on the GPU."""
+    base = dict(k=8, refresh=3, **SMALL)
+    smallest = HiPConfig(**base).working_set_blocks(group=1) * 2  # tokens; OPT: one query head per KV head
+    gpu = generate(checkpoints["opt"], tmp_path, "gpu", KVSettings("hip", hip=HiPConfig(**base)))
+    policies = []
+    hot = generate(checkpoints["opt"], tmp_path, "cpu-streamed",
+                   KVSettings("hip", hip=HiPConfig(**base, gpu_cache_tokens=smallest)), policies)
+    assert torch.equal(hot.tokens, gpu.tokens)
+    for a, b in zip(hot.step_logits, gpu.step_logits):
+        assert rel_err(a, b) < 1e-5
+    caches = list(policies[0].hot.values())
+    blocks = -(-(PROMPT + GEN) // 2)
+    assert caches and all(c.capacity == smallest // 2 < blocks for c in caches)  # a real bound, below the cache
+    assert all(int((c.block_of[..., :c.capacity] >= 0).sum(-1).max()) <= c.capacity for c in caches)
+    assert 0 < policies[0].hit_rate() < 1  # blocks were missed and fetched, others hit
+
+
+def test_hot_cache_too_small_is_refused(tmp_path):
+    from offload_engine.errors import EngineError
+
+    with pytest.raises(EngineError, match="below one step's working set"):
+        HiPConfig(k=8, gpu_cache_tokens=4, **SMALL).hot_blocks(group=1, max_len=1000)
+
+
+def test_plan_counts_the_hot_cache_not_the_whole_cache():
+    from offload_engine.model_zoo import MODEL_CONFIGS
+    from offload_engine.models import build_layers
+    from offload_engine.tiers import Tier
+    from policies.memory import plan_memory
+
+    cfg = MODEL_CONFIGS["llama-3.1-8b"]
+    layers, work = build_layers(cfg), Workload(32768, 32)
+    on_cpu = (100, 0, 0, 100, 100, 0)
+    dense = plan_memory(layers, Policy.from_percent((100, 0, 100, 0, 100, 0), gpu_batch_size=1), work,
+                        torch.float16, cfg.hidden_size)
+    hip = plan_memory(layers, Policy.from_percent(on_cpu, gpu_batch_size=1, kv=KVSettings("hip")), work,
+                      torch.float16, cfg.hidden_size)
+    cache = dense.tiers[Tier.GPU].kv_cache  # 32 layers x 2 x 32800 tokens x 8 heads x 128 x 2 bytes
+    assert cache == 32 * 2 * 32800 * 8 * 128 * 2
+    assert hip.tiers[Tier.CPU].kv_cache == cache  # the whole cache at home
+    hot = hip.tiers[Tier.GPU].kv_cache
+    assert hot < 0.5 * cache and hip.kv_slots == 0  # block-start keys (1/4) + hot blocks, nothing streamed

@@ -148,7 +148,7 @@ def add_kv_policy_args(parser: argparse.ArgumentParser) -> None:
                    help="HiP: the first N attention layers attend densely (default: 0)")
     k.add_argument("--hip-gpu-cache", type=positive_int, default=None, metavar="TOKENS",
                    help="HiP with the KV cache off the GPU: hot-block cache per sequence and KV head on the GPU "
-                        "(default: automatic, O(k log T))")
+                        "(default: twice one step's working set of selected, sink and window blocks)")
 
 
 def kv_settings_from_args(args: argparse.Namespace):

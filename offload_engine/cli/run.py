@@ -83,11 +83,14 @@ def execute(args: argparse.Namespace) -> dict:
         # One short untimed pass first, as FlexGen does: library and kernel start-up is not throughput.
         engine.generate(prompts[:, -min(32, work.prompt_len):], None, GenerationConfig(max_new_tokens=1))
         result = engine.generate(prompts, None, gen)
+        hit_rate = engine.kv.policy.hit_rate() if hasattr(engine.kv.policy, "hit_rate") else None
     metrics = RunMetrics(policy.batch_size, work.prompt_len, result.tokens.shape[1], result.prefill_s, result.decode_s)
     sizes = {"model_gib": plan.model_bytes / GiB, "cache_gib": plan.cache_bytes / GiB,
              "hidden_gib": policy.batch_size * work.prompt_len * model.hidden_size * engine.dtype.itemsize / GiB}
     peaks = peak_memory()
     print(report(metrics, sizes, peaks))
+    if hit_rate is not None:
+        print(f"HiP hot-block cache hit rate: {hit_rate:.1%}")
     if result.decode_split_s:
         print("decode step busy time: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in sorted(result.decode_split_s.items())))
     data = {
@@ -95,7 +98,8 @@ def execute(args: argparse.Namespace) -> dict:
         "device": str(engine.device), "policy": asdict(policy), "workload": asdict(work),
         "metrics": metrics.as_dict(), "sizes_gib": sizes, "peak_memory": peaks,
         "planned_gib": {t.value: plan.tiers[t].total / GiB for t in Tier},
-        "decode_step_busy_s": result.decode_split_s, "hardware": hardware(), "commit": git_commit(),
+        "decode_step_busy_s": result.decode_split_s, "hip_hot_cache_hit_rate": hit_rate,
+        "hardware": hardware(), "commit": git_commit(),
         "command": sys.argv,
     }
     if args.json:

@@ -16,6 +16,8 @@ class DenseKV:
     def __init__(self, codec, profiler: Profiler):
         self.codec, self.profiler = codec, profiler
 
+    streams_cache = True  # an off-GPU cache is copied whole into a GPU slot each step
+
     def stored_tokens(self, state: BatchState) -> int:
         return state.length
 

@@ -50,6 +50,8 @@ class H2OKV:
         self.budget = self.hh + self.recent
         self.slots: dict[Item, SlotState] = {}
 
+    streams_cache = True  # an off-GPU cache is copied whole into a GPU slot each step
+
     def stored_tokens(self, state: BatchState) -> int:
         """Slots a decode step may attend: one per token seen plus the incoming one (capped by the
         cache). Real eviction zero-fills its cache at prefill, so all of them hold finite values."""

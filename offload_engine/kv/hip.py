@@ -23,7 +23,7 @@ from kernels.hip.select import hip_select
 from ..batch import BatchState
 from ..errors import EngineError
 from ..profiler import Profiler
-from .codec import token_major_attention
+from .hot_cache import HotBlockCache
 from .store import CacheLocation, Item, KVCacheStore
 
 BIG = 2**30
@@ -54,14 +54,33 @@ class HiPKV:
         attention_layers = [i for i, layer in enumerate(layers) if layer.kv_spec is not None]
         self.dense = set(attention_layers[: cfg.dense_layers])
         self.selections: dict[Item, Selection] = {}
+        self.hot: dict[Item, HotBlockCache] = {}  # items whose cache is off the GPU and attended there
+        self.max_len = workload.max_len
         self.collect_stats = False  # perplexity asks for keys attended per query
         self.stats = {"queries": 0, "keys": 0}
+
+    streams_cache = False  # an off-GPU cache is read block by block through the hot-block cache
 
     def stored_tokens(self, state: BatchState) -> int:
         return state.length
 
     def access(self, store: KVCacheStore, item: Item, state: BatchState, where: CacheLocation):
         return HiPAccess(self, store, item, state, where)
+
+    def hit_rate(self) -> float | None:
+        """Hits / lookups of the hot-block caches (None without any)."""
+        lookups = sum(int(h.lookups) for h in self.hot.values())
+        return sum(int(h.hits) for h in self.hot.values()) / lookups if lookups else None
+
+    def new_hot_cache(self, keys: torch.Tensor, query_heads: int) -> HotBlockCache:
+        if self.cfg.exact:
+            raise EngineError("--kv-policy hip with the exact top-k reads every key: not with the KV cache off the GPU.",
+                              "Keep the KV cache on the GPU (3rd --percent value 100) or drop the exact selection.")
+        if self.cfg.sink < 1:
+            raise EngineError("HiP's hot-block cache needs --hip-sink >= 1 (it keeps the search blocks aligned).")
+        b, hkv, _, d = keys.shape
+        capacity = self.cfg.hot_blocks(query_heads // hkv, self.max_len)
+        return HotBlockCache(b, hkv, d, self.max_len, self.cfg.block_size_k, capacity, keys.dtype, keys.device)
 
     def select(self, q, keys, q_idx, key_start):
         choose = exact_select if self.cfg.exact else hip_select
@@ -97,14 +116,21 @@ class HiPAccess:
                 home_v[:, :, t:t + s] = qkv[:, :, hq + hkv:].transpose(1, 2)
                 out = self._attend(qkv[:, :, :hq], home_k[:, :, :t + s], home_v[:, :, :t + s], t)
             return out.to(q.device)
-        if self.where.k is not None:
-            self.where.k[t:t + s] = k_new
-            self.where.v[t:t + s] = v_new
-        if t == 0:
-            keys, values = k.transpose(1, 2), v.transpose(1, 2)
+        if self.where.kind == "home":
+            out = self._attend_hot(q, k[:, 0], v[:, 0], t)
         else:
-            keys, values = self.where.k[:t + s].permute(1, 2, 0, 3), self.where.v[:t + s].permute(1, 2, 0, 3)
-        out = self._attend(q, keys, values, t)
+            if self.where.k is not None:
+                self.where.k[t:t + s] = k_new
+                self.where.v[t:t + s] = v_new
+            if t == 0:
+                keys, values = k.transpose(1, 2), v.transpose(1, 2)
+            else:
+                keys, values = self.where.k[:t + s].permute(1, 2, 0, 3), self.where.v[:t + s].permute(1, 2, 0, 3)
+            out = self._attend(q, keys, values, t)
+            if t == 0 and self.where.kind == "prefill" and not self.store.attended_on_cpu(self.item):
+                hot = self.policy.new_hot_cache(keys, q.shape[2])
+                hot.write_reps(0, keys)
+                self.policy.hot[self.item] = hot
         if self.where.writes_home:  # from fresh tensors: the slot is reused by the next prefetch
             self.store.store(self.item, t, k_new.contiguous(), v_new.contiguous())
         return out
@@ -126,6 +152,38 @@ class HiPAccess:
         p.count(block_idx, q_idx, key_start)
         out = block_sparse_attention(qh, keys, values, block_idx, q_idx, key_start,
                                      p.kernel_cfg.block_size_q, p.kernel_cfg.block_size_k)
+        return out.transpose(1, 2)
+
+    def _attend_hot(self, q, k_new, v_new, t: int):
+        """One decode step with the cache at home: select over the block-start keys on the GPU,
+        bring missing blocks into the hot cache, attend the pool. k_new/v_new (B, Hkv, D)."""
+        p, cfg, dev = self.policy, self.policy.kernel_cfg, q.device
+        hot = p.hot[self.item]
+        hot.write_reps(t, k_new[:, :, None])
+        qh = q.transpose(1, 2)
+        q_idx = torch.tensor([t], dtype=torch.int32, device=dev)
+        key_start = self.state.key_valid[:, :t + 1].to(torch.int32).argmax(-1).to(torch.int32)
+        if self.item[0] in p.dense:  # dense layers read the whole cache from home
+            self.store.wait_stores(self.item)
+            home_k, home_v = self.where.k, self.where.v
+            keys = torch.cat([home_k[:t].to(dev), k_new[None]]).permute(1, 2, 0, 3)
+            values = torch.cat([home_v[:t].to(dev), v_new[None]]).permute(1, 2, 0, 3)
+            return attention(qh, keys, values, self.state.mask(1, dev)).transpose(1, 2)
+        block_idx = self._decode_blocks(qh, hot.rep_keys(t + 1), q_idx, key_start, t)  # (B, Hq, 1, N)
+        b, hq, _, n = block_idx.shape
+        hkv = k_new.shape[1]
+        needed = merge_blocks(block_idx.reshape(b, hkv, hq // hkv * n), block_idx.new_empty(0))
+        _, miss_blocks, victims = hot.lookup(needed)
+        if bool((miss_blocks >= 0).any()):
+            self.store.wait_stores(self.item)
+            hot.fill(miss_blocks, victims, self.where.k, self.where.v, t)
+        hot.write_token(t, k_new, v_new)
+        logical = block_idx.reshape(b, hkv, -1)
+        slots = hot.slot_of.gather(-1, torch.where(logical >= 0, logical, hot.blocks))
+        slots = torch.where(logical >= 0, slots, -1).reshape(block_idx.shape).to(torch.int32)
+        p.count(block_idx, q_idx, key_start)
+        out = block_sparse_attention(qh, hot.pool_k, hot.pool_v, slots, q_idx, key_start, cfg.block_size_q,
+                                     cfg.block_size_k, block_pos=block_idx, key_len=t + 1)
         return out.transpose(1, 2)
 
     def _decode_blocks(self, qh, keys, q_idx, key_start, t: int) -> torch.Tensor:

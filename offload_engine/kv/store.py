@@ -33,7 +33,8 @@ class CacheLocation:
 
     kind "gpu": the home is on the compute device; "slot": a GPU copy of a CPU/disk home (new
     tokens must also be written home); "prefill": an offloaded item's first step (no cache to
-    read; new tokens are written home); "cpu": a head-major CPU home, attended on the CPU.
+    read; new tokens are written home); "cpu": a head-major CPU home, attended on the CPU;
+    "home": a CPU/disk home the policy reads selectively itself (HiP's hot-block cache).
     """
 
     kind: str
@@ -42,7 +43,7 @@ class CacheLocation:
 
     @property
     def writes_home(self) -> bool:
-        return self.kind in ("slot", "prefill")
+        return self.kind in ("slot", "prefill", "home")
 
 
 class KVCacheStore:
@@ -94,7 +95,8 @@ class KVCacheStore:
 
     def prefetch(self, item: Item, state: BatchState, prefill: bool) -> None:
         """Start copying an item's cached tokens into a GPU slot (decode steps only)."""
-        if prefill or item not in self.homes or not self._streamed(item) or item in self._fetched:
+        if prefill or item not in self.homes or not self._streamed(item) or item in self._fetched \
+                or not self.policy.streams_cache:
             return
         tier, k_home, v_home = self.homes[item]
         slot = self._next_slot
@@ -111,16 +113,22 @@ class KVCacheStore:
         if prefill:
             return CacheLocation("prefill", None, None)
         if not self._streamed(item):
-            for p in self.last_store[item]:
-                p.synchronize()
-            self.last_store[item] = []
+            self.wait_stores(item)
             return CacheLocation("cpu", k_home, v_home)
+        if not self.policy.streams_cache:
+            return CacheLocation("home", k_home, v_home)
         self.prefetch(item, state, prefill)
         slot, pends = self._fetched.pop(item)
         for p in pends:
             p.wait()
         k_buf, v_buf = self.slots[slot]
         return CacheLocation("slot", k_buf, v_buf)
+
+    def wait_stores(self, item: Item) -> None:
+        """Block until the item's earlier write-backs have reached its home."""
+        for p in self.last_store[item]:
+            p.synchronize()
+        self.last_store[item] = []
 
     def access(self, item: Item, state: BatchState, prefill: bool):
         """The object behind `LayerContext.kv` for this item and step."""

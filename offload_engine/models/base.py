@@ -30,8 +30,13 @@ class WeightSpec:
 
 @dataclass(frozen=True)
 class KVSpec:
-    num_heads: int
+    num_heads: int  # key/value heads: what the cache holds
     head_dim: int
+    query_heads: int = 0  # attention heads reading them (grouped-query attention); 0: num_heads
+
+    @property
+    def group(self) -> int:
+        return (self.query_heads or self.num_heads) // self.num_heads
 
 
 class KVAccess(Protocol):

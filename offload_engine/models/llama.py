@@ -44,7 +44,7 @@ class SelfAttention(Layer):
 
     def __post_init__(self):
         self.name = f"attn{self.index}"
-        self.kv_spec = KVSpec(self.cfg.kv_heads, self.cfg.head_dim)
+        self.kv_spec = KVSpec(self.cfg.kv_heads, self.cfg.head_dim, self.cfg.num_heads)
         self.inv_freq = rope_inv_freq(self.cfg)
 
     def weight_specs(self):

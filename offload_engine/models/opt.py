@@ -50,7 +50,7 @@ class SelfAttention(Layer):
 
     def __post_init__(self):
         self.name = f"attn{self.index}"
-        self.kv_spec = KVSpec(self.cfg.kv_heads, self.cfg.head_dim)
+        self.kv_spec = KVSpec(self.cfg.kv_heads, self.cfg.head_dim, self.cfg.num_heads)
 
     def weight_specs(self):
         h, key = self.cfg.hidden_size, f"decoder.layers.{self.index}"

@@ -1,0 +1,268 @@
+// Decode attention on the CPU over a KV cache in host memory (see kernels/cpu_attention.py).
+//
+// Plain C++ with a C ABI, loaded through ctypes: no torch headers, so it builds in about a
+// second and needs only a C++ compiler. One task per (sequence, KV head), spread over the
+// cores with OpenMP; a task reads its keys once (scores for all query heads of the group),
+// runs an fp32 softmax over the (rep, T) score rows (they stay in L1/L2), then reads its
+// values once. Cache elements (fp16 / bf16 / fp32) are converted to fp32 in registers
+// (F16C / AVX-512 when the compiler targets them, a scalar loop otherwise).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__F16C__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+namespace {
+
+enum Dtype : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+inline float half_to_float(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);                  // inf / NaN
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);          // normal: rebias 15 -> 127
+  } else if (man == 0) {
+    bits = sign;                                              // +-0
+  } else {                                                    // subnormal: normalise
+    int e = -1;
+    do { man <<= 1; ++e; } while (!(man & 0x400));
+    bits = sign | uint32_t(112 - e) << 23 | ((man & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <int DT>
+inline float load1(const void* p, int64_t i) {
+  if constexpr (DT == F32) {
+    return static_cast<const float*>(p)[i];
+  } else {
+    uint16_t x = static_cast<const uint16_t*>(p)[i];
+    if constexpr (DT == F16) return half_to_float(x);
+    uint32_t bits = uint32_t(x) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+}
+
+#if defined(__AVX512F__)
+constexpr int W = 16;
+using vf = __m512;
+const char* kIsa = "avx512";
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vset1(float x) { return _mm512_set1_ps(x); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vf x) { _mm512_storeu_ps(p, x); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(vf x) { return _mm512_reduce_add_ps(x); }
+template <int DT>
+inline vf vload_dt(const void* p, int64_t i) {
+  if constexpr (DT == F32) {
+    return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+  } else {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
+    if constexpr (DT == F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+#elif defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+constexpr int W = 8;
+using vf = __m256;
+const char* kIsa = "avx2";
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vset1(float x) { return _mm256_set1_ps(x); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vf x) { _mm256_storeu_ps(p, x); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(vf x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+template <int DT>
+inline vf vload_dt(const void* p, int64_t i) {
+  if constexpr (DT == F32) {
+    return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  } else {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    if constexpr (DT == F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+#else
+constexpr int W = 1;  // portable: the compiler may still vectorise these loops
+using vf = float;
+const char* kIsa = "scalar";
+inline vf vzero() { return 0.0f; }
+inline vf vset1(float x) { return x; }
+inline vf vload(const float* p) { return *p; }
+inline void vstore(float* p, vf x) { *p = x; }
+inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
+inline float vsum(vf x) { return x; }
+template <int DT>
+inline vf vload_dt(const void* p, int64_t i) { return load1<DT>(p, i); }
+#endif
+
+constexpr int kMaxGroup = 4;  // query heads handled per sweep over a key/value row (registers)
+
+// s[i] = q_i . k for NR query rows (stride D) against one cached key row.
+template <int DT, int NR>
+inline void dot_rows(const float* q, int64_t D, const void* kr, float* s) {
+  vf acc[NR];
+  for (int i = 0; i < NR; ++i) acc[i] = vzero();
+  int64_t d = 0;
+  for (; d + W <= D; d += W) {
+    vf k = vload_dt<DT>(kr, d);
+    for (int i = 0; i < NR; ++i) acc[i] = vfma(vload(q + i * D + d), k, acc[i]);
+  }
+  for (int i = 0; i < NR; ++i) s[i] = vsum(acc[i]);
+  for (; d < D; ++d) {
+    float k = load1<DT>(kr, d);
+    for (int i = 0; i < NR; ++i) s[i] += q[i * D + d] * k;
+  }
+}
+
+// o_i += p_i * v for NR output rows (stride D) and one cached value row.
+template <int DT, int NR>
+inline void axpy_rows(const float* p, const void* vr, int64_t D, float* o) {
+  vf w[NR];
+  for (int i = 0; i < NR; ++i) w[i] = vset1(p[i]);
+  int64_t d = 0;
+  for (; d + W <= D; d += W) {
+    vf v = vload_dt<DT>(vr, d);
+    for (int i = 0; i < NR; ++i) vstore(o + i * D + d, vfma(w[i], v, vload(o + i * D + d)));
+  }
+  for (; d < D; ++d) {
+    float v = load1<DT>(vr, d);
+    for (int i = 0; i < NR; ++i) o[i * D + d] += p[i] * v;
+  }
+}
+
+template <int DT>
+inline void dot_group(int nr, const float* q, int64_t D, const void* kr, float* s) {
+  switch (nr) {
+    case 1: dot_rows<DT, 1>(q, D, kr, s); break;
+    case 2: dot_rows<DT, 2>(q, D, kr, s); break;
+    case 3: dot_rows<DT, 3>(q, D, kr, s); break;
+    default: dot_rows<DT, 4>(q, D, kr, s); break;
+  }
+}
+
+template <int DT>
+inline void axpy_group(int nr, const float* p, const void* vr, int64_t D, float* o) {
+  switch (nr) {
+    case 1: axpy_rows<DT, 1>(p, vr, D, o); break;
+    case 2: axpy_rows<DT, 2>(p, vr, D, o); break;
+    case 3: axpy_rows<DT, 3>(p, vr, D, o); break;
+    default: axpy_rows<DT, 4>(p, vr, D, o); break;
+  }
+}
+
+// One (sequence, KV head): q/out are its rep query rows (rep x D, fp32); scores is scratch
+// (T x rep, token-major so pass 2 reads one small contiguous group per token).
+template <int DT>
+void attend_task(const float* q, const char* kb, const char* vb, int64_t kst, int64_t vst,
+                 const uint8_t* valid, int64_t T, int64_t D, int64_t rep, float* scores, float* mx, float* sum,
+                 float* out) {
+  constexpr int64_t es = DT == F32 ? 4 : 2;
+  for (int64_t t = 0; t < T; ++t) {
+    float* st = scores + t * rep;
+    if (valid && !valid[t]) {  // padded slots are never read: they may hold anything
+      for (int64_t r = 0; r < rep; ++r) st[r] = -INFINITY;
+      continue;
+    }
+    const char* kr = kb + t * kst * es;
+    for (int64_t r0 = 0; r0 < rep; r0 += kMaxGroup) {
+      int nr = int(rep - r0 < kMaxGroup ? rep - r0 : kMaxGroup);
+      dot_group<DT>(nr, q + r0 * D, D, kr, st + r0);
+    }
+  }
+  // Softmax in fp32; probabilities stay unnormalised until the end (one scale per output).
+  for (int64_t r = 0; r < rep; ++r) mx[r] = -INFINITY;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t r = 0; r < rep; ++r) mx[r] = std::fmax(mx[r], scores[t * rep + r]);
+  for (int64_t r = 0; r < rep; ++r) sum[r] = 0.0f;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t r = 0; r < rep; ++r) {
+      float p = std::exp(scores[t * rep + r] - mx[r]);  // exp(-inf) = 0 for padding
+      scores[t * rep + r] = p;
+      sum[r] += p;
+    }
+  for (int64_t i = 0; i < rep * D; ++i) out[i] = 0.0f;
+  for (int64_t t = 0; t < T; ++t) {
+    if (valid && !valid[t]) continue;
+    const char* vr = vb + t * vst * es;
+    for (int64_t r0 = 0; r0 < rep; r0 += kMaxGroup) {
+      int nr = int(rep - r0 < kMaxGroup ? rep - r0 : kMaxGroup);
+      axpy_group<DT>(nr, scores + t * rep + r0, vr, D, out + r0 * D);
+    }
+  }
+  for (int64_t r = 0; r < rep; ++r) {
+    const float inv = 1.0f / sum[r];
+    for (int64_t d = 0; d < D; ++d) out[r * D + d] *= inv;
+  }
+}
+
+template <int DT>
+void run(const float* q, const char* k, const char* v, const uint8_t* valid, float* out,
+         int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t D,
+         int64_t ksb, int64_t ksh, int64_t kst, int64_t vsb, int64_t vsh, int64_t vst,
+         int64_t valid_sb, int nthreads) {
+  constexpr int64_t es = DT == F32 ? 4 : 2;
+  const int64_t rep = Hq / Hkv, tasks = B * Hkv;
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<float> scores(static_cast<size_t>(T * rep)), mx(static_cast<size_t>(rep)),
+        sum(static_cast<size_t>(rep));
+    // Dynamic: tasks are equal, but a core also serving DMA or other work should not hold
+    // back the whole call.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / Hkv, h = task % Hkv;
+      attend_task<DT>(q + (b * Hq + h * rep) * D, k + (b * ksb + h * ksh) * es, v + (b * vsb + h * vsh) * es,
+                      kst, vst, valid ? valid + b * valid_sb : nullptr, T, D, rep, scores.data(), mx.data(),
+                      sum.data(), out + (b * Hq + h * rep) * D);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// q, out: contiguous (B, Hq, D) fp32. k, v: (B, Hkv, T, D) with unit stride along D; strides in
+// elements. valid: (B, T) bytes (row stride valid_sb) or null. Returns 0, or 1 for a bad dtype.
+int cpu_decode_attention(const float* q, const void* k, const void* v, const uint8_t* valid, float* out,
+                         int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t D,
+                         int64_t ksb, int64_t ksh, int64_t kst, int64_t vsb, int64_t vsh, int64_t vst,
+                         int64_t valid_sb, int dtype, int nthreads) {
+  auto kc = static_cast<const char*>(k), vc = static_cast<const char*>(v);
+  switch (dtype) {
+    case F32: run<F32>(q, kc, vc, valid, out, B, Hq, Hkv, T, D, ksb, ksh, kst, vsb, vsh, vst, valid_sb, nthreads); return 0;
+    case F16: run<F16>(q, kc, vc, valid, out, B, Hq, Hkv, T, D, ksb, ksh, kst, vsb, vsh, vst, valid_sb, nthreads); return 0;
+    case BF16: run<BF16>(q, kc, vc, valid, out, B, Hq, Hkv, T, D, ksb, ksh, kst, vsb, vsh, vst, valid_sb, nthreads); return 0;
+    default: return 1;
+  }
+}
+
+// "avx512+openmp" etc.: what this build vectorises with, for reports.
+const char* cpu_decode_attention_isa() {
+#ifdef _OPENMP
+  static const std::string s = std::string(kIsa) + "+openmp";
+  return s.c_str();
+#else
+  return kIsa;
+#endif
+}
+
+}  // extern "C"

@@ -1,4 +1,8 @@
-"""Per-GPU-batch state across steps: which cached tokens are real (left padding) and positions."""
+"""Per-GPU-batch state across steps: which cached tokens are real (left padding) and positions.
+
+States live as long as the engine (their tensors are the inputs a captured decode graph reads):
+`reset` loads a new batch of prompts into them.
+"""
 from __future__ import annotations
 
 import torch
@@ -9,15 +13,32 @@ from .models.base import BatchView
 
 
 class BatchState:
-    def __init__(self, prompt_mask: torch.Tensor, max_len: int, device: torch.device):
-        b, s = prompt_mask.shape
-        self.key_valid = torch.zeros(b, max_len, dtype=torch.bool, device=device)
-        self.key_valid[:, :s] = prompt_mask.to(device=device, dtype=torch.bool)
+    def __init__(self, batch: int, max_len: int, device: torch.device):
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0  # tokens already in the KV cache
-        self.padded = not bool(self.key_valid[:, :s].all())
+        self.padded = False
         self._masks: dict[tuple[str, int, int], torch.Tensor | None] = {}
+        # Device-side copies of what a captured decode step reads (static shapes, no host values).
+        self.static = False
+        self.length_t = torch.zeros((), dtype=torch.int64, device=device)
+        self.positions_t = torch.zeros(batch, 1, dtype=torch.int64, device=device)
+        self._prompt_valid = torch.zeros(batch, dtype=torch.int64, device=device)
+        self._prompt_len = 0
+        self._arange = torch.arange(max_len, device=device)
+
+    def reset(self, prompt_mask: torch.Tensor) -> "BatchState":
+        s = prompt_mask.shape[1]
+        self.key_valid.zero_()
+        self.key_valid[:, :s] = prompt_mask.to(device=self.key_valid.device, dtype=torch.bool)
+        self.length, self.static, self._prompt_len = 0, False, s
+        self.padded = not bool(self.key_valid[:, :s].all())
+        self._prompt_valid.copy_(self.key_valid[:, :s].sum(-1))
+        self._masks.clear()
+        return self
 
     def view(self, num_new: int, prefill: bool) -> BatchView:
+        if self.static:
+            return BatchView(positions=self.positions_t, prefill=False)
         valid = self.key_valid[:, : self.length + num_new].long()
         positions = (valid.cumsum(1) * valid - 1)[:, self.length:]
         return BatchView(positions=positions, prefill=prefill)
@@ -30,6 +51,16 @@ class BatchState:
         if key not in self._masks:
             self._masks[key] = padding_mask(self.key_valid[:, : self.length + num_new], num_new).to(device)
         return self._masks[key]
+
+    def static_mask(self) -> torch.Tensor:
+        """(B, 1, 1, max_len) mask of one new token over the whole cache, from device tensors only:
+        real tokens up to the current length. What a captured decode step attends with."""
+        return (self.key_valid & (self._arange <= self.length_t))[:, None, None, :]
+
+    def load_static(self) -> None:
+        """Before a captured step: the device copies of length and the new token's position."""
+        self.length_t.fill_(self.length)
+        torch.add(self._prompt_valid, self.length - self._prompt_len, out=self.positions_t[:, 0])
 
     def advance(self, num_new: int) -> None:
         self.length += num_new

@@ -24,6 +24,7 @@ from policies.placement import Policy
 
 from .activations import ActivationStore
 from .batch import BatchState
+from .decode_graph import DecodeGraph, graphs_apply
 from .config import ModelConfig
 from .errors import EngineError
 from .kv import KVCacheStore, make_codec, make_kv_policy
@@ -51,6 +52,7 @@ class EngineOptions:
     cpu_mem_bytes: int | None = None
     profile: bool = False
     progress: bool = True
+    eager_static_decode: bool = False  # run the graph-capturable decode step without capturing (tests)
 
 
 @dataclass
@@ -135,6 +137,12 @@ class Engine:
                                     policy.gpu_batch_size * workload.prompt_len * model.hidden_size,
                                     self.dtype, self.device, self.mover)
         self.scheduler = Scheduler(self.layers, self.weights, self.kv, self.acts, self.profiler, self.device)
+        self.states = [BatchState(policy.gpu_batch_size, workload.max_len, self.device)
+                       for _ in range(policy.num_gpu_batches)]
+        self.graph_refusal = graphs_apply(policy, self.plan, self.device, opts.profile)
+        on_gpu = self.device.type == "cuda"
+        self.decode_graph = DecodeGraph(self.scheduler, self.states, self.device, eager=opts.eager_static_decode) \
+            if self.graph_refusal is None and (on_gpu or opts.eager_static_decode) else None
 
     def _plan(self, opts: EngineOptions) -> MemoryPlan:
         """The memory plan, refused before any allocation if it does not fit.
@@ -229,7 +237,7 @@ class Engine:
         if forced is not None:
             forced = self._check_forced(forced, n, cfg)
         ids = input_ids.to(self.device).split(p.gpu_batch_size)
-        states = [BatchState(m, self.workload.max_len, self.device) for m in attention_mask.split(p.gpu_batch_size)]
+        states = [st.reset(m) for st, m in zip(self.states, attention_mask.split(p.gpu_batch_size))]
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed) if cfg.do_sample else None
         finished = torch.zeros(p.batch_size, dtype=torch.bool, device=self.device)
         tokens, step_logits, prompt_logits, splits = [], [], None, []
@@ -238,7 +246,10 @@ class Engine:
         prefill_s = 0.0
         bar = tqdm(total=n * cfg.max_new_tokens, desc="generate", disable=not self.options.progress, unit="tok")
         for step in range(cfg.max_new_tokens):
-            out = torch.cat(self.scheduler.step(list(ids), states, all_logits=collect_logits and step == 0))
+            if step > 0 and self.decode_graph is not None:
+                out = torch.cat(self.decode_graph.step(list(ids)))
+            else:
+                out = torch.cat(self.scheduler.step(list(ids), states, all_logits=collect_logits and step == 0))
             if collect_logits and step == 0:
                 prompt_logits = out[:n].cpu()
             logits = out[:, -1]

@@ -23,8 +23,11 @@ class Scheduler:
         self.profiler = profiler
         self.compute_stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
-    def step(self, inputs: list[torch.Tensor], states: list[BatchState], all_logits: bool = False) -> list[torch.Tensor]:
-        """Run every layer on every GPU batch; `inputs` are token ids (B, s) per batch; returns logits."""
+    def step(self, inputs: list[torch.Tensor], states: list[BatchState], all_logits: bool = False,
+             advance: bool = True) -> list[torch.Tensor]:
+        """Run every layer on every GPU batch; `inputs` are token ids (B, s) per batch; returns logits.
+
+        `advance=False` leaves the states' lengths alone (a captured step advances them outside)."""
         num_new = inputs[0].shape[1]
         prefill = states[0].length == 0
         views = [st.view(num_new, prefill) for st in states]
@@ -50,6 +53,7 @@ class Scheduler:
                     self.acts.put(k, y)
                 else:
                     outputs[k] = y
-        for st in states:
-            st.advance(num_new)
+        if advance:
+            for st in states:
+                st.advance(num_new)
         return outputs

@@ -33,6 +33,7 @@ class Policy:
     cpu_cache_compute: bool = False
     sep_layer: bool = True
     weight_buffers: int = 0  # GPU staging slots for streamed weights; 0: 3 if they fit, else 2
+    cuda_graphs: bool = True  # capture the decode step where the placement allows it
     compress_weight: Compression | None = None  # 2-D weights stored 4/8-bit in every tier
     compress_cache: Compression | None = None  # KV cache stored 4/8-bit in every tier
     kv: KVSettings = KVSettings()

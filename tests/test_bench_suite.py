@@ -223,11 +223,30 @@ def test_resume_skips_a_finished_run(tmp_path):
     written = suite.run()
     assert [(r["case"], r["system"]) for r in written] == [("c0", "flexgen"), ("c1", "ours"), ("c1", "flexgen")]
     assert all(r["status"] == "ok" and r["batch"] == [8, 1] for r in written)
-    assert not any(arg(c, "--model")[0] == "opt-125m" and "c0" in " ".join(c) for c in runner.calls)
+    assert [Path(arg(c, "--json")[0]).name for c in runner.calls if "offload_engine" in c] == [".ours-c1.json"]
     summary = json.loads((suite.out / "summary.json").read_text())
     assert summary["commit"] == "c0ffee" and summary["hardware"] == {"gpu": "fake"} and len(summary["runs"]) == 5
     assert make_suite(tmp_path, tiny_cases(2), runner).run() == []  # all done now
     assert len(make_suite(tmp_path, tiny_cases(2), runner, force=True).run()) == 4
+
+
+def test_timeouts_lock_and_wait(tmp_path, capsys):
+    def hang(cmd, timeout_s, log_path, env):
+        return bs.Outcome(-15, "killed", 0.1, timed_out=True)
+
+    cases = {"c0": tiny_cases(1)["c0"]}
+    cut = make_suite(tmp_path, cases, hang, systems=("ours",)).run()  # timeout = what was left of the budget
+    capped = make_suite(tmp_path, cases, hang, systems=("ours",), run_timeout_s=5.0).run()  # its own cap
+    assert [r["status"] for r in cut + capped] == ["budget", "timeout"]  # the first runs again, the second not
+    assert make_suite(tmp_path, cases, hang, systems=("ours",)).run() == []
+    lock = tmp_path / "out" / ".suite.lock"
+    lock.write_text(str(__import__("os").getpid()))  # a live owner: a second suite must not write
+    with pytest.raises(SystemExit, match="another suite"):
+        make_suite(tmp_path, cases, hang, force=True).run()
+    assert not bs.wait(tmp_path / "out", 0.2, tmp_path / "copy") and (tmp_path / "copy" / "runs.jsonl").exists()
+    lock.write_text("999999999")  # a dead owner (killed suite): ignored
+    assert bs.wait(tmp_path / "out", 5.0, None)
+    assert bs.main(["--out", str(tmp_path / "out"), "--dry-run", "--cases", "opt6.7b-gpu-b32"]) == 0
 
 
 def test_batch_candidates_fall_back_until_one_fits(tmp_path):

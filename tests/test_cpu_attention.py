@@ -9,6 +9,7 @@ registers is exact, so only fp32 accumulation error remains.
 from __future__ import annotations
 
 import os
+import platform
 
 import pytest
 import torch
@@ -191,6 +192,25 @@ def test_fresh_build_is_cached(tmp_path, monkeypatch):
     ca._build_and_load()
     assert files[0].stat().st_mtime_ns == mtime
     assert len(os.listdir(files[0].parent)) == 1          # no temporary files left behind
+
+
+@pytest.mark.skipif(not HAVE_CPP or platform.machine() not in ("x86_64", "AMD64"),
+                    reason="needs the C++ kernel on x86")
+@pytest.mark.parametrize("isa,flags", [("avx2", ["-mavx2", "-mf16c", "-mfma"]), ("scalar", [])])
+def test_other_isa_builds(isa, flags, tmp_path, monkeypatch):
+    """The AVX2 and portable code paths (what other hosts compile to) against the reference."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lib = ca._build_and_load([["-O3", "-std=c++17", *flags, "-fopenmp"]])
+    assert lib.cpu_decode_attention_isa().decode() == isa + "+openmp"
+    monkeypatch.setattr(ca, "_lib", lib)
+    monkeypatch.setattr(ca, "_tried", True)
+    for i, case in enumerate(["gqa", "odd-d", "mqa-rep7"]):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            q, k, v, key_valid = make_case(*CASES[case], dtype, seed=20 + i, layout="head-perm")
+            q = q.float()
+            out = torch.full(q.shape, float("nan"))
+            cpu_decode_attention_cpp(q, k, v, key_valid, out=out)
+            assert rel_err(out, cpu_decode_attention_reference(q, k, v, key_valid)) < 1e-5, (case, dtype)
 
 
 def _bad_inputs():

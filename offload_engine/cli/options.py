@@ -95,6 +95,9 @@ def _add_placement_args(parser: argparse.ArgumentParser) -> None:
                    help="schedule attention and MLP as separate layers: smaller weight staging buffers (default: on)")
     p.add_argument("--pin-weight", action=argparse.BooleanOptionalAction, default=True,
                    help="keep CPU weights in pinned memory for fast asynchronous copies (default: on)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="capture the decode step in a CUDA graph where the placement allows it: weights, KV cache "
+                        "and hidden states on the GPU, full attention, uncompressed cache (default: on)")
     p.add_argument("--weight-buffers", type=int, default=0,
                    help="GPU staging slots for streamed weights: 2 double-buffers, 3 loads two layers ahead "
                         "(default 0: 3 if they fit, else 2)")
@@ -196,7 +199,7 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
     return Policy.from_percent(
         args.percent, gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
         overlap=args.overlap, pin_weight=args.pin_weight, cpu_cache_compute=args.cpu_cache_compute,
-        sep_layer=args.sep_layer, weight_buffers=args.weight_buffers,
+        sep_layer=args.sep_layer, weight_buffers=args.weight_buffers, cuda_graphs=args.cuda_graphs,
         compress_weight=quant if args.compress_weight else None, compress_cache=quant if args.compress_cache else None,
         kv=kv_settings_from_args(args))
 

@@ -81,7 +81,9 @@ def execute(args: argparse.Namespace) -> dict:
                 print(f"  {tier.value:>4}: {b.total / GiB:7.2f} GiB  ({b.describe()})", file=sys.stderr)
         prompts = synthetic_prompts(model, policy.batch_size, work.prompt_len, args.seed)
         # One short untimed pass first, as FlexGen does: library and kernel start-up is not throughput.
-        engine.generate(prompts[:, -min(32, work.prompt_len):], None, GenerationConfig(max_new_tokens=1))
+        # Two tokens when the decode step is captured, so the capture happens here too.
+        warm = 2 if engine.decode_graph is not None and work.gen_len > 1 else 1
+        engine.generate(prompts[:, -min(32, work.prompt_len):], None, GenerationConfig(max_new_tokens=warm))
         result = engine.generate(prompts, None, gen)
         hit_rate = engine.kv.policy.hit_rate() if hasattr(engine.kv.policy, "hit_rate") else None
     metrics = RunMetrics(policy.batch_size, work.prompt_len, result.tokens.shape[1], result.prefill_s, result.decode_s)
@@ -89,6 +91,8 @@ def execute(args: argparse.Namespace) -> dict:
              "hidden_gib": policy.batch_size * work.prompt_len * model.hidden_size * engine.dtype.itemsize / GiB}
     peaks = peak_memory()
     print(report(metrics, sizes, peaks))
+    print(f"decode step: {'CUDA graph' if engine.decode_graph is not None else 'eager'}"
+          + (f" ({engine.graph_refusal})" if engine.graph_refusal else ""), file=sys.stderr)
     if hit_rate is not None:
         print(f"HiP hot-block cache hit rate: {hit_rate:.1%}")
     if result.decode_split_s:
@@ -99,6 +103,7 @@ def execute(args: argparse.Namespace) -> dict:
         "metrics": metrics.as_dict(), "sizes_gib": sizes, "peak_memory": peaks,
         "planned_gib": {t.value: plan.tiers[t].total / GiB for t in Tier},
         "decode_step_busy_s": result.decode_split_s, "hip_hot_cache_hit_rate": hit_rate,
+        "cuda_graph": engine.decode_graph is not None, "cuda_graph_refusal": engine.graph_refusal,
         "hardware": hardware(), "commit": git_commit(),
         "command": sys.argv,
     }

@@ -6,6 +6,8 @@ import torch
 
 from ..batch import BatchState
 from ..profiler import Profiler
+from kernels.attention import attention
+
 from .codec import token_major_attention
 from .store import CacheLocation, Item, KVCacheStore
 
@@ -38,6 +40,8 @@ class CacheAccess:
         self.codec, self.store, self.item, self.state, self.where = codec, store, item, state, where
 
     def attend(self, q, k, v):
+        if self.state.static:
+            return self._attend_static(q, k, v)
         t, s = self.state.length, q.shape[1]
         k_new, v_new = k.transpose(0, 1), v.transpose(0, 1)  # (s, B, H, D)
         cache_k, cache_v = self.where.k, self.where.v
@@ -53,6 +57,16 @@ class CacheAccess:
         if self.where.writes_home:  # from fresh tensors: the slot is reused by the next prefetch
             self.store.store(self.item, t, self.codec.encoded(k_new), self.codec.encoded(v_new))
         return out
+
+    def _attend_static(self, q, k, v):
+        """A decode step with static shapes for CUDA-graph capture: the cache index and the mask
+        come from device tensors, attention covers the whole cache with the not-yet-written
+        tokens masked (at most gen_len extra keys, read at HBM speed)."""
+        index = self.state.length_t.view(1)
+        self.where.k.index_copy_(0, index, k.transpose(0, 1))
+        self.where.v.index_copy_(0, index, v.transpose(0, 1))
+        keys, values = self.where.k.permute(1, 2, 0, 3), self.where.v.permute(1, 2, 0, 3)
+        return attention(q.transpose(1, 2), keys, values, self.state.static_mask()).transpose(1, 2)
 
 
 class CpuCacheAccess:

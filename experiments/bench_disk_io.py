@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from offload_engine.disk_io import ALIGN, DiskRelay  # noqa: E402
+from offload_engine.io.disk_relay import ALIGN, DiskRelay  # noqa: E402
 from offload_engine.metrics import git_commit, hardware, write_json_atomic  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30

@@ -1,8 +1,8 @@
 """Decode attention on the CPU over a KV cache in host memory (`--cpu-cache-compute`).
 
 With the cache in host memory, a decode step's attention only has to read every cached key and
-value once: it is bound by host memory bandwidth. The engine's SDPA path reached ~25 GB/s on a
-host measured at ~64 GB/s (copy, read + write) in the OPT-30B case. Three implementations, one contract:
+value once: it is bound by host memory bandwidth. The engine's SDPA path reached ~25 GB/s in the
+OPT-30B case on a host measured at ~64 GB/s (copy, read + write). Three implementations:
 - C++ (kernels/csrc/cpu_attention.cpp): one OpenMP task per (sequence, KV head) reads its keys
   once for all the query heads that share them, keeps an fp32 (T, rep) score row in cache for a
   two-pass softmax, then reads its values once; fp16/bf16 -> fp32 conversion happens in
@@ -12,17 +12,22 @@ host measured at ~64 GB/s (copy, read + write) in the OPT-30B case. Three implem
   $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) in a file keyed by the source, the
   flags, the compiler and the CPU (a -march=native build must never run on another CPU).
 - PyTorch fallback, used when the build fails (one warning): SDPA in the cache dtype with the
-  query heads of a KV head as its query rows. Measured on a 2-core Sapphire Rapids VM (one
-  thread, OPT-30B head shapes): SDPA fp16 7.6 GB/s; converting (sequence, head) blocks to fp32
-  in L2-sized chunks and two matmuls only 1.4-4.9 GB/s (the fp32 copy is written and re-read),
-  so the chunked variant was dropped.
+  query heads of a KV head as its query rows.
 - float64 reference, for tests.
+Measured on a shared 2-core Sapphire Rapids VM (noisy; the 16-core numbers come from
+experiments/bench_cpu_attention.py), OPT-30B heads (H = 56, D = 128, T = 544, fp16):
+C++ 8.4 GB/s vs SDPA 5.6 GB/s at B = 24 on 2 threads, next to a 9.3 GB/s copy (read + write);
+per core with the cache in L2, C++ 17-19 GB/s vs SDPA 8.5 GB/s. A pure-PyTorch variant that
+converts L2-sized blocks of (sequence, head) pairs to fp32 and runs two matmuls reached only
+1.4-4.9 GB/s on one thread (SDPA: 7.6), since the fp32 copy is written and read again, so the
+fallback is SDPA.
 
 Layouts: q (B, Hq, D) on the CPU, already scaled; k, v (B, Hkv, T, D) views with a contiguous
 head_dim. Head-major (each (b, h) has its T x D keys contiguous, e.g. `home[:, :, :t]` of a
 (B, Hkv, T_max, D) buffer) is the layout the C++ path streams fastest; any (b, h, t) strides
 work. Grouped-query attention: query head h reads KV head h // (Hq // Hkv). key_valid (B, T)
-bool marks real tokens (False = left padding; those slots are never read and may hold anything).
+bool marks real tokens (False = left padding: the C++ kernel never reads those slots, so they may
+hold anything; SDPA masks them but multiplies their values by 0, so there they must be finite).
 """
 from __future__ import annotations
 
@@ -149,16 +154,20 @@ def _compile(compiler: str, flags: list[str], target: Path) -> None:
             os.unlink(tmp)
 
 
-def _build_and_load() -> ctypes.CDLL:
+# Best first; -fopenmp alone still gives a multi-core build, the last one at least builds.
+FLAG_SETS = (["-O3", "-std=c++17", "-march=native", "-fopenmp"], ["-O3", "-std=c++17", "-fopenmp"],
+             ["-O3", "-std=c++17"])
+
+
+def _build_and_load(flag_sets=FLAG_SETS) -> ctypes.CDLL:
+    """The first of flag_sets that compiles and loads (tests also build other ISAs this way)."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not compiler:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     source = SOURCE.read_bytes()
     errors = []
-    # Best first; -fopenmp alone still gives a multi-core build, the last one at least builds.
-    for flags in (["-O3", "-std=c++17", "-march=native", "-fopenmp"], ["-O3", "-std=c++17", "-fopenmp"],
-                  ["-O3", "-std=c++17"]):
+    for flags in flag_sets:
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                          _cpu_fingerprint().encode()])).hexdigest()[:20]
         target = _cache_dir() / f"cpu_attention_{key}.so"
@@ -214,9 +223,10 @@ def cpu_decode_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     qf = q.float().contiguous()
     if out is None:
         out = torch.empty(b, hq, d, dtype=torch.float32)
-    elif out.dtype != torch.float32 or tuple(out.shape) != (b, hq, d) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 ({b}, {hq}, {d}) tensor, got {out.dtype} "
-                         f"{tuple(out.shape)}.")
+    elif (out.dtype != torch.float32 or tuple(out.shape) != (b, hq, d) or not out.is_contiguous()
+          or out.device.type != "cpu"):
+        raise ValueError(f"out must be a contiguous CPU float32 ({b}, {hq}, {d}) tensor, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}.")
     valid_ptr, valid_stride = None, 0
     if key_valid is not None:
         kv = key_valid if key_valid.stride(-1) == 1 else key_valid.contiguous()

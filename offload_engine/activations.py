@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .tiers import Storage, Tier
-from .transfer import Mover, Pending
+from .io.tiers import Storage, Tier
+from .io.transfer import Mover, Pending
 
 
 class ActivationStore:

@@ -17,7 +17,7 @@ class BatchState:
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0  # tokens already in the KV cache
         self.padded = False
-        self._masks: dict[tuple[str, int, int], torch.Tensor | None] = {}
+        self._masks: dict[tuple, torch.Tensor | None] = {}
         # Device-side copies of what a captured decode step reads (static shapes, no host values).
         self.static = False
         self.length_t = torch.zeros((), dtype=torch.int64, device=device)
@@ -50,6 +50,14 @@ class BatchState:
         key = (str(device), self.length, num_new)
         if key not in self._masks:
             self._masks[key] = padding_mask(self.key_valid[:, : self.length + num_new], num_new).to(device)
+        return self._masks[key]
+
+    def valid_on(self, device: torch.device) -> torch.Tensor:
+        """key_valid up to and including the current step's new token, on `device` (one copy per
+        step, shared by every layer)."""
+        key = ("valid", str(device), self.length)
+        if key not in self._masks:
+            self._masks[key] = self.key_valid[:, : self.length + 1].to(device)
         return self._masks[key]
 
     def static_mask(self) -> torch.Tensor:

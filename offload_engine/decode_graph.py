@@ -21,7 +21,7 @@ from .schedule import Scheduler
 
 def graphs_apply(policy, plan, device: torch.device, profiling: bool) -> str | None:
     """Why the decode step cannot be captured, or None when it can."""
-    from .tiers import Tier
+    from .io.tiers import Tier
 
     if not policy.cuda_graphs:
         return "--no-cuda-graphs"

@@ -32,8 +32,9 @@ from .models import build_layers
 from .profiler import Profiler
 from .sampling import GenerationConfig, sample
 from .schedule import Scheduler
-from .tiers import DeviceStorage, DiskStorage, HostStorage, Tier, check_writable
-from .transfer import Mover
+from .io.tiers import DeviceStorage, DiskStorage, HostStorage, Tier, check_writable
+from .io.disk_relay import DiskRelay, DiskRelaySettings
+from .io.transfer import Mover
 from .weight_store import WeightStore
 from .weights import dummy_weights, load_checkpoint
 
@@ -53,6 +54,7 @@ class EngineOptions:
     profile: bool = False
     progress: bool = True
     eager_static_decode: bool = False  # run the graph-capturable decode step without capturing (tests)
+    disk_relay: DiskRelaySettings = field(default_factory=lambda: DiskRelaySettings())
 
 
 @dataclass
@@ -96,8 +98,12 @@ class Engine:
         self.plan: MemoryPlan = self._plan(opts)
 
         self.profiler = Profiler(opts.profile)
-        self.mover = Mover(self.device, policy.overlap, self.profiler)
         self.disk = DiskStorage(Path(opts.offload_dir))
+        relay = None
+        if policy.uses_disk:
+            r = opts.disk_relay
+            relay = DiskRelay(r.ring_bytes, r.chunk_bytes, r.threads, direct=r.direct, device=self.device)
+        self.mover = Mover(self.device, policy.overlap, self.profiler, relay=relay, disk=self.disk)
         cpu = self.plan.tiers[Tier.CPU]
         pinned = self.plan.persistent_bytes(Tier.CPU) - (0 if policy.pin_weight else cpu.weights)
         self.storages = {Tier.GPU: DeviceStorage(self.device), Tier.CPU: HostStorage(True, pinned), Tier.DISK: self.disk}
@@ -152,8 +158,10 @@ class Engine:
         """
         caps = self._caps(opts)
         error = None
+        relay = opts.disk_relay.host_bytes() if self.policy.uses_disk else 0
         for slots in [self.policy.weight_buffers] if self.policy.weight_buffers else [3, 2]:
-            plan = plan_memory(self.layers, self.policy, self.workload, self.dtype, self.model.hidden_size, slots)
+            plan = plan_memory(self.layers, self.policy, self.workload, self.dtype, self.model.hidden_size, slots,
+                               relay_bytes=relay)
             try:
                 plan.check(*caps)
                 break
@@ -184,8 +192,10 @@ class Engine:
         return gpu, cpu, disk
 
     def allocated_bytes(self) -> dict[Tier, int]:
-        """Bytes the engine holds per tier (persistent allocations)."""
+        """Bytes the engine holds per tier (persistent allocations, the disk relay's ring included)."""
         out = {t: s.allocated_bytes for t, s in self.storages.items()}
+        if self.mover.relay is not None:
+            out[Tier.CPU] += self.mover.relay.ring_bytes + 4096
         if self.weight_host is not self.storages[Tier.CPU]:
             out[Tier.CPU] += self.weight_host.allocated_bytes
         return out

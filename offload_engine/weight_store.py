@@ -16,8 +16,8 @@ from policies.memory import MemoryPlan
 
 from .models.base import Layer
 from .models.ops import PackedWeight
-from .tiers import ALIGN, Storage, Tier, round_up
-from .transfer import Mover, Pending
+from .io.tiers import ALIGN, Storage, Tier, round_up
+from .io.transfer import Mover, Pending
 
 
 class WeightStore:

@@ -11,7 +11,7 @@ import torch
 
 from offload_engine.errors import EngineError
 from offload_engine.models.base import Layer
-from offload_engine.tiers import Tier, round_up, tensor_bytes
+from offload_engine.io.tiers import Tier, round_up, tensor_bytes
 
 from .placement import EvenSplit, Policy, assign_tiers
 
@@ -131,7 +131,8 @@ def kv_token_bytes(num_heads: int, head_dim: int, policy: Policy, itemsize: int)
 
 
 def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torch.dtype,
-                hidden_size: int, weight_slots: int = 2) -> MemoryPlan:
+                hidden_size: int, weight_slots: int = 2, relay_bytes: int = 0) -> MemoryPlan:
+    """`relay_bytes`: the pinned ring of the disk relay (counted as CPU buffers when disk is used)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
 
     # Weights: one entry per checkpoint key, in layer order.
@@ -193,7 +194,8 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
     plan.tiers[Tier.GPU].kv_cache += off_gpu * hot_item
     gpu = plan.tiers[Tier.GPU]
     gpu.buffers = weight_slots * weight_slot + plan.kv_slots * kv_item
-    plan.tiers[Tier.CPU].buffers = plan.kv_staging_slots * prompt_item + plan.kv_scratch_slots * scratch_item
+    plan.tiers[Tier.CPU].buffers = plan.kv_staging_slots * prompt_item + plan.kv_scratch_slots * scratch_item \
+        + relay_bytes
     # Working memory: the largest layer forward, its input and output, the resident hidden
     # states of the other gpu batches, the attention mask and one prefetched input.
     layer_work = max(layer.working_bytes(b, work.prompt_len, itemsize) for layer in layers)

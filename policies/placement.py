@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from offload_engine.errors import EngineError
-from offload_engine.tiers import Tier
+from offload_engine.io.tiers import Tier
 
 from .kv_policy import Compression, KVSettings
 

@@ -10,7 +10,7 @@ from offload_engine.engine import Engine, EngineOptions
 from offload_engine.model_zoo import MODEL_CONFIGS
 from offload_engine.models import build_layers
 from offload_engine.sampling import GenerationConfig
-from offload_engine.tiers import Tier
+from offload_engine.io.tiers import Tier
 from policies import Compression, H2OConfig, KVSettings
 from policies.memory import Workload, plan_memory
 from policies.placement import Policy

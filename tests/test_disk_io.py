@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from offload_engine.disk_io import ALIGN, DiskRelay
+from offload_engine.io.disk_relay import ALIGN, DiskRelay
 from offload_engine.errors import EngineError
 
 CHUNK = 4 * ALIGN  # 16 KiB chunks, 4 of them in the ring: transfers of 100 KB cycle the ring

@@ -13,7 +13,7 @@ from offload_engine.sampling import GenerationConfig
 from policies import Compression, H2OConfig, KVSettings
 from policies.memory import Workload, plan_memory
 from policies.placement import Policy
-from offload_engine.tiers import Tier
+from offload_engine.io.tiers import Tier
 
 from conftest import random_prompts, rel_err, save_checkpoint, tiny_hf_llama, tiny_hf_opt
 

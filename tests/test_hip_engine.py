@@ -117,7 +117,7 @@ def test_hot_cache_too_small_is_refused(tmp_path):
 def test_plan_counts_the_hot_cache_not_the_whole_cache():
     from offload_engine.model_zoo import MODEL_CONFIGS
     from offload_engine.models import build_layers
-    from offload_engine.tiers import Tier
+    from offload_engine.io.tiers import Tier
     from policies.memory import plan_memory
 
     cfg = MODEL_CONFIGS["llama-3.1-8b"]

@@ -7,7 +7,7 @@ import torch
 from offload_engine.model_zoo import OPT_CONFIGS
 from offload_engine.engine import Engine, EngineOptions
 from offload_engine.models import build_layers
-from offload_engine.tiers import Tier
+from offload_engine.io.tiers import Tier
 from policies.memory import Workload, plan_memory
 from policies.placement import Policy, assign_tiers
 
@@ -37,6 +37,12 @@ def real_bytes(engine: Engine) -> dict[Tier, int]:
         add(Tier.CPU, k), add(Tier.CPU, v)
     for tier, home in zip(engine.acts.tiers, engine.acts.homes):
         add(tier, home)
+    for buffers in engine.kv.scratch:
+        for t in buffers:
+            add(Tier.CPU, t)
+    relay = engine.mover.relay
+    if relay is not None:  # the disk relay's pinned ring (plus its alignment slack)
+        out[Tier.CPU] += relay._arena.numel()
     return out
 
 

@@ -19,7 +19,7 @@ from offload_engine.cli.options import memory_size
 from offload_engine.engine import Engine, EngineOptions
 from offload_engine.model_zoo import OPT_CONFIGS
 from offload_engine.sampling import GenerationConfig
-from offload_engine.tiers import reclaim_stale_folders
+from offload_engine.io.tiers import reclaim_stale_folders
 from policies.memory import Workload
 from policies.placement import Policy
 
@@ -181,3 +181,25 @@ def test_tensors_the_config_does_not_use_are_refused(capsys, tmp_path, untied_op
     line = cli_error(capsys, "run", "--quiet", "--model", str(copy), "--prompt-len", "4", "--gen-len", "1",
                      "--offload-dir", str(tmp_path / "o"))
     assert "does not use" in line and "decoder.layers.1." in line
+
+
+def test_disk_full_mid_run_is_one_line_and_leaves_no_files(capsys, tmp_path, monkeypatch):
+    """The disk fills up while the KV cache is being written: one clear line, nothing left behind."""
+    import errno
+
+    import offload_engine.io.disk_relay as relay
+
+    real_pwrite, calls = relay.os.pwrite, {"n": 0}
+
+    def filling_up(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 40:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(relay.os, "pwrite", filling_up)
+    out = tmp_path / "r.json"
+    line = cli_error(capsys, "run", "--quiet", "--percent", "100", "0", "0", "0", "100", "0", "--gen-len", "6",
+                     "--offload-dir", str(tmp_path / "o"), "--json", str(out))
+    assert "No space left on device" in line and "--offload-dir" in line
+    assert not out.exists() and not engine_files(tmp_path / "o")

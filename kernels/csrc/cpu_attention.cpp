@@ -6,6 +6,7 @@
 // runs an fp32 softmax over the (rep, T) score rows (they stay in L1/L2), then reads its
 // values once. Cache elements (fp16 / bf16 / fp32) are converted to fp32 in registers
 // (F16C / AVX-512 when the compiler targets them, a scalar loop otherwise).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -220,7 +221,11 @@ void run(const float* q, const char* k, const char* v, const uint8_t* valid, flo
          int64_t valid_sb, int nthreads) {
   constexpr int64_t es = DT == F32 ? 4 : 2;
   const int64_t rep = Hq / Hkv, tasks = B * Hkv;
-#pragma omp parallel num_threads(nthreads)
+  // Waking a thread costs microseconds (milliseconds on a busy host): give each at least ~64K
+  // cached values, and run small calls on the calling thread alone.
+  const int64_t by_work = 2 * tasks * T * D / (int64_t(1) << 16);
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(nthreads), tasks, by_work})));
+#pragma omp parallel num_threads(threads)
   {
     std::vector<float> scores(static_cast<size_t>(T * rep)), mx(static_cast<size_t>(rep)),
         sum(static_cast<size_t>(rep));
@@ -247,10 +252,14 @@ int cpu_decode_attention(const float* q, const void* k, const void* v, const uin
                          int64_t ksb, int64_t ksh, int64_t kst, int64_t vsb, int64_t vsh, int64_t vst,
                          int64_t valid_sb, int dtype, int nthreads) {
   auto kc = static_cast<const char*>(k), vc = static_cast<const char*>(v);
+  auto go = [&](auto kernel) {
+    kernel(q, kc, vc, valid, out, B, Hq, Hkv, T, D, ksb, ksh, kst, vsb, vsh, vst, valid_sb, nthreads);
+    return 0;
+  };
   switch (dtype) {
-    case F32: run<F32>(q, kc, vc, valid, out, B, Hq, Hkv, T, D, ksb, ksh, kst, vsb, vsh, vst, valid_sb, nthreads); return 0;
-    case F16: run<F16>(q, kc, vc, valid, out, B, Hq, Hkv, T, D, ksb, ksh, kst, vsb, vsh, vst, valid_sb, nthreads); return 0;
-    case BF16: run<BF16>(q, kc, vc, valid, out, B, Hq, Hkv, T, D, ksb, ksh, kst, vsb, vsh, vst, valid_sb, nthreads); return 0;
+    case F32: return go(run<F32>);
+    case F16: return go(run<F16>);
+    case BF16: return go(run<BF16>);
     default: return 1;
   }
 }

@@ -15,7 +15,7 @@ from ..config import ModelConfig
 from ..metrics import RunMetrics, check_output_file, git_commit, hardware, peak_memory, report, write_json_atomic
 from ..model_zoo import resolve_model
 from ..sampling import GenerationConfig
-from ..tiers import Tier
+from ..io.tiers import Tier
 from .options import (add_model_args, add_policy_args, add_resource_args, add_sampling_args, engine_options,
                       policy_from_args, positive_int)
 

@@ -7,6 +7,7 @@ import torch
 from ..batch import BatchState
 from ..profiler import Profiler
 from kernels.attention import attention
+from kernels.cpu_attention import cpu_decode_attention
 
 from .codec import token_major_attention
 from .store import CacheLocation, Item, KVCacheStore
@@ -88,7 +89,10 @@ class CpuCacheAccess:
             order = (2, 0, 1, *range(3, self.k_home.dim()))  # token-major views of the head-major homes
             keys, values = self.k_home.permute(order), self.v_home.permute(order)
             if self.codec.packed:
-                out = self.codec.attend(q_c, keys, values, t + s, None, self.state.key_valid[:, :t + s].to(cpu))
+                out = self.codec.attend(q_c, keys, values, t + s, None, self.state.valid_on(cpu))
+            elif s == 1:  # decode: one pass over the cache at host-memory bandwidth
+                out = cpu_decode_attention(q_c[:, 0], self.k_home[:, :, :t + 1], self.v_home[:, :, :t + 1],
+                                           self.state.valid_on(cpu))[:, None]
             else:
                 out = self.codec.attend(q_c, keys, values, t + s, self.state.mask(s, cpu))
         return out.to(q.device)

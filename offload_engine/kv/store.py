@@ -21,8 +21,8 @@ from policies.memory import MemoryPlan
 from ..batch import BatchState
 from ..models.base import Layer
 from ..profiler import Profiler
-from ..tiers import Storage, Tier
-from ..transfer import Mover, Pending
+from ..io.tiers import Storage, Tier
+from ..io.transfer import Mover, Pending
 
 Item = tuple[int, int]  # (layer index, gpu batch)
 
@@ -64,6 +64,9 @@ class KVCacheStore:
             shape = head_shape if major else token_shape
             self.homes[(j, k)] = (tier, st.allocate(shape, codec.dtype, f"kv_{j}_{k}_k"),
                                   st.allocate(shape, codec.dtype, f"kv_{j}_{k}_v"))
+            if tier == Tier.GPU:  # a captured decode step attends unwritten (masked) slots: no NaN there
+                self.homes[(j, k)][1].zero_()
+                self.homes[(j, k)][2].zero_()
             self.head_major[(j, k)] = major
             self.last_store[(j, k)] = []
         gpu, cpu = storages[Tier.GPU], storages[Tier.CPU]

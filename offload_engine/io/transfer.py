@@ -4,6 +4,10 @@ On a GPU, loads and stores run on their own CUDA streams; disk reads and writes 
 background threads. Every copy returns a `Pending`; the consumer calls `wait()` before use.
 Without overlap (or without a GPU) copies run inline, except disk I/O, which still goes to
 threads when overlap is on so that it runs beside compute.
+
+Contiguous disk tensors go through the disk relay (disk_relay.py): large pread/pwrite on
+worker threads into a ring of pinned buffers and asynchronous copies from there, instead of a
+pageable, page-faulting copy from the memory mapping.
 """
 from __future__ import annotations
 
@@ -13,33 +17,43 @@ from typing import Sequence
 
 import torch
 
-from .profiler import Profiler
+from ..profiler import Profiler
 
 
 class Pending:
-    """A copy in flight."""
+    """A copy in flight: a CUDA event, a future of one (or of a relay transfer), or nothing."""
 
-    __slots__ = ("event", "future")
+    __slots__ = ("event", "future", "handle")
 
-    def __init__(self, event: "torch.cuda.Event | None" = None, future: Future | None = None):
+    def __init__(self, event: "torch.cuda.Event | None" = None, future: Future | None = None, handle=None):
         self.event = event
         self.future = future
+        self.handle = handle  # a disk relay transfer (has wait/synchronize)
 
     def _resolve(self) -> None:
         future = self.future  # may be resolved by several threads at once
         if future is not None:
-            self.event = future.result()
+            result = future.result()
+            if hasattr(result, "synchronize"):
+                if isinstance(result, torch.cuda.Event):
+                    self.event = result
+                else:
+                    self.handle = result
             self.future = None
 
     def wait(self) -> None:
         """Order the current stream after this copy; block the host for disk I/O."""
         self._resolve()
+        if self.handle is not None:
+            self.handle.wait()
         if self.event is not None:
             torch.cuda.current_stream().wait_event(self.event)
 
     def synchronize(self) -> None:
         """Block the host until the copy is done."""
         self._resolve()
+        if self.handle is not None:
+            self.handle.synchronize()
         if self.event is not None:
             self.event.synchronize()
 
@@ -48,9 +62,11 @@ DONE = Pending()
 
 
 class Mover:
-    def __init__(self, device: torch.device, overlap: bool, profiler: Profiler, io_threads: int = 4):
+    def __init__(self, device: torch.device, overlap: bool, profiler: Profiler, io_threads: int = 4,
+                 relay=None, disk=None):
         self.cuda = device.type == "cuda"
         self.profiler = profiler
+        self.relay, self.disk = relay, disk  # DiskRelay, and the DiskStorage that knows the files
         self.load_stream = torch.cuda.Stream(device) if self.cuda and overlap else None
         self.store_stream = torch.cuda.Stream(device) if self.cuda and overlap else None
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="disk-io") if overlap else None
@@ -58,10 +74,16 @@ class Mover:
     def load(self, dst: torch.Tensor, src: torch.Tensor, category: str, from_disk: bool = False,
              after: Sequence[Pending] = ()) -> Pending:
         """dst (compute device) <- src (host or disk), after `after` and all compute issued so far."""
+        where = self._on_disk(src, dst) if from_disk else None
+        if where is not None:
+            return self._relay(lambda: self.relay.load(dst, *where), category, after)
         return self._copy(dst, src, self.load_stream, category, from_disk, after)
 
     def store(self, dst: torch.Tensor, src: torch.Tensor, category: str, to_disk: bool = False) -> Pending:
         """dst (host or disk) <- src (compute device), after the compute that produced src."""
+        where = self._on_disk(dst, src) if to_disk else None
+        if where is not None:  # the relay orders itself after the compute issued so far
+            return self._relay(lambda: self.relay.store(src, *where), category, ())
         if self.store_stream is not None:
             src.record_stream(self.store_stream)  # keep src's memory until the copy is done
         return self._copy(dst, src, self.store_stream, category, to_disk, ())
@@ -95,6 +117,30 @@ class Mover:
             return Pending(future=self.pool.submit(run))
         return Pending(event=run())
 
+    def _on_disk(self, disk_side: torch.Tensor, other: torch.Tensor):
+        if self.relay is None or not other.is_contiguous():
+            return None
+        return self.disk.locate(disk_side)
+
+    def _relay(self, start, category: str, after: Sequence[Pending]) -> Pending:
+        """Start a relay transfer once `after` is done (host writes through the mapping must land
+        before the relay reads the file); time it when profiling."""
+        def run():
+            for p in after:
+                p.synchronize()
+            if not self.profiler.enabled:
+                return start()
+            with self.profiler.span(category, None, host=True):
+                handle = start()
+                handle.synchronize()
+            return handle
+
+        if self.pool is None and not after:
+            return Pending(handle=start())
+        if self.pool is None:
+            return Pending(handle=run())
+        return Pending(future=self.pool.submit(run))
+
     def on_host(self, fn) -> Pending:
         """Run host-side work (e.g. a copy between host buffers) beside compute when overlapping."""
         if self.pool is None:
@@ -105,3 +151,5 @@ class Mover:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
+        if self.relay is not None:
+            self.relay.close()

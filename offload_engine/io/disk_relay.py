@@ -32,6 +32,7 @@ Host memory: the ring is the only host memory the relay holds: `DiskRelay.host_b
 from __future__ import annotations
 
 import errno
+from dataclasses import dataclass
 import os
 import queue
 import threading
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import EngineError
+from ..errors import EngineError
 
 ALIGN = 4096  # covers 512-byte and 4 KiB logical blocks
 MAX_OPEN_FILES = 64  # a model has hundreds of files but only a few are busy at a time
@@ -266,6 +267,24 @@ def _write_all(dfd: int | None, fd: int, mv: memoryview, pos: int) -> None:
         if n == 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         done += n
+
+
+@dataclass(frozen=True)
+class DiskRelaySettings:
+    """The relay an engine builds when its policy puts anything on disk.
+
+    Default buffered I/O: a disk tensor the page cache holds (a model smaller than host memory)
+    reads at memory speed, which O_DIRECT would forgo; `direct` (--direct-io) is for models
+    bigger than host memory, where the page cache only doubles the reads.
+    """
+
+    ring_bytes: int = 128 << 20
+    chunk_bytes: int = 8 << 20
+    threads: int = 4
+    direct: bool = False
+
+    def host_bytes(self) -> int:
+        return DiskRelay.host_bytes(self.ring_bytes, self.chunk_bytes)
 
 
 class DiskRelay:

@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 import torch
 
-from .errors import EngineError
+from ..errors import EngineError
 
 ALIGN = 256
 
@@ -132,6 +132,7 @@ class DiskStorage(Storage):
         self.offload_dir = Path(offload_dir)
         self.directory: Path | None = None
         self._files: list[Path] = []
+        self._spans: list[tuple[int, int, Path]] = []  # (first byte address, end address, file) per mapping
 
     def _allocate(self, shape, dtype, name):
         if self.directory is None:
@@ -142,7 +143,20 @@ class DiskStorage(Storage):
         nbytes = max(tensor_bytes(shape, dtype), 1)
         mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(nbytes,))
         self._files.append(path)
-        return torch.from_numpy(mm).view(dtype)[: int(np.prod(shape))].view(shape)
+        tensor = torch.from_numpy(mm)
+        self._spans.append((tensor.data_ptr(), tensor.data_ptr() + nbytes, path))
+        return tensor.view(dtype)[: int(np.prod(shape))].view(shape)
+
+    def locate(self, t: torch.Tensor) -> tuple[Path, int] | None:
+        """(file, byte offset) of a contiguous view of a disk tensor: what the disk relay reads and
+        writes with pread/pwrite instead of page-faulting through the memory mapping."""
+        if not t.is_contiguous() or t.device.type != "cpu":
+            return None
+        start = t.data_ptr()
+        for first, end, path in self._spans:
+            if first <= start and start + t.numel() * t.element_size() <= end:
+                return path, start - first
+        return None
 
     def file_bytes(self) -> int:
         return sum(p.stat().st_size for p in self._files if p.exists())
@@ -154,6 +168,7 @@ class DiskStorage(Storage):
             except FileNotFoundError:
                 pass
         self._files.clear()
+        self._spans.clear()
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None

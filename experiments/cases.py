@@ -1,0 +1,263 @@
+"""The benchmark cases of `experiments/bench_suite.py`: this engine beside the published FlexGen.
+
+A case is one workload (model, prompt and generated lengths, GPU cap) with the flags of each
+system. Why a table of frozen dataclasses rather than flags on the command line: the same
+policy must reach both systems spelled the way each parses it, a case's settings are hashed
+into the key that makes a rerun skip finished runs, and the table is checked as a whole
+(`validate`) before any device time is spent.
+
+FlexGen's runs are expensive, so several of our cases name one FlexGen run as their `peer`:
+a case either carries FlexGen flags itself (and is its own peer) or names another case that
+does, with the same model, lengths and GPU cap. H2O cases run FlexGen's plain policy: FlexGen
+has no H2O.
+
+Sizes were checked with the engine's own memory planner (`bench_suite.py --dry-run` prints the
+plan of every candidate): OPT-30B fp16 weights are 56 GiB; the lent machine has 125 GiB of RAM
+and a 64 GiB disk. Times (`est_s`) are first guesses from earlier device runs (OPT-30B: about
+100 s of start-up, dummy weights and pinned memory, before the timed part); once a run has
+finished, its measured wall time replaces the guess.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+Batch = tuple[int, int]  # (gpu_batch_size, num_gpu_batches)
+ALL_GPU = (100, 0, 100, 0, 100, 0)
+OPT30B_CUT_GEN_LEN = 5  # FlexGen's OPT-30B runs decode 5 steps and extrapolate, as the shared baseline did
+
+
+@dataclass(frozen=True)
+class SystemPolicy:
+    """Flags both systems share. The batch tried first is (gpu_batch_size, num_gpu_batches);
+    `batch_candidates` are tried next, in order, while a batch does not fit (refused by our
+    planner, or out of memory), so a case runs the largest batch that fits the machine."""
+
+    percent: tuple[float, ...]
+    gpu_batch_size: int
+    num_gpu_batches: int = 1
+    cpu_cache_compute: bool = False
+    compress_weight: bool = False
+    compress_cache: bool = False
+    batch_candidates: tuple[Batch, ...] = ()
+    extra: tuple[str, ...] = ()
+    est_s: float = 120.0  # guessed wall time of one run (all candidates), until one is measured
+
+    def batches(self) -> tuple[Batch, ...]:
+        return ((self.gpu_batch_size, self.num_gpu_batches),) + tuple(self.batch_candidates)
+
+    @property
+    def uses_disk(self) -> bool:
+        p = self.percent
+        return any(p[i] + p[i + 1] < 100 for i in (0, 2, 4))
+
+    def common_flags(self, batch: Batch) -> list[str]:
+        flags = ["--percent", *(f"{p:g}" for p in self.percent),
+                 "--gpu-batch-size", str(batch[0]), "--num-gpu-batches", str(batch[1])]
+        for on, flag in ((self.cpu_cache_compute, "--cpu-cache-compute"),
+                         (self.compress_weight, "--compress-weight"), (self.compress_cache, "--compress-cache")):
+            if on:
+                flags.append(flag)
+        return flags
+
+
+@dataclass(frozen=True)
+class Ours(SystemPolicy):
+    kv_policy: str = "full"  # full | h2o | sink | hip
+    hh_ratio: float | None = None
+    recent_ratio: float | None = None
+    cuda_graphs: bool | None = None  # None: the engine's default; only for an engine that has the flag
+
+    def flags(self, batch: Batch) -> list[str]:
+        flags = self.common_flags(batch)
+        if self.kv_policy != "full":
+            flags += ["--kv-policy", self.kv_policy]
+            flags += ["--hh-ratio", f"{self.hh_ratio:g}"] if self.hh_ratio is not None else []
+            flags += ["--recent-ratio", f"{self.recent_ratio:g}"] if self.recent_ratio is not None else []
+        if self.cuda_graphs is not None:
+            flags.append("--cuda-graphs" if self.cuda_graphs else "--no-cuda-graphs")
+        return flags + list(self.extra)
+
+
+@dataclass(frozen=True)
+class FlexGen(SystemPolicy):
+    cut_gen_len: int | None = None  # None: the suite's default (5 for OPT-30B); 0: decode every step
+    overlap: bool = True
+
+    def flags(self, batch: Batch) -> list[str]:
+        flags = self.common_flags(batch)
+        if not self.overlap:
+            flags += ["--overlap", "False"]
+        return flags + list(self.extra)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    model: str  # our name (opt-6.7b); FlexGen gets facebook/<model>
+    prompt_len: int
+    gen_len: int
+    gpu_cap_gib: float | None
+    ours: Ours | None
+    flexgen: FlexGen | None
+    peer: str | None = None  # the case whose FlexGen run this one is compared with (default: itself)
+    note: str = ""
+
+    def peer_name(self) -> str | None:
+        return self.peer or (self.name if self.flexgen else None)
+
+    def policy(self, system: str) -> SystemPolicy | None:
+        return self.ours if system == "ours" else self.flexgen
+
+
+H2O = dict(kv_policy="h2o", hh_ratio=0.1, recent_ratio=0.1)  # the paper's 20% budget
+
+_CASES = [
+    # --- all on the GPU -------------------------------------------------------------------------
+    Case("opt6.7b-gpu-b32", "opt-6.7b", 512, 32, None,
+         Ours(ALL_GPU, 32, est_s=20), FlexGen(ALL_GPU, 32, est_s=40),
+         note="the README's first headline case"),
+    Case("opt6.7b-gpu-bmax", "opt-6.7b", 512, 32, None,
+         Ours(ALL_GPU, 256, batch_candidates=((192, 1), (160, 1), (128, 1)), est_s=60), None,
+         peer="opt6.7b-gpu-b32",
+         note="ours only: the largest batch that fits (planned 92.5 GiB at 256: H200; 72.5 at 192: H100)"),
+    # --- OPT-30B on a GPU capped at 16 GiB, KV cache and attention on the CPU --------------------
+    Case("opt30b-cap16-cpuattn", "opt-30b", 512, 32, 16,
+         Ours((20, 80, 0, 100, 0, 100), 24, 2, cpu_cache_compute=True, est_s=180),
+         FlexGen((20, 80, 0, 100, 0, 100), 24, 2, cpu_cache_compute=True, est_s=110),
+         note="the README's second headline case"),
+    # --- disk -----------------------------------------------------------------------------------
+    Case("opt6.7b-disk-weights", "opt-6.7b", 512, 32, None,
+         Ours((0, 50, 100, 0, 100, 0), 32, est_s=180), FlexGen((0, 50, 100, 0, 100, 0), 32, est_s=180),
+         note="half of the weights (6.2 GiB) read from disk every step, the rest streamed from CPU; "
+              "ours reads with O_DIRECT, FlexGen through numpy memmaps (page cache)"),
+    Case("opt6.7b-disk-weights-kv", "opt-6.7b", 512, 32, None,
+         Ours((0, 50, 0, 50, 100, 0), 32, est_s=260), FlexGen((0, 50, 0, 50, 100, 0), 32, est_s=240),
+         note="weights and KV cache half on CPU, half on disk (10.5 GiB on disk)"),
+    Case("opt30b-disk", "opt-30b", 512, 32, 16,
+         Ours((20, 50, 0, 100, 0, 100), 24, 2, cpu_cache_compute=True, est_s=450),
+         FlexGen((20, 50, 0, 100, 0, 100), 24, 2, cpu_cache_compute=True, est_s=200),
+         note="30% of the weights (16.9 GiB) on disk, 50% (28 GiB) and the KV cache (33.5 GiB) in RAM; "
+              "ours decodes all 32 steps from disk: the longest 512+32 case"),
+    # --- compression (4-bit, group 64) ------------------------------------------------------------
+    Case("opt6.7b-compress-b72", "opt-6.7b", 512, 32, None,
+         Ours(ALL_GPU, 72, compress_weight=True, compress_cache=True, est_s=30),
+         FlexGen(ALL_GPU, 72, compress_weight=True, compress_cache=True, est_s=50),
+         note="FlexGen's published compressed setting for OPT-6.7B"),
+    Case("opt6.7b-compress-bmax", "opt-6.7b", 512, 32, None,
+         Ours(ALL_GPU, 768, compress_weight=True, compress_cache=True,
+              batch_candidates=((640, 1), (512, 1), (384, 1), (256, 1)), est_s=90), None,
+         peer="opt6.7b-compress-b72", note="ours only: the largest compressed batch that fits"),
+    Case("opt30b-compress-cap16", "opt-30b", 512, 32, 16,
+         Ours((0, 100, 0, 100, 0, 100), 64, 4, compress_cache=True, batch_candidates=((64, 3),), est_s=260),
+         FlexGen((0, 100, 0, 100, 0, 100), 64, 4, compress_cache=True, batch_candidates=((64, 3),), est_s=220),
+         note="FlexGen's compressed OPT-30B policy with 4 GPU batches instead of 8: 64x8 sequences of 544 "
+              "4-bit tokens are 100 GiB of KV cache next to 56 GiB of weights (160 GiB planned, the machine "
+              "has 125); 64x4 plans 108 GiB"),
+    Case("opt30b-compress-both-cap16", "opt-30b", 512, 32, 16,
+         Ours((0, 100, 0, 100, 0, 100), 64, 7, compress_weight=True, compress_cache=True,
+              batch_candidates=((64, 6), (64, 4)), est_s=280),
+         FlexGen((0, 100, 0, 100, 0, 100), 64, 7, compress_weight=True, compress_cache=True,
+                 batch_candidates=((64, 6), (64, 4)), est_s=240),
+         note="weights 4-bit too (15.7 GiB): 64x7 plans 107 GiB of RAM (64x8 would need 120)"),
+    # --- H2O, 20% KV budget, GPU capped at 16 GiB (ours only; FlexGen runs its plain policy) ------
+    Case("opt30b-h2o-512+32", "opt-30b", 512, 32, 16,
+         Ours((10, 90, 0, 100, 0, 100), 64, 6, cpu_cache_compute=True, **H2O,
+              batch_candidates=((48, 6), (48, 4), (32, 4), (24, 2)), est_s=260), None,
+         peer="opt30b-cap16-cpuattn",
+         note="H2O keeps 103 of 544 tokens: large batches fit in RAM; 10% of the weights on the GPU "
+              "leaves room for the working memory of a 64-sequence GPU batch"),
+    Case("opt30b-h2o-512+512", "opt-30b", 512, 512, 16,
+         Ours((10, 90, 0, 100, 0, 100), 64, 6, cpu_cache_compute=True, **H2O,
+              batch_candidates=((48, 6), (48, 4), (32, 4)), est_s=900),
+         FlexGen((20, 80, 0, 100, 0, 100), 20, 2, cpu_cache_compute=True, batch_candidates=((16, 2),), est_s=150),
+         note="511 decode steps of at least 1 s (50 GiB of weights over PCIe each): longer than one "
+              "10-minute call; run it detached (see bench_suite.py). FlexGen extrapolates from 5 steps, "
+              "so its growing attention cost is underestimated"),
+    Case("opt30b-h2o-1024+1024", "opt-30b", 1024, 1024, 16,
+         Ours((10, 90, 0, 100, 0, 100), 32, 6, cpu_cache_compute=True, **H2O,
+              batch_candidates=((32, 4), (24, 4), (16, 4)), est_s=1500),
+         FlexGen((20, 80, 0, 100, 0, 100), 8, 2, cpu_cache_compute=True, batch_candidates=((6, 2),), est_s=200),
+         note="1023 decode steps: about 20-25 minutes; only a detached run with a 30-minute machine fits it"),
+    Case("opt6.7b-h2o-512+32", "opt-6.7b", 512, 32, 16,
+         Ours(ALL_GPU, 48, **H2O, batch_candidates=((40, 1), (32, 1), (24, 1), (16, 1)), est_s=40),
+         FlexGen(ALL_GPU, 12, batch_candidates=((8, 1), (4, 1)), est_s=60),
+         note="12.4 GiB of weights leave about 3 GiB under the cap: the full cache (272 MiB a sequence) fits "
+              "a handful of sequences, H2O's (52 MiB) several times more"),
+    Case("opt6.7b-h2o-512+512", "opt-6.7b", 512, 512, 16,
+         Ours(ALL_GPU, 48, **H2O, batch_candidates=((40, 1), (32, 1), (24, 1), (16, 1)), est_s=60),
+         FlexGen(ALL_GPU, 6, batch_candidates=((4, 1), (2, 1)), est_s=80)),
+    Case("opt6.7b-h2o-1024+1024", "opt-6.7b", 1024, 1024, 16,
+         Ours(ALL_GPU, 24, **H2O, batch_candidates=((16, 1), (12, 1), (8, 1)), est_s=90),
+         FlexGen(ALL_GPU, 3, batch_candidates=((2, 1), (1, 1)), est_s=120)),
+]
+CASES: dict[str, Case] = {c.name: c for c in _CASES}
+
+# `bench_suite.py --smoke`: this engine alone, end to end through the real runner on any machine
+# (FlexGen needs CUDA). The disk case's first batch exceeds its 1 GiB cap: it must fall back.
+SMOKE_CASES: dict[str, Case] = {c.name: c for c in [
+    Case("smoke-opt125m", "opt-125m", 32, 4, None, Ours(ALL_GPU, 4, est_s=60), None),
+    Case("smoke-opt125m-disk", "opt-125m", 32, 4, 1,
+         Ours((0, 50, 100, 0, 100, 0), 512, batch_candidates=((4, 1),), est_s=60), None),
+]}
+
+
+def validate(cases: dict[str, Case]) -> None:
+    """Check the table as a whole; one sentence per problem, raised as ValueError."""
+    for name, case in cases.items():
+        if name != case.name:
+            raise ValueError(f"case key '{name}' differs from its name '{case.name}': use the name as the key.")
+        if case.ours is None and case.flexgen is None:
+            raise ValueError(f"case {name} has neither ours nor flexgen flags: give it at least one system.")
+        peer = case.peer_name()
+        if peer is not None:
+            other = cases.get(peer)
+            if other is None or other.flexgen is None:
+                raise ValueError(f"case {name} names peer '{peer}', which is not a case with FlexGen flags: "
+                                 "name one that has them.")
+            if (other.model, other.prompt_len, other.gen_len, other.gpu_cap_gib) != \
+                    (case.model, case.prompt_len, case.gen_len, case.gpu_cap_gib):
+                raise ValueError(f"case {name} and its peer {peer} differ in model, lengths or GPU cap: "
+                                 "a peer must run the same workload.")
+        for system in ("ours", "flexgen"):
+            policy = case.policy(system)
+            if policy is not None:
+                _validate_policy(name, system, policy)
+
+
+def _validate_policy(name: str, system: str, p: SystemPolicy) -> None:
+    where = f"case {name} ({system})"
+    if len(p.percent) != 6:
+        raise ValueError(f"{where}: percent has {len(p.percent)} numbers: give 6.")
+    for i in (0, 2, 4):
+        if min(p.percent[i], p.percent[i + 1]) < 0 or p.percent[i] + p.percent[i + 1] > 100:
+            raise ValueError(f"{where}: percent pair {p.percent[i]:g} + {p.percent[i + 1]:g} is outside 0..100: "
+                             "lower one of them.")
+    sizes = [b * k for b, k in p.batches()]
+    if any(b < 1 or k < 1 for b, k in p.batches()) or sizes != sorted(sizes, reverse=True):
+        raise ValueError(f"{where}: batches {p.batches()} must be positive and in descending order of "
+                         "gpu_batch_size x num_gpu_batches: reorder batch_candidates.")
+    if system == "flexgen":
+        if any(float(x) != int(x) for x in p.percent):
+            raise ValueError(f"{where}: FlexGen takes whole percentages only: round {p.percent}.")
+        if 100 not in p.percent[4:6] and p.percent[4] + p.percent[5] != 0:
+            raise ValueError(f"{where}: FlexGen keeps activations 100% on one tier: use 100 0, 0 100 or 0 0.")
+        if p.compress_cache and not (100 in p.percent[2:4] or p.percent[2] + p.percent[3] == 0):
+            raise ValueError(f"{where}: FlexGen's compressed cache cannot be split across tiers: put it "
+                             "100% on one tier.")
+
+
+def select(patterns: list[str], cases: dict[str, Case] | None = None) -> list[str]:
+    """Case names matching the patterns (exact names or shell globs such as 'opt30b-*'), in table order."""
+    cases = CASES if cases is None else cases
+    chosen: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in cases if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(f"no case matches '{pattern}': see --list for the names.")
+        chosen += [n for n in hits if n not in chosen]
+    return [n for n in cases if n in chosen]
+
+
+validate(CASES)
+validate(SMOKE_CASES)

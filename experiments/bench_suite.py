@@ -60,7 +60,8 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from experiments.cases import CASES, OPT30B_CUT_GEN_LEN, SMOKE_CASES, Batch, Case, select, validate  # noqa: E402
+from experiments.cases import (ALL_GPU, CASES, OPT30B_CUT_GEN_LEN, SMOKE_CASES, Batch, Case, select,  # noqa: E402
+                              validate)
 
 SYSTEMS = ("ours", "flexgen")
 FINAL = ("ok", "error", "timeout", "no_fit")  # statuses a rerun skips; "budget" runs again
@@ -172,7 +173,10 @@ def ours_command(case: Case, batch: Batch, json_path: Path, offload_dir: Path) -
            "--gen-len", str(case.gen_len), *case.ours.flags(batch)]
     if case.gpu_cap_gib:
         cmd += ["--gpu-mem", f"{case.gpu_cap_gib:g}"]
-    return cmd + ["--offload-dir", str(offload_dir), "--json", str(json_path), "--profile", "--quiet"]
+    # --profile times each stream with events, which rules out the captured decode step: the
+    # all-GPU cases (where the step is captured) run without it, the offloaded ones report the split.
+    profile = ["--profile"] if tuple(case.ours.percent) != ALL_GPU else []
+    return cmd + ["--offload-dir", str(offload_dir), "--json", str(json_path), *profile, "--quiet"]
 
 
 def flexgen_cut(case: Case, default_30b: int) -> int | None:

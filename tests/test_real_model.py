@@ -20,7 +20,9 @@ from policies import Compression, H2OConfig, KVSettings
 from policies.memory import Workload
 from policies.placement import Policy
 
-from conftest import rel_err, transformers
+from conftest import rel_err, require_smollm2, transformers
+
+require_smollm2()
 
 CORPUS = Path(__file__).parent / "data" / "kjv-exodus-matthew-john.txt"
 PROMPT = "And God spake all these words, saying, I am the LORD thy God, which have brought thee out"

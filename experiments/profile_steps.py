@@ -30,11 +30,13 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=8)
     ap.add_argument("--percent", nargs=6, type=float, default=[100, 0, 100, 0, 100, 0])
     ap.add_argument("--cpu-cache-compute", action="store_true")
+    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--out", type=Path, default=Path("."))
     args = ap.parse_args()
     model = resolve_model(args.model, dummy=True).config
     model = replace(model, num_layers=args.layers)
-    policy = Policy.from_percent(args.percent, gpu_batch_size=args.batch, cpu_cache_compute=args.cpu_cache_compute)
+    policy = Policy.from_percent(args.percent, gpu_batch_size=args.batch, cpu_cache_compute=args.cpu_cache_compute,
+                                 cuda_graphs=args.cuda_graphs)
     engine = Engine(model, policy, Workload(args.prompt_len, args.gen_len), EngineOptions(progress=False))
     prompts = synthetic_prompts(model, args.batch, args.prompt_len, 0)
     cfg = GenerationConfig(max_new_tokens=args.gen_len)
@@ -47,8 +49,8 @@ def main() -> None:
         engine.generate(prompts, None, cfg)
         torch.cuda.synchronize()
         print(f"profiled generate: {time.perf_counter() - t0:.3f} s")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
     args.out.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(args.out / "trace.json"))
 

@@ -109,8 +109,9 @@ class Engine:
         self.storages = {Tier.GPU: DeviceStorage(self.device), Tier.CPU: HostStorage(True, pinned), Tier.DISK: self.disk}
         self.weight_host = self.storages[Tier.CPU] if policy.pin_weight else HostStorage(pin=False)
         # Runs close() once: explicitly, on garbage collection, or at interpreter exit.
+        capped = self.device if self.device.type == "cuda" and opts.gpu_mem_bytes else None
         self._finalizer = weakref.finalize(self, _release, self.mover, self.disk,
-                                           (self.storages[Tier.CPU], self.weight_host))
+                                           (self.storages[Tier.CPU], self.weight_host), capped)
         try:
             self._allocate_and_load(opts)
         except BaseException:
@@ -314,8 +315,11 @@ class Engine:
         self.close()
 
 
-def _release(mover: Mover, disk: DiskStorage, hosts: tuple[HostStorage, ...]) -> None:
+def _release(mover: Mover, disk: DiskStorage, hosts: tuple[HostStorage, ...],
+             capped: torch.device | None) -> None:
     mover.close()
     disk.cleanup()
     for storage in hosts:
         storage.release()
+    if capped is not None:  # the --gpu-mem cap is the engine's, not the process's: lift it
+        torch.cuda.set_per_process_memory_fraction(1.0, capped.index or 0)

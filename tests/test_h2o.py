@@ -135,7 +135,9 @@ def test_a_policy_that_fits_only_with_h2o(tmp_path):
     h2o = Policy(gpu_batch_size=64, kv=KVSettings("h2o", H2OConfig(0.1, 0.1)))
     need = [plan_memory(layers, p, work, torch.float32, 64).tiers[Tier.GPU].total for p in (full, h2o)]
     cap = (need[0] + need[1]) // 2
-    opts = dict(offload_dir=tmp_path, progress=False, gpu_mem_bytes=cap, cpu_mem_bytes=cap, dtype=torch.float32)
+    # On the CPU device: the accounting is the point, and a GPU cap is process-wide (other tests' tensors count).
+    opts = dict(offload_dir=tmp_path, progress=False, gpu_mem_bytes=cap, cpu_mem_bytes=cap, dtype=torch.float32,
+                device="cpu")
     with pytest.raises(EngineError, match="GPU tier needs") as refused:
         Engine(cfg, full, work, EngineOptions(**opts))
     assert f"{need[0] / 2**30:.2f} GiB" in str(refused.value) and "short" in str(refused.value)

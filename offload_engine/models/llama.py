@@ -47,6 +47,12 @@ class SelfAttention(Layer):
         self.kv_spec = KVSpec(self.cfg.kv_heads, self.cfg.head_dim, self.cfg.num_heads)
         self.inv_freq = rope_inv_freq(self.cfg)
 
+    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """The frequencies on the compute device, copied once (a captured step cannot copy)."""
+        if self.inv_freq.device != device:
+            self.inv_freq = self.inv_freq.to(device)
+        return self.inv_freq
+
     def weight_specs(self):
         c, key = self.cfg, f"layers.{self.index}"
         q_dim, kv_dim = c.num_heads * c.head_dim, c.kv_heads * c.head_dim
@@ -63,7 +69,8 @@ class SelfAttention(Layer):
         q = linear(h, w, "q_proj").view(b, s, c.num_heads, c.head_dim)
         k = linear(h, w, "k_proj").view(b, s, c.kv_heads, c.head_dim)
         v = linear(h, w, "v_proj").view(b, s, c.kv_heads, c.head_dim)
-        cos, sin = ctx.batch.cached("rope", lambda: rope_cos_sin(self.inv_freq, ctx.batch.positions, x.dtype))
+        cos, sin = ctx.batch.cached("rope", lambda: rope_cos_sin(self._inv_freq_on(x.device), ctx.batch.positions,
+                                                                 x.dtype))
         q = apply_rope(q, cos, sin) * c.head_dim ** -0.5
         k = apply_rope(k, cos, sin)
         out = ctx.kv.attend(q, k, v)

@@ -92,7 +92,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
     """cos, sin of shape (B, s, 1, head_dim) for positions (B, s), computed in float32."""
-    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from offload_engine.config import replace
 from offload_engine.model_zoo import resolve_model
 from offload_engine.engine import Engine, EngineOptions
-from offload_engine.runner import synthetic_prompts
+from offload_engine.cli.run import synthetic_prompts
 from offload_engine.sampling import GenerationConfig
 from policies.memory import Workload
 from policies.placement import Policy

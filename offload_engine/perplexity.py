@@ -9,7 +9,9 @@ How a KV policy is applied:
   key blocks per query block, as in generation's prefill);
 - H2O and the sink + recent baseline: token by token (decode steps fed the window's tokens), so
   every query sees the cache the policy kept: real eviction, or with `simulate` the paper's
-  masked simulation (dense attention over a full cache with the H2O mask).
+  masked simulation (dense attention over a full cache with the H2O mask);
+- a compressed KV cache: token by token too, since only decode steps read the stored (packed)
+  cache; a prefill attends over its own full-precision keys.
 """
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ def perplexity(model: ModelConfig, windows: torch.Tensor, kv: KVSettings, option
     if n > model.max_positions:
         raise EngineError(f"--context {n} exceeds {model.name}'s {model.max_positions} positions.")
     kv = _budgeted(kv, n)
-    token_by_token = kv.evicts
+    token_by_token = kv.evicts or (placement is not None and placement.compress_cache is not None)
     base = placement or Policy()
     t0 = time.perf_counter()
     nll_sum, scored = 0.0, 0

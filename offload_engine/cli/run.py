@@ -12,6 +12,7 @@ import torch
 from policies.memory import GiB, Workload
 
 from ..config import ModelConfig
+from ..errors import EngineError
 from ..metrics import RunMetrics, check_output_file, git_commit, hardware, peak_memory, report, write_json_atomic
 from ..model_zoo import resolve_model
 from ..sampling import GenerationConfig
@@ -41,6 +42,10 @@ def add_parser(sub) -> None:
     w = p.add_argument_group("workload")
     w.add_argument("--prompt-len", type=positive_int, default=32, help="prompt tokens per sequence (default: 32)")
     w.add_argument("--gen-len", type=positive_int, default=8, help="tokens to generate per sequence (default: 8)")
+    w.add_argument("--cut-gen-len", type=positive_int, default=None, metavar="N",
+                   help="plan for --gen-len but decode only N tokens and extrapolate the decode time to --gen-len, "
+                        "as FlexGen's option of the same name does (sound where a step's cost does not grow with "
+                        "the length, e.g. an H2O cache at its budget; the JSON records it)")
     add_policy_args(p)
     add_resource_args(p)
     add_sampling_args(p)
@@ -66,7 +71,10 @@ def execute(args: argparse.Namespace) -> dict:
 
     resolved = resolve_model(args.model, dummy=args.dummy)
     model, policy, work = resolved.config, policy_from_args(args), Workload(args.prompt_len, args.gen_len)
-    gen = GenerationConfig(max_new_tokens=args.gen_len, do_sample=args.do_sample, temperature=args.temperature,
+    if args.cut_gen_len is not None and not 2 <= args.cut_gen_len <= args.gen_len:
+        raise EngineError(f"--cut-gen-len {args.cut_gen_len} must be between 2 and --gen-len {args.gen_len}.")
+    decoded = args.cut_gen_len or args.gen_len
+    gen = GenerationConfig(max_new_tokens=decoded, do_sample=args.do_sample, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed, stop_token_id=args.stop_token)
     if args.json is not None:
         check_output_file(args.json)
@@ -86,7 +94,11 @@ def execute(args: argparse.Namespace) -> dict:
         engine.generate(prompts[:, -min(32, work.prompt_len):], None, GenerationConfig(max_new_tokens=warm))
         result = engine.generate(prompts, None, gen)
         hit_rate = engine.kv.policy.hit_rate() if hasattr(engine.kv.policy, "hit_rate") else None
-    metrics = RunMetrics(policy.batch_size, work.prompt_len, result.tokens.shape[1], result.prefill_s, result.decode_s)
+    steps = result.tokens.shape[1]
+    decode_s = result.decode_s
+    if args.cut_gen_len is not None and steps > 1:  # FlexGen's extrapolation: mean step time x all steps
+        decode_s, steps = result.decode_s / (steps - 1) * (work.gen_len - 1), work.gen_len
+    metrics = RunMetrics(policy.batch_size, work.prompt_len, steps, result.prefill_s, decode_s)
     sizes = {"model_gib": plan.model_bytes / GiB, "cache_gib": plan.cache_bytes / GiB,
              "hidden_gib": policy.batch_size * work.prompt_len * model.hidden_size * engine.dtype.itemsize / GiB}
     peaks = peak_memory()
@@ -104,6 +116,7 @@ def execute(args: argparse.Namespace) -> dict:
         "planned_gib": {t.value: plan.tiers[t].total / GiB for t in Tier},
         "decode_step_busy_s": result.decode_split_s, "hip_hot_cache_hit_rate": hit_rate,
         "cuda_graph": engine.decode_graph is not None, "cuda_graph_refusal": engine.graph_refusal,
+        "cut_gen_len": args.cut_gen_len,
         "hardware": hardware(), "commit": git_commit(),
         "command": sys.argv,
     }

@@ -5,7 +5,8 @@
 Rows (SmolLM2-135M on the KJV corpus by default): full attention; H2O at 5/10/20/50% (half heavy
 hitters, half recent; real eviction and the masked simulation); the sink + recent baseline at
 the same budgets; HiP at k = 128/256/512 (estimated selection, and the exact top-k blocks as its
-upper bound); 4-bit KV; H2O 20% with 4-bit KV. Each finished row is appended to
+upper bound); 4-bit KV; H2O 20% with 4-bit KV; 4-bit weights (groups of 64: the GGUF's Q4_1
+blocks of 32 re-quantized, FlexGen's setting); 4-bit weights and KV. Each finished row is appended to
 <out>/accuracy_<context>.jsonl at once, so an interrupted run resumes where it stopped;
 <out>/accuracy_<context>.md is the table (perplexity, change vs full, mean keys attended per
 query, KV bytes kept per sequence).
@@ -43,14 +44,17 @@ def h2o(budget: float, context: int, simulate=False, sinks=False) -> KVSettings:
 
 def rows_to_run(context: int, only: list[str] | None):
     q4 = Compression(4, 64)
-    rows = [("full", KVSettings(), None)]
+    rows = [("full", KVSettings(), {})]
     for b in BUDGETS:
-        rows += [(f"h2o {b:.0%}", h2o(b, context), None), (f"h2o {b:.0%} simulated", h2o(b, context, True), None),
-                 (f"sink+recent {b:.0%}", h2o(b, context, sinks=True), None)]
+        rows += [(f"h2o {b:.0%}", h2o(b, context), {}), (f"h2o {b:.0%} simulated", h2o(b, context, True), {}),
+                 (f"sink+recent {b:.0%}", h2o(b, context, sinks=True), {})]
     for k in HIP_KS:
-        rows += [(f"hip k={k}", KVSettings("hip", hip=HiPConfig(k=k)), None),
-                 (f"hip k={k} exact top-k", KVSettings("hip", hip=HiPConfig(k=k, exact=True)), None)]
-    rows += [("4-bit KV", KVSettings(), q4), ("h2o 20% + 4-bit KV", h2o(0.2, context), q4)]
+        rows += [(f"hip k={k}", KVSettings("hip", hip=HiPConfig(k=k)), {}),
+                 (f"hip k={k} exact top-k", KVSettings("hip", hip=HiPConfig(k=k, exact=True)), {})]
+    rows += [("4-bit KV", KVSettings(), dict(compress_cache=q4)),
+             ("h2o 20% + 4-bit KV", h2o(0.2, context), dict(compress_cache=q4)),
+             ("4-bit weights", KVSettings(), dict(compress_weight=q4)),
+             ("4-bit weights + 4-bit KV", KVSettings(), dict(compress_weight=q4, compress_cache=q4))]
     return [r for r in rows if not only or any(r[0].startswith(o) for o in only)]
 
 
@@ -83,12 +87,12 @@ def main() -> None:
     windows = text_windows(tokenizer.encode(args.text.read_text()), args.context, args.windows)
     options = EngineOptions(checkpoint=resolved.source, progress=False, device=args.device,
                             dtype=getattr(torch, args.dtype), offload_dir=args.out / "offload")
-    for name, kv, cache_quant in rows_to_run(args.context, args.only):
+    for name, kv, compression in rows_to_run(args.context, args.only):
         if name in done:
             continue
         t0 = time.time()
-        result = perplexity(resolved.config, windows, kv, options, Policy(compress_cache=cache_quant))
-        row = dict(result.as_dict(), name=name, compress_cache=cache_quant is not None, model=resolved.config.name,
+        result = perplexity(resolved.config, windows, kv, options, Policy(**compression))
+        row = dict(result.as_dict(), name=name, compression=sorted(compression), model=resolved.config.name,
                    text=args.text.name, commit=git_commit(), hardware=hardware()["gpu"] or "cpu")
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -15,9 +15,9 @@ One new query per sequence over a token-major (T_max, B, Hkv, D) fp16 cache whos
 GB/s = K+V bytes of the first `length` tokens / time (the padded variant reads fewer); the HBM
 bound is a large device-to-device copy measured in the same run. Every output is checked against
 the float64 reference (and SDPA) before anything is timed; the graph is replayed at a second
-length to show it reads the length from device memory. A sweep over num_splits, block_t and
-num_warps records what the default heuristic leaves on the table. Writes DIR/bench_decode_attention.json
-after every case and prints a table last.
+length to show it reads the length from device memory. A sweep over num_splits, block_t,
+num_warps and num_stages records what the defaults leave on the table. Writes
+DIR/bench_decode_attention.json after every case and prints a table last.
 """
 from __future__ import annotations
 
@@ -207,10 +207,12 @@ def run_case(name: str, b: int, hq: int, hkv: int, d: int, t_max: int, length: i
 
 
 def sweep(q, k, v, length_t, key_start, expected, t_max, args) -> list[dict]:
-    """ms of ours_pad per num_splits (default tile), block_t and num_warps (default splits)."""
+    """ms of ours_pad per num_splits (default tile), then per block_t, num_warps, num_stages (default
+    splits for that tile): one setting changed at a time from the launcher's defaults."""
     configs = [dict(num_splits=s) for s in ([1, 2] if args.smoke else [1, 2, 4, 8, 16, 32])]
     if not args.smoke:
-        configs += [dict(block_t=t) for t in (32, 64, 128)] + [dict(num_warps=w) for w in (2, 4, 8)]
+        configs += ([dict(block_t=t) for t in (32, 64, 128)] + [dict(num_warps=w) for w in (2, 4, 8)]
+                    + [dict(num_stages=s) for s in (1, 2, 3)])
     rows = []
     for cfg in configs:
         if args.smoke:

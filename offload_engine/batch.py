@@ -21,10 +21,11 @@ class BatchState:
         # Device-side copies of what a captured decode step reads (static shapes, no host values).
         self.static = False
         self.length_t = torch.zeros((), dtype=torch.int64, device=device)
+        self.end_t = torch.zeros((), dtype=torch.int64, device=device)  # length + the new token
+        self.key_start_t = torch.zeros(batch, dtype=torch.int64, device=device)  # where left padding ends
         self.positions_t = torch.zeros(batch, 1, dtype=torch.int64, device=device)
         self._prompt_valid = torch.zeros(batch, dtype=torch.int64, device=device)
         self._prompt_len = 0
-        self._arange = torch.arange(max_len, device=device)
 
     def reset(self, prompt_mask: torch.Tensor) -> "BatchState":
         s = prompt_mask.shape[1]
@@ -33,6 +34,7 @@ class BatchState:
         self.length, self.static, self._prompt_len = 0, False, s
         self.padded = not bool(self.key_valid[:, :s].all())
         self._prompt_valid.copy_(self.key_valid[:, :s].sum(-1))
+        torch.sub(s, self._prompt_valid, out=self.key_start_t)  # padding is on the left, contiguous
         self._masks.clear()
         return self
 
@@ -60,14 +62,10 @@ class BatchState:
             self._masks[key] = self.key_valid[:, : self.length + 1].to(device)
         return self._masks[key]
 
-    def static_mask(self) -> torch.Tensor:
-        """(B, 1, 1, max_len) mask of one new token over the whole cache, from device tensors only:
-        real tokens up to the current length. What a captured decode step attends with."""
-        return (self.key_valid & (self._arange <= self.length_t))[:, None, None, :]
-
     def load_static(self) -> None:
         """Before a captured step: the device copies of length and the new token's position."""
         self.length_t.fill_(self.length)
+        self.end_t.fill_(self.length + 1)
         torch.add(self._prompt_valid, self.length - self._prompt_len, out=self.positions_t[:, 0])
 
     def advance(self, num_new: int) -> None:

@@ -4,9 +4,10 @@ once in a CUDA graph and replayed.
 A decode step of a GPU-resident model is bound by Python and kernel launches (about 20 a
 layer), not by the bytes it reads. It can be captured when nothing in it moves between tiers
 and every shape is fixed: weights, KV cache and hidden states on the GPU, full attention over
-an uncompressed cache. The attention then reads the cache index and mask from device tensors
-(BatchState.static_mask) instead of slicing by the host's length, so one graph serves every
-step and every later generation with the same batch shape.
+an uncompressed cache. The attention then reads the cache index, the length and where each
+row's padding ends from device tensors (BatchState's static copies) instead of slicing by the
+host's length, so one graph serves every step and every later generation with the same batch
+shape.
 
 On a machine without a GPU nothing is captured; `eager=True` runs the same static step
 directly, which is how the tests check it against the reference.

@@ -110,6 +110,7 @@ def perplexity(model: ModelConfig, windows: torch.Tensor, kv: KVSettings, option
     else:
         policy = replace(base, gpu_batch_size=1, num_gpu_batches=1, kv=kv)
         with Engine(model, policy, Workload(n, 1), options) as engine:
+            engine.kv.policy.collect_stats = True  # HiP counts the keys each query attends
             for row in windows:
                 out = engine.generate(row[None], None, GenerationConfig(max_new_tokens=1), collect_logits=True)
                 logp = out.prompt_logits[0, :-1].float().log_softmax(-1)

@@ -6,7 +6,7 @@ import torch
 
 from ..batch import BatchState
 from ..profiler import Profiler
-from kernels.attention import attention
+from kernels.decode_attention import decode_attention
 from kernels.cpu_attention import cpu_decode_attention
 
 from .codec import token_major_attention
@@ -60,14 +60,14 @@ class CacheAccess:
         return out
 
     def _attend_static(self, q, k, v):
-        """A decode step with static shapes for CUDA-graph capture: the cache index and the mask
-        come from device tensors, attention covers the whole cache with the not-yet-written
-        tokens masked (at most gen_len extra keys, read at HBM speed)."""
-        index = self.state.length_t.view(1)
+        """A decode step with static shapes for CUDA-graph capture: the cache index, the length
+        and where each row's padding ends come from device tensors; the flash-decoding kernel
+        (kernels/decode_attention.py) reads only the written tokens."""
+        st = self.state
+        index = st.length_t.view(1)
         self.where.k.index_copy_(0, index, k.transpose(0, 1))
         self.where.v.index_copy_(0, index, v.transpose(0, 1))
-        keys, values = self.where.k.permute(1, 2, 0, 3), self.where.v.permute(1, 2, 0, 3)
-        return attention(q.transpose(1, 2), keys, values, self.state.static_mask()).transpose(1, 2)
+        return decode_attention(q[:, 0], self.where.k, self.where.v, st.end_t, st.key_start_t)[:, None]
 
 
 class CpuCacheAccess:

@@ -54,6 +54,8 @@ def rows_to_run(context: int, only: list[str] | None):
     rows += [("4-bit KV", KVSettings(), dict(compress_cache=q4)),
              ("h2o 20% + 4-bit KV", h2o(0.2, context), dict(compress_cache=q4)),
              ("4-bit weights", KVSettings(), dict(compress_weight=q4)),
+             ("4-bit weights, groups of 32 (the GGUF's Q4_1 blocks)", KVSettings(),
+              dict(compress_weight=Compression(4, 32))),
              ("4-bit weights + 4-bit KV", KVSettings(), dict(compress_weight=q4, compress_cache=q4))]
     return [r for r in rows if not only or any(r[0].startswith(o) for o in only)]
 

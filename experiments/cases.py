@@ -194,6 +194,22 @@ _CASES = [
          Ours(ALL_GPU, 24, **H2O, batch_candidates=((16, 1), (12, 1), (8, 1)), est_s=90),
          FlexGen(ALL_GPU, 3, batch_candidates=((2, 1), (1, 1)), est_s=120)),
 ]
+_KV_ON_CPU = (100, 0, 0, 100, 100, 0)
+HIP = dict(kv_policy="hip")
+_CASES += [
+    # HiP at OPT's 2,048-token limit: the same placement (KV cache in pinned CPU memory, attention on
+    # the CPU beside it) with full attention and with HiP, which reads the top-k blocks only.
+    Case("opt6.7b-2048-full", "opt-6.7b", 1984, 64, 16,
+         Ours(_KV_ON_CPU, 16, cpu_cache_compute=True, est_s=90),
+         FlexGen(_KV_ON_CPU, 16, cpu_cache_compute=True, cut_gen_len=8, est_s=150)),
+    Case("opt6.7b-2048-hip", "opt-6.7b", 1984, 64, 16,
+         Ours(_KV_ON_CPU, 16, cpu_cache_compute=True, **HIP, est_s=90), None, peer="opt6.7b-2048-full"),
+    # Long context on a Llama-architecture model (dummy weights): KV cache on the CPU; full attention
+    # runs there, HiP keeps block-start keys and a hot-block cache on the GPU.
+    Case("llama3.1-8b-32k-full", "llama-3.1-8b", 32000, 32, None,
+         Ours(_KV_ON_CPU, 1, cpu_cache_compute=True, est_s=90), None),
+    Case("llama3.1-8b-32k-hip", "llama-3.1-8b", 32000, 32, None, Ours(_KV_ON_CPU, 1, **HIP, est_s=90), None),
+]
 CASES: dict[str, Case] = {c.name: c for c in _CASES}
 
 # `bench_suite.py --smoke`: this engine alone, end to end through the real runner on any machine

@@ -196,6 +196,8 @@ def test_bad_input_raises():
         decode_attention(q, k, v, length_t, ks[:1])
     with pytest.raises(ValueError, match="outside"):
         decode_attention(q, k, v, torch.tensor(21))
+    if torch.cuda.is_available():  # the launcher's own checks, on the device it launches on
+        q, k, v, length_t = (t.cuda() for t in (q, k, v, length_t))
     with pytest.raises(ValueError, match="block_t"):
         decode_attention_triton(q, k, v, length_t, block_t=24)
     with pytest.raises(ValueError, match="scratch"):

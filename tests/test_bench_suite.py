@@ -61,6 +61,9 @@ def test_table_is_valid_and_peers_share_the_workload():
     validate(CASES)
     assert {"opt6.7b-gpu-b32", "opt30b-cap16-cpuattn", "opt30b-h2o-1024+1024", "opt6.7b-compress-b72"} <= set(CASES)
     for case in CASES.values():
+        if case.peer_name() is None:  # this engine alone (Llama-family models FlexGen cannot run)
+            assert case.model.startswith("llama")
+            continue
         peer = CASES[case.peer_name()]
         assert peer.flexgen is not None and (peer.model, peer.prompt_len, peer.gen_len) == \
             (case.model, case.prompt_len, case.gen_len)

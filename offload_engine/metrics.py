@@ -129,3 +129,50 @@ def check_output_file(path: Path) -> None:
         os.unlink(tmp)
     except OSError as e:
         raise EngineError(f"cannot write results to {path} ({e.strerror}).", "Pass a writable --json path.") from None
+
+
+class PeakHostMemory:
+    """Peak anonymous resident memory (RssAnon: heap and pinned buffers, not file pages the
+    kernel may drop) while the block runs, sampled every few milliseconds on a thread.
+
+        with PeakHostMemory() as peak:
+            engine = Engine(...)
+        peak.peak_bytes, peak.start_bytes
+    """
+
+    def __init__(self, interval_s: float = 0.005):
+        import threading
+
+        self.interval_s = interval_s
+        self.start_bytes = self.peak_bytes = self._read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _read() -> int:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return psutil.Process().memory_info().rss  # not Linux: total resident memory
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_bytes = max(self.peak_bytes, self._read())
+
+    def __enter__(self) -> "PeakHostMemory":
+        self.start_bytes = self.peak_bytes = self._read()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self._read())
+
+    @property
+    def added_bytes(self) -> int:
+        return self.peak_bytes - self.start_bytes

@@ -164,3 +164,16 @@ def test_offload_files_removed_when_construction_fails(capsys, tmp_path, checkpo
     assert_clean_error(*run_cli(capsys, tmp_path, "--model", str(folder), "--percent", "0", "0", "0", "0", "0", "0"),
                        "shape")
     assert not [p for p in (tmp_path / "offload").rglob("*") if p.is_file()]
+
+
+def test_cut_gen_len_extrapolates_and_is_recorded(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["run", "--quiet", "--gen-len", "6", "--cut-gen-len", "3", "--json", str(out),
+                 "--offload-dir", str(tmp_path / "o")]) == 0
+    data = json.loads(out.read_text())
+    m = data["metrics"]
+    assert data["cut_gen_len"] == 3 and m["gen_len"] == 6  # throughput counts the extrapolated tokens
+    assert m["total_throughput"] == pytest.approx(m["batch_size"] * 6 / (m["prefill_s"] + m["decode_s"]))
+    capsys.readouterr()
+    code = main(["run", "--quiet", "--gen-len", "4", "--cut-gen-len", "9", "--json", str(out)])
+    assert code == 2 and "--cut-gen-len 9" in capsys.readouterr().err

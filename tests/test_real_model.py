@@ -16,7 +16,7 @@ from offload_engine.model_zoo import resolve_model
 from offload_engine.perplexity import perplexity, text_windows
 from offload_engine.sampling import GenerationConfig
 from offload_engine.text import resolve_with_tokenizer
-from policies import Compression, H2OConfig, KVSettings
+from policies import Compression, H2OConfig, HiPConfig, KVSettings
 from policies.memory import Workload
 from policies.placement import Policy
 
@@ -81,6 +81,9 @@ def test_perplexity_equals_transformers(smollm2, tmp_path):
     # H2O whose budget holds the whole window is full attention, token by token
     h2o = perplexity(resolved.config, windows, KVSettings("h2o", H2OConfig(hh_size=96, recent_size=8)), opts)
     assert h2o.method == "token-by-token" and h2o.ppl == pytest.approx(ours.ppl, rel=1e-5)
+    # so is HiP whose selection covers the window (by the tree search's blocks, not the window)
+    hip = perplexity(resolved.config, windows, KVSettings("hip", hip=HiPConfig(k=96, window=32)), opts)
+    assert hip.method == "prefill" and hip.ppl == pytest.approx(ours.ppl, rel=1e-5)
     # and a small budget costs perplexity, on real text
     small = perplexity(resolved.config, windows, KVSettings("h2o", H2OConfig(hh_size=4, recent_size=4)), opts)
     assert small.ppl > ours.ppl * 1.02

@@ -13,7 +13,8 @@ from policies.memory import GiB, Workload
 
 from ..config import ModelConfig
 from ..errors import EngineError
-from ..metrics import RunMetrics, check_output_file, git_commit, hardware, peak_memory, report, write_json_atomic
+from ..metrics import (PeakHostMemory, RunMetrics, check_output_file, git_commit, hardware, peak_memory, report,
+                       write_json_atomic)
 from ..model_zoo import resolve_model
 from ..sampling import GenerationConfig
 from ..io.tiers import Tier
@@ -81,7 +82,9 @@ def execute(args: argparse.Namespace) -> dict:
     print(f"{model.name} ({resolved.weights_label}), batch {policy.gpu_batch_size}x{policy.num_gpu_batches}, "
           f"{work.prompt_len}+{work.gen_len} tokens, --percent {' '.join(f'{p:g}' for p in policy.percent)}",
           file=sys.stderr)
-    with Engine(model, policy, work, engine_options(args, resolved.source)) as engine:
+    with PeakHostMemory() as loading:
+        engine = Engine(model, policy, work, engine_options(args, resolved.source))
+    with engine:
         plan = engine.plan
         for tier in Tier:
             b = plan.tiers[tier]
@@ -113,6 +116,8 @@ def execute(args: argparse.Namespace) -> dict:
         "model": model.name, "weights": resolved.weights_label, "dtype": str(engine.dtype).replace("torch.", ""),
         "device": str(engine.device), "policy": asdict(policy), "workload": asdict(work),
         "metrics": metrics.as_dict(), "sizes_gib": sizes, "peak_memory": peaks,
+        "loading_host_gib": {"added_peak": loading.added_bytes / GiB,
+                             "planned_cpu": plan.persistent_bytes(Tier.CPU) / GiB},
         "planned_gib": {t.value: plan.tiers[t].total / GiB for t in Tier},
         "decode_step_busy_s": result.decode_split_s, "hip_hot_cache_hit_rate": hit_rate,
         "cuda_graph": engine.decode_graph is not None, "cuda_graph_refusal": engine.graph_refusal,

@@ -1,0 +1,53 @@
+"""Loading streams one tensor at a time: the host memory a load adds stays within what the plan
+places in host memory plus a staging buffer of about one tensor, never a second copy of the model."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offload_engine.engine import Engine, EngineOptions
+from offload_engine.io.tiers import Tier
+from offload_engine.metrics import PeakHostMemory
+from offload_engine.checkpoints.hf import from_hf_config
+from policies.memory import Workload
+from policies.placement import Policy
+
+from conftest import save_checkpoint, transformers
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def big_checkpoint(tmp_path_factory):
+    """An OPT of ~40M parameters (160 MB of float32 weights in one safetensors file)."""
+    cfg = transformers.OPTConfig(vocab_size=16384, hidden_size=512, num_hidden_layers=10, ffn_dim=2048,
+                                 num_attention_heads=8, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.OPTForCausalLM(cfg)
+    folder = save_checkpoint(model, tmp_path_factory.mktemp("big"), "safetensors")
+    params = sum(p.numel() for p in model.parameters())
+    largest = max(p.numel() for p in model.parameters()) * 4
+    del model
+    return folder, params * 4, largest
+
+
+def test_loading_to_disk_adds_one_tensor_not_the_model(big_checkpoint, tmp_path):
+    folder, model_bytes, largest = big_checkpoint
+    policy = Policy.from_percent((0, 0, 100, 0, 100, 0), gpu_batch_size=1)  # weights on disk
+    opts = EngineOptions(checkpoint=folder, offload_dir=tmp_path, progress=False, dtype=torch.float32, device="cpu")
+    with PeakHostMemory() as loading:
+        engine = Engine(from_hf_config(folder), policy, Workload(8, 2), opts)
+    with engine:
+        host_planned = sum(engine.plan.persistent_bytes(t) for t in (Tier.GPU, Tier.CPU))  # on CPU both are host
+        assert engine.plan.tiers[Tier.DISK].weights > 0.95 * model_bytes
+    bound = host_planned + 3 * largest + 48 * MiB  # staging (read + converted copy) and library slack
+    assert loading.added_bytes < bound, (loading.added_bytes / MiB, bound / MiB)
+    assert loading.added_bytes < 0.6 * model_bytes + host_planned  # a second copy of the model would not fit
+
+
+def test_peak_host_memory_sees_an_allocation():
+    with PeakHostMemory(interval_s=0.001) as peak:
+        block = torch.ones(64 * MiB, dtype=torch.uint8)
+        block.add_(1)
+        del block
+    assert peak.added_bytes >= 60 * MiB

@@ -25,109 +25,20 @@ cannot change a byte. The division only makes a first guess that the exact tests
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-FP16_MAX = 65504.0
 
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """Bits per code (4 or 8) and elements per group (even, >= 2)."""
-
-    bits: int = 4
-    group_size: int = 64
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in (4, 8):
-            raise ValueError(f"QuantSpec.bits must be 4 or 8, got {self.bits!r}; pick one of those.")
-        gs = self.group_size
-        if not isinstance(gs, int) or isinstance(gs, bool) or gs < 2 or gs % 2:
-            raise ValueError(f"QuantSpec.group_size must be an even integer >= 2, got {gs!r}; "
-                             "use an even size such as 32 or 64.")
-
-    @property
-    def levels(self) -> int:
-        return 2 ** self.bits - 1
-
-    @property
-    def record_bytes(self) -> int:
-        return 4 + self.group_size * self.bits // 8
-
-    def num_groups(self, n: int) -> int:
-        if n < 1:
-            raise ValueError(f"the grouped dimension must have at least 1 element, got {n}.")
-        return -(-n // self.group_size)
-
-    def packed_shape(self, shape) -> tuple:
-        shape = tuple(shape)
-        if not shape:
-            raise ValueError("cannot quantize a 0-dim tensor; give it at least one dimension.")
-        return (*shape[:-1], self.num_groups(shape[-1]), self.record_bytes)
-
-    def packed_nbytes(self, shape) -> int:
-        nbytes = 1
-        for s in self.packed_shape(shape):
-            nbytes *= s
-        return nbytes
-
-
-# ----------------------------------------------------------------------------- validation
-
-def check_packed(packed: torch.Tensor, spec: QuantSpec, n: int) -> None:
-    """ValueError unless packed is uint8 (..., G, R) for n elements grouped by spec."""
-    if not isinstance(spec, QuantSpec):
-        raise ValueError(f"spec must be a QuantSpec, got {type(spec).__name__}.")
-    if packed.dtype != torch.uint8 or packed.dim() < 2:
-        raise ValueError(f"packed must be a uint8 tensor (*lead, G, R), got {packed.dtype} {tuple(packed.shape)}.")
-    want = (spec.num_groups(n), spec.record_bytes)
-    if tuple(packed.shape[-2:]) != want:
-        raise ValueError(f"packed has shape {tuple(packed.shape)} but {spec} with n={n} needs "
-                         f"(..., {want[0]}, {want[1]}); check bits, group_size and n.")
-
-
-def _check_float(x: torch.Tensor, name: str) -> None:
-    if not x.is_floating_point() or x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"{name} must be a floating tensor with a non-empty last dim, got {x.dtype} {tuple(x.shape)}.")
-
-
-def half_view(packed: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(float16 view, True) when the scale/min halves are 2-byte aligned (R, strides and offset
-    even), else (packed, False): kernels then assemble each float16 from its two bytes."""
-    try:
-        return packed.view(torch.float16), True
-    except RuntimeError:
-        return packed, False
-
-
-def lead3(t: torch.Tensor, nlead: int):
-    """Collapse the first `nlead` dims of t to exactly 3 (sizes, strides), or None if impossible.
-
-    Kernels index records through these 3 dims, so views such as cache[t:t+s] or a permuted
-    head-major cache work without copies.
-    """
-    dims = [(s, st) for s, st in zip(t.shape[:nlead], t.stride()[:nlead]) if s != 1]
-    merged: list = []
-    for s, st in dims:
-        if merged and merged[-1][1] == st * s:
-            merged[-1] = (merged[-1][0] * s, st)
-        else:
-            merged.append((s, st))
-    if len(merged) > 3:
-        return None
-    merged = [(1, 0)] * (3 - len(merged)) + merged
-    return [s for s, _ in merged], [st for _, st in merged]
+from .spec import FP16_MAX, QuantSpec, check_float, check_packed, half_view, lead3  # noqa: F401  (re-exported)
 
 
 # ----------------------------------------------------------------------------- float64 reference
 
 def quantize_reference(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """The rule in exact float64 arithmetic (every sum here fits 53 bits), for tests."""
-    _check_float(x, "x")
+    check_float(x, "x")
     n, gs, lv = x.shape[-1], spec.group_size, spec.levels
     g = spec.num_groups(n)
     xd = x.float().double()
@@ -441,7 +352,7 @@ def dequantize_triton(packed: torch.Tensor, spec: QuantSpec, n: int, dtype: torc
 def _prepare_quantize(x: torch.Tensor, spec: QuantSpec, out: torch.Tensor | None, dim: int):
     if not isinstance(spec, QuantSpec):
         raise ValueError(f"spec must be a QuantSpec, got {type(spec).__name__}.")
-    _check_float(x, "x")
+    check_float(x, "x")
     if dim not in (-1, x.dim() - 1):
         x = x.movedim(dim, -1)
     shape = spec.packed_shape(x.shape)

@@ -91,7 +91,7 @@ class Engine:
         self.model, self.policy, self.workload, self.options = model, policy, workload, opts
         self.device = resolve_device(opts.device)
         self.dtype = opts.dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        if workload.max_len > model.max_positions:
+        if workload.max_len - 1 > model.max_positions:  # the last generated token is never fed back
             raise EngineError(f"prompt + generated length {workload.max_len} exceeds {model.name}'s "
                               f"{model.max_positions} positions.", "Lower --prompt-len or --gen-len.")
         self.layers = build_layers(model, policy.sep_layer)

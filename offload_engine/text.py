@@ -61,7 +61,7 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 def plan_workload(config, prompt_len: int, max_new_tokens: int) -> Workload:
-    if prompt_len + max_new_tokens > config.max_positions:
+    if prompt_len + max_new_tokens - 1 > config.max_positions:  # the last new token is never fed back
         raise EngineError(f"the longest prompt ({prompt_len} tokens) + {max_new_tokens} new tokens exceed "
                           f"{config.name}'s {config.max_positions} positions.", "Shorten the prompt or --max-new-tokens.")
     return Workload(prompt_len, max_new_tokens)

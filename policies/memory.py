@@ -22,6 +22,9 @@ LIBRARY_WORKSPACE = 64 << 20  # cuBLAS / attention workspaces, allocated by the 
 
 @dataclass(frozen=True)
 class Workload:
+    """Tokens per sequence: the prompt and the tokens generated after it (the last of which is
+    never fed back, so a model runs prompt_len + gen_len - 1 positions)."""
+
     prompt_len: int
     gen_len: int
 

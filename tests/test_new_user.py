@@ -203,3 +203,16 @@ def test_disk_full_mid_run_is_one_line_and_leaves_no_files(capsys, tmp_path, mon
                      "--offload-dir", str(tmp_path / "o"), "--json", str(out))
     assert "No space left on device" in line and "--offload-dir" in line
     assert not out.exists() and not engine_files(tmp_path / "o")
+
+
+def test_the_position_limit_counts_the_tokens_the_model_sees(tmp_path):
+    """The last generated token is never fed back: prompt + gen - 1 positions must fit."""
+    from offload_engine.errors import EngineError
+
+    small = OPT_CONFIGS["opt-125m"].__class__(name="small", family="opt", num_layers=1, hidden_size=32, num_heads=4,
+                                              ffn_dim=64, vocab_size=100, max_positions=16)
+    opts = EngineOptions(offload_dir=tmp_path, progress=False)
+    with Engine(small, Policy(gpu_batch_size=1), Workload(10, 7), opts) as engine:  # positions 0..15
+        assert engine.generate(*random_prompts(1, 10), GenerationConfig(max_new_tokens=7)).tokens.shape == (1, 7)
+    with pytest.raises(EngineError, match="exceeds small's 16 positions"):
+        Engine(small, Policy(gpu_batch_size=1), Workload(10, 8), opts)

@@ -27,7 +27,6 @@ one file for the others). The run stops starting new configurations after --budg
 from __future__ import annotations
 
 import argparse
-import ctypes
 import mmap
 import os
 import platform
@@ -45,6 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from experiments.disk_setup import drop_cache, fs_type, make_files, resident_fraction  # noqa: E402
 from offload_engine.io.disk_relay import ALIGN, DiskRelay  # noqa: E402
 from offload_engine.metrics import git_commit, hardware, write_json_atomic  # noqa: E402
 
@@ -58,73 +58,6 @@ def log(msg: str) -> None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def make_files(folder: Path, total: int, lo: int, hi: int, seed: int) -> tuple[list[Path], list[np.ndarray]]:
-    """Random contents in files of random sizes in [lo, hi] (deliberately not 4 KiB multiples)."""
-    rng = np.random.default_rng(seed)
-    paths, data, left, i = [], [], total, 0
-    while left > 0:
-        n = min(left, int(rng.integers(lo, hi + 1)))
-        arr = np.frombuffer(rng.bytes(n), dtype=np.uint8)
-        path = folder / f"layer_{i:03d}.bin"
-        with open(path, "wb") as f:
-            f.write(arr.data)
-            os.fsync(f.fileno())
-        paths.append(path)
-        data.append(arr)
-        left -= n
-        i += 1
-    return paths, data
-
-
-def resident_fraction(path: Path) -> float | None:
-    """Fraction of the file's pages in the page cache (mincore), None where that cannot be asked."""
-    try:
-        size = path.stat().st_size
-        libc = ctypes.CDLL(None, use_errno=True)
-        with open(path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
-        view = np.frombuffer(mm, dtype=np.uint8)
-        pages = -(-size // mmap.PAGESIZE)
-        vec = (ctypes.c_ubyte * pages)()
-        rc = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), vec)
-        del view
-        mm.close()
-        return None if rc != 0 else sum(b & 1 for b in vec) / pages
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def fs_type(path: Path) -> str | None:
-    """The file system holding `path` (longest mount point in /proc/mounts that contains it)."""
-    best, kind, where = "", None, str(path.resolve())
-    try:
-        for line in open("/proc/mounts"):
-            _, mount, fstype = line.split()[:3]
-            inside = where == mount or where.startswith(mount.rstrip("/") + "/")
-            if inside and len(mount) >= len(best):
-                best, kind = mount, fstype
-    except OSError:
-        pass
-    return kind
-
-
-def drop_cache(paths: list[Path], system_wide: bool) -> str:
-    """Evict the files from the page cache (pages mapped by a process stay: unmap them first)."""
-    os.sync()
-    try:
-        if not system_wide:
-            raise PermissionError
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1")
-        return "drop_caches"
-    except OSError:
-        for p in paths:
-            fd = os.open(p, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-        return "fadvise_dontneed"
 
 
 class Timer:

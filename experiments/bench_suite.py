@@ -45,13 +45,9 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import re
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,185 +56,16 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from experiments.cases import (ALL_GPU, CASES, OPT30B_CUT_GEN_LEN, SMOKE_CASES, Batch, Case, select,  # noqa: E402
-                              validate)
+from experiments.cases import CASES, OPT30B_CUT_GEN_LEN, SMOKE_CASES, Batch, Case, select, validate  # noqa: E402
+# Launching a run and the results side live in their own modules; the names the tests use
+# (parsers, command builders, Outcome, run_process, wait, table) stay importable from here.
+from experiments.suite_report import (append_line, dry_run, lock_owner, parse_ours, parse_report,  # noqa: E402
+                                      read_records, save_summary, table, wait)
+from experiments.suite_runner import (Outcome, Runner, does_not_fit, drop_page_cache, flexgen_command,  # noqa: E402
+                                      flexgen_cut, ours_command, plan_gib, probe_hardware, run_process)
 
 SYSTEMS = ("ours", "flexgen")
 FINAL = ("ok", "error", "timeout", "no_fit")  # statuses a rerun skips; "budget" runs again
-NUMBER = r"([0-9]+(?:\.[0-9]+)?)"
-REPORT = {  # FlexGen's report lines (ours prints the same); FlexGen's "GB" are GiB
-    "model_gib": "model size", "cache_gib": "cache size", "hidden_gib": r"hidden size \(p\)",
-    "peak_gpu_mem_gib": "peak gpu mem", "prefill_s": "prefill latency", "prefill_throughput": "prefill throughput",
-    "decode_s": "decode latency", "decode_throughput": "decode throughput", "total_s": "total latency",
-    "total_throughput": "total throughput",
-}
-
-
-@dataclass
-class Outcome:
-    rc: int
-    text: str
-    wall_s: float
-    timed_out: bool = False
-
-
-Runner = Callable[[list[str], float, Path, dict], Outcome]
-
-
-def _child_setup() -> None:  # in the child before exec: the kernel's OOM killer picks it first
-    try:
-        Path("/proc/self/oom_score_adj").write_text("1000")
-    except OSError:
-        pass
-
-
-def run_process(cmd: list[str], timeout_s: float, log_path: Path, env: dict) -> Outcome:
-    """Run in a new process group, output streamed to the log; on timeout SIGTERM (our engine
-    cleans up on it), then SIGKILL to the whole group 15 s later."""
-    t0 = time.monotonic()
-    chunks: list[str] = []
-    with open(log_path, "a") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                env=env, cwd=ROOT, start_new_session=True, preexec_fn=_child_setup)
-
-        def pump() -> None:
-            for line in proc.stdout:
-                chunks.append(line)
-                log.write(line)
-                log.flush()
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        timed_out = False
-        try:
-            proc.wait(timeout=max(timeout_s, 1.0))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc)
-        reader.join(timeout=10)
-    rc = proc.returncode if proc.returncode is not None else -9
-    return Outcome(rc, "".join(chunks), time.monotonic() - t0, timed_out)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def drop_page_cache() -> bool:
-    """`sync; echo 1 > /proc/sys/vm/drop_caches`: True where it worked (root on Linux)."""
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("1\n")
-        return True
-    except OSError:
-        return False
-
-
-def parse_report(text: str) -> dict:
-    """Numbers of the last report in `text` (FlexGen's printout; ours prints the same lines)."""
-    out: dict = {}
-    for key, label in REPORT.items():
-        hits = re.findall(label + r": " + NUMBER, text)
-        if hits:
-            out[key] = float(hits[-1])
-    projected = re.findall(r"projected: (True|False)", text)
-    if projected:
-        out["projected"] = projected[-1] == "True"
-    return out
-
-
-def parse_ours(data: dict) -> dict:
-    """The fields of our engine's --json that the suite keeps."""
-    out = dict(data.get("metrics", {}))
-    out.update(data.get("peak_memory", {}))
-    for key in ("planned_gib", "decode_step_busy_s", "sizes_gib", "policy", "commit", "cuda_graph",
-                "cuda_graph_refusal", "hip_hot_cache_hit_rate"):
-        if key in data:
-            out[key] = data[key]
-    out["gpu"] = (data.get("hardware") or {}).get("gpu")
-    return out
-
-
-def ours_command(case: Case, batch: Batch, json_path: Path, offload_dir: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "offload_engine", "run", "--model", case.model, "--prompt-len", str(case.prompt_len),
-           "--gen-len", str(case.gen_len), *case.ours.flags(batch)]
-    if case.gpu_cap_gib:
-        cmd += ["--gpu-mem", f"{case.gpu_cap_gib:g}"]
-    # --profile times each stream with events, which rules out the captured decode step: the
-    # all-GPU cases (where the step is captured) run without it, the offloaded ones report the split.
-    profile = ["--profile"] if tuple(case.ours.percent) != ALL_GPU else []
-    return cmd + ["--offload-dir", str(offload_dir), "--json", str(json_path), *profile, "--quiet"]
-
-
-def flexgen_cut(case: Case, default_30b: int) -> int | None:
-    cut = case.flexgen.cut_gen_len
-    if cut is None:
-        cut = default_30b if case.model == "opt-30b" else 0
-    return cut if cut and cut < case.gen_len else None
-
-
-def flexgen_command(case: Case, batch: Batch, cut: int | None, offload_dir: Path) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "experiments" / "flexgen_peer.py"), "--model", f"facebook/{case.model}",
-           "--path", "_DUMMY_", "--prompt-len", str(case.prompt_len), "--gen-len", str(case.gen_len),
-           *case.flexgen.flags(batch)]
-    if case.gpu_cap_gib:
-        cmd += ["--gpu-cap-gib", f"{case.gpu_cap_gib:g}"]
-    if cut:
-        cmd += ["--cut-gen-len", str(cut)]
-    return cmd + ["--offload-dir", str(offload_dir), "--log-file", os.devnull]
-
-
-def plan_gib(argv: list[str]) -> dict[str, float]:
-    """Our planner's GiB per tier for a command (fp16, as on the GPU), in process: no GPU, no
-    allocation. 'gpu_min' is the plan with 2 weight slots, the least the engine will try."""
-    import torch
-
-    from offload_engine.cli import build_parser
-    from offload_engine.cli.options import policy_from_args
-    from offload_engine.model_zoo import resolve_model
-    from offload_engine.models import build_layers
-    from policies.memory import GiB, Workload, plan_memory
-
-    args = build_parser().parse_args(argv[argv.index("run"):])
-    policy, model = policy_from_args(args), resolve_model(args.model, dummy=True).config
-    layers, work = build_layers(model, policy.sep_layer), Workload(args.prompt_len, args.gen_len)
-    dtype = getattr(torch, args.dtype or "float16")
-    slots = (policy.weight_buffers,) * 2 if policy.weight_buffers else (3, 2)  # what the engine tries, in order
-    totals = [{t.value: b.total / GiB for t, b in plan_memory(layers, policy, work, dtype, model.hidden_size,
-                                                               n).tiers.items()} for n in slots]
-    return dict(totals[0], gpu_min=totals[1]["gpu"])
-
-
-def probe_hardware() -> dict:
-    """GPU name, CPU count, RAM, versions: in a child process, so this one never holds a CUDA context."""
-    code = ("import json, os, platform, torch\n"
-            "try:\n import triton; tv = triton.__version__\nexcept Exception: tv = None\n"
-            "d = dict(torch=torch.__version__, triton=tv, python=platform.python_version(), cpu_count=os.cpu_count(),"
-            " ram_gib=os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30, gpu=None)\n"
-            "if torch.cuda.is_available():\n p = torch.cuda.get_device_properties(0)\n"
-            " d.update(gpu=p.name, gpu_mem_gib=p.total_memory / 2**30, cuda=torch.version.cuda)\n"
-            "print(json.dumps(d))\n")
-    try:
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
-        return json.loads(p.stdout.strip().splitlines()[-1])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
-        return {"error": f"hardware probe failed: {e}"}
-
-
-def does_not_fit(o: Outcome) -> bool:
-    """Refused by our planner, or out of GPU or host memory (SIGKILL from the OOM killer)."""
-    low = o.text.lower()
-    return o.rc != 0 and not o.timed_out and (
-        "policy does not fit" in low or "out of memory" in low or "can't allocate memory" in low or o.rc in (-9, 137))
 
 
 def _settings_hash(case: Case, system: str, cut: int | None) -> str:
@@ -311,15 +138,7 @@ class Suite:
         return dict(case=name, system=system, version=version, settings=_settings_hash(case, system, cut))
 
     def records(self) -> list[dict]:
-        if not self.runs_path.exists():
-            return []
-        out = []
-        for line in self.runs_path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:  # a line cut short by a kill: ignore it
-                continue
-        return out
+        return read_records(self.runs_path)
 
     def done(self, key: dict, records: list[dict]) -> dict | None:
         if self.force:
@@ -491,119 +310,8 @@ class Suite:
         return written
 
     def write_summary(self) -> None:
-        path = self.out / "summary.json"
-        if not self.hardware and path.exists():  # nothing ran in this call: keep the last probe
-            self.hardware = json.loads(path.read_text()).get("hardware") or {}
-        summary = dict(hardware=self.hardware, commit=self.engine_commit(), flexgen_version=self.flexgen_version,
-                       budget_s=self.budget_s, skipped=self.skipped, runs=self.records(),
-                       notes="FlexGen's GB are GiB; a FlexGen run with cut_gen_len decodes that many steps and "
-                             "extrapolates (projected: true); ours decodes every step.")
-        tmp = self.out / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1, default=str))
-        os.replace(tmp, path)
-        copy_out(self.out, self.copy_to)
-
-
-def append_line(path: Path, line: str) -> None:
-    """Append one line; a last line cut short by a kill gets its newline first, so it stays alone."""
-    with open(path, "ab+") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell():
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-        f.write(line.encode() + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def lock_owner(lock: Path) -> int | None:
-    try:
-        pid = int(lock.read_text().strip())
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
-        return None
-
-
-def copy_out(out: Path, dest: Path | None) -> None:
-    if dest is None:
-        return
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("runs.jsonl", "runs.log", "summary.json"):
-        if (out / name).exists():
-            shutil.copyfile(out / name, dest / name)
-
-
-BUSY = {"weight_io": "w", "kv_io": "kv", "act_io": "act", "compute": "gpu", "cpu_attention": "cpu-attn"}
-
-
-def table(records: list[dict], cases: dict[str, Case], names: list[str]) -> str:
-    """Markdown: the latest record of each (case, system) of the chosen cases and their peers."""
-    latest = {(r.get("case"), r.get("system")): r for r in records}
-    ok_flexgen = {r["case"]: r for r in records if r.get("system") == "flexgen" and r.get("status") == "ok"}
-    lines = ["| case | system | batch | prefill s | decode s | token/s | vs FlexGen | peak GPU GiB "
-             "| busy per decode step (ms) |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    shown = []
-    for name in names:
-        shown += [(name, "ours"), (cases[name].peer_name(), "flexgen")]
-    for name, system in dict.fromkeys(shown):
-        r = latest.get((name, system))
-        if r is None:
-            continue
-        batch = "x".join(map(str, r["batch"])) if r.get("batch") else "-"
-        if r.get("status") != "ok":
-            lines.append(f"| {name} | {system} | {batch} | | | {r.get('status')} | | | |")
-            continue
-        tput = f"{r['total_throughput']:,.1f}"
-        if r.get("cut_gen_len"):
-            tput += f" (cut {r['cut_gen_len']})"
-        peer = ok_flexgen.get(cases[name].peer_name()) if system == "ours" else None
-        ratio = f"{r['total_throughput'] / peer['total_throughput']:.2f}x" if peer else ""
-        busy = ", ".join(f"{BUSY.get(k, k)} {v * 1e3:.0f}"
-                         for k, v in sorted((r.get("decode_step_busy_s") or {}).items()))
-        lines.append(f"| {name} | {system} | {batch} | {r.get('prefill_s', 0):.3f} | {r.get('decode_s', 0):.3f} | "
-                     f"{tput} | {ratio} | {r.get('peak_gpu_mem_gib', 0):.2f} | {busy} |")
-    return "\n".join(lines)
-
-
-def dry_run(suite: Suite) -> None:
-    """Print what a run would do, command by command, with our planner's GiB per tier; run nothing."""
-    records = suite.records()
-    print(f"# dry run: commit {suite.engine_commit()}, flexgen {suite.flexgen_version}, "
-          f"budget {suite.budget_s:.0f} s")
-    for name, system in suite.jobs():
-        case, key = suite.cases[name], suite.key(name, system)
-        policy = case.policy(system)
-        done = suite.done(key, records)
-        print(f"\n## {system} {name}: about {suite.estimate(name, system, records):.0f} s"
-              + (f"; done earlier ({done['status']}): skipped" if done else ""))
-        if system == "flexgen" and flexgen_cut(case, suite.flexgen_cut_gen_len):
-            print(f"# FlexGen decodes {flexgen_cut(case, suite.flexgen_cut_gen_len)} steps and extrapolates")
-        for i, batch in enumerate(policy.batches()):
-            cmd = suite.command(name, system, batch)
-            if i:
-                print(f"# if {'x'.join(map(str, policy.batches()[i - 1]))} does not fit:")
-            print(f"$ rm -rf {suite.offload_root / system}")
-            if policy.uses_disk and suite.drop_caches:
-                print("$ sync; echo 1 > /proc/sys/vm/drop_caches")
-            print("$ " + shlex.join(cmd))
-            plan = suite.plan(cmd) if system == "ours" else None
-            if plan:
-                over = case.gpu_cap_gib and plan["gpu_min"] > case.gpu_cap_gib
-                print(f"# planned GiB: gpu {plan['gpu']:.2f} (2 slots: {plan['gpu_min']:.2f}), "
-                      f"cpu {plan['cpu']:.2f}, disk {plan['disk']:.2f}"
-                      + (f": over the {case.gpu_cap_gib:g} GiB cap, refused" if over else ""))
-
-
-def wait(out: Path, seconds: float, copy_to: Path | None) -> bool:
-    """Follow a detached suite writing `out`: copy its files every few seconds; True once it has ended."""
-    t0 = time.monotonic()
-    while lock_owner(out / ".suite.lock") and time.monotonic() - t0 < seconds:
-        copy_out(out, copy_to)
-        time.sleep(min(5.0, max(0.1, seconds - (time.monotonic() - t0))))
-    copy_out(out, copy_to)
-    return lock_owner(out / ".suite.lock") is None
+        self.hardware = save_summary(self.out, self.hardware, self.engine_commit(), self.flexgen_version,
+                                     self.budget_s, self.skipped, self.records(), self.copy_to)
 
 
 def main(argv: list[str] | None = None) -> int:

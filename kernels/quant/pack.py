@@ -30,7 +30,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-
 from .spec import FP16_MAX, QuantSpec, check_float, check_packed, half_view, lead3  # noqa: F401  (re-exported)
 
 

@@ -15,81 +15,26 @@ case (hardware, settings, every number) and prints a table last.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-
-if not torch.cuda.is_available():  # smoke runs: Triton's interpreter on CPU; set before kernels import triton
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# bench_common first: it chooses TRITON_INTERPRET (no GPU) before the kernels import triton.
+from experiments.bench_common import (GiB, add_timing_args, arg_parser, device_or_exit,  # noqa: E402
+                                      kernel_hardware, rel_err, timer, write_json)
 from kernels.attention_scores import (  # noqa: E402
     attention_forward_triton,
     attention_with_column_sums_reference,
     attention_with_column_sums_triton,
 )
+from offload_engine.metrics import git_commit  # noqa: E402
 
 MODELS = {"opt-6.7b": (32, 128), "opt-30b": (56, 128)}  # heads, head dim
 SMOKE_MODELS = {"tiny": (4, 16)}
-GiB = 1 << 30
-
-
-def hardware() -> dict:
-    """Kept local (not offload_engine.metrics) so the benchmark does not depend on the engine package."""
-    info = dict(python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, cpu=platform.processor() or platform.machine(),
-                interpreter=os.environ.get("TRITON_INTERPRET") == "1")
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_mem_gib=props.total_memory / GiB)
-    else:
-        info["gpu"] = None
-    return info
-
-
-def git_commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else os.environ.get("OFFLOAD_ENGINE_COMMIT", "unknown")
-    except (OSError, subprocess.SubprocessError):
-        return os.environ.get("OFFLOAD_ENGINE_COMMIT", "unknown")
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temporary file, then rename: an interrupted run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def timer(fn, warmup: int, rep: int) -> float:
-    """Median ms: do_bench on the GPU; a plain wall-clock median on CPU (smoke)."""
-    if torch.cuda.is_available():
-        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def peak_gib(fn) -> float | None:
@@ -207,22 +152,17 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True, help="folder for bench_attention_scores.json")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
+    ap = arg_parser(__doc__, "bench_attention_scores.json", "tiny shapes; runs on CPU under TRITON_INTERPRET=1")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--batches", nargs="+", type=int, default=[8, 32])
     ap.add_argument("--lengths", nargs="+", type=int, default=[512, 1024, 2048])
-    ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
-    ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    add_timing_args(ap)
     args = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.smoke:
-        ap.error("no GPU here: pass --smoke for the tiny CPU run")
+    device = device_or_exit(ap, args.smoke)
     models = SMOKE_MODELS if args.smoke else {m: MODELS[m] for m in args.models}
     batches, lengths = ([2], [40]) if args.smoke else (args.batches, args.lengths)
     path = args.out / "bench_attention_scores.json"
-    result = dict(hardware=hardware(), commit=git_commit(),
+    result = dict(hardware=kernel_hardware(), commit=git_commit(),
                   settings=dict(dtype="float16", smoke=args.smoke, models=models, batches=batches, lengths=lengths,
                                 warmup_ms=args.warmup, rep_ms=args.rep, timer="do_bench median" if device == "cuda"
                                 else "wall-clock median of 3", layout="q/k/v (B, T, H, D) views as (B, H, T, D)",
@@ -233,7 +173,7 @@ def main() -> None:
             for t in lengths:
                 row = run_case(model, heads, d, b, t, args, device)
                 result["cases"].append(row)
-                write_json_atomic(path, result)  # after every case: a cut-off run keeps what it measured
+                write_json(path, result)  # after every case: a cut-off run keeps what it measured
                 print(f"{model} B={b} T={t}: ours {row.get('ours_ms')} ms, sdpa {row.get('sdpa_ms')} ms", flush=True)
                 if device == "cuda":
                     torch.cuda.empty_cache()

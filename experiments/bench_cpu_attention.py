@@ -24,11 +24,7 @@ Writes DIR/bench_cpu_attention.json after every section and prints a table last.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import statistics
 import sys
 import threading
 import time
@@ -36,28 +32,25 @@ from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():  # triton imports its interpreter-free parts only; no kernel here needs it
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402
-import triton.testing  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# bench_common first: it chooses TRITON_INTERPRET (no GPU) before anything imports triton.
+from experiments import bench_common  # noqa: E402
+from experiments.bench_common import (GiB, add_timing_args, arg_parser, kernel_hardware, rel_err,  # noqa: E402
+                                      write_json)
 from kernels.attention import padding_mask  # noqa: E402
 from kernels.cpu_attention import (cpp_backend, cpu_decode_attention_cpp, cpu_decode_attention_reference,  # noqa: E402
                                    cpu_decode_attention_torch)
 from offload_engine.kv.codec import token_major_attention  # noqa: E402
 
-GiB = 1 << 30
 CASES = [(24, 56, 128, 544, 544), (48, 56, 128, 544, 544)]           # B, H, D, T, T_max
 SMOKE_CASES = [(2, 4, 64, 40, 48), (3, 6, 32, 19, 24)]
 TOL = 2e-3                                                            # fp16 output vs float64
 
 
 def hardware() -> dict:
-    info = dict(python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-                torch_threads_default=torch.get_num_threads(), cpp_backend=cpp_backend())
+    """kernel_hardware() plus the host facts this benchmark is about: threads, C++ backend, CPU model and flags."""
+    info = dict(kernel_hardware(), cpu_count=os.cpu_count(), torch_threads_default=torch.get_num_threads(),
+                cpp_backend=cpp_backend())
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         info["cpu_model"] = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
@@ -66,37 +59,19 @@ def hardware() -> dict:
                              if f in flags]
     except (OSError, StopIteration):
         pass
-    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return info
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 def timer(fn, args) -> float:
-    """Median ms of a host-side function."""
-    if torch.cuda.is_available() and not args.wall_clock:
-        stream = torch.cuda.current_stream()
+    """Median ms of a host-side function (wall clock: one warm-up call, then 3 calls in smoke runs, else 7)."""
+    if args.wall_clock or not torch.cuda.is_available():
+        return bench_common.timer(fn, wall_clock=True, reps=3 if args.smoke else 7, warm_call=True)
+    stream = torch.cuda.current_stream()
 
-        def synced():
-            stream.synchronize()    # start only once do_bench's start event has fired (after its cache flush)
-            fn()
-        return float(triton.testing.do_bench(synced, warmup=args.warmup, rep=args.rep, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(3 if args.smoke else 7):
-        t0 = time.perf_counter()
+    def synced():
+        stream.synchronize()    # start only once do_bench's start event has fired (after its cache flush)
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return bench_common.timer(synced, args.warmup, args.rep)
 
 
 class BackgroundH2D:
@@ -231,16 +206,13 @@ def table(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="folder for bench_cpu_attention.json")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes and buffers; runs on any CPU")
+    p = arg_parser(__doc__, "bench_cpu_attention.json", "tiny shapes and buffers; runs on any CPU")
     p.add_argument("--threads", type=int, nargs="+", default=None,
                    help="torch thread counts to run (default: torch's default, 8, 16)")
     p.add_argument("--probe-gib", type=float, default=4.0, help="size of the bandwidth probe buffer, GiB")
     p.add_argument("--dma-gib", type=float, default=1.0, help="pinned buffer the background DMA copies, GiB")
     p.add_argument("--no-pin", action="store_true", help="pageable instead of pinned KV homes")
-    p.add_argument("--warmup", type=int, default=100, help="do_bench warmup, ms")
-    p.add_argument("--rep", type=int, default=600, help="do_bench repetition time, ms")
+    add_timing_args(p, warmup_ms=100, rep_ms=600)
     p.add_argument("--wall-clock", action="store_true", help="time with a wall-clock median instead of do_bench")
     args = p.parse_args(argv)
     default = torch.get_num_threads()
@@ -264,11 +236,11 @@ def main(argv: list[str] | None = None) -> None:
                 row = dict(threads=threads, dma=True, **bandwidth(args, probe))
             res["bandwidth"].append(dict(row, dma_GBps=bg.GBps))
         print(res["bandwidth"][-1], flush=True)
-        write_json_atomic(path, res)
+        write_json(path, res)
     torch.set_num_threads(args.threads[0])
     for case in cases:
         res["attention"].append(attention_case(*case, args))
-        write_json_atomic(path, res)
+        write_json(path, res)
     print(f"wrote {path}")
     print(table(res))
 

@@ -21,24 +21,15 @@ DIR/bench_decode_attention.json after every case and prints a table last.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-if not torch.cuda.is_available():  # smoke runs: Triton's interpreter on CPU; set before kernels import triton
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# bench_common first: it chooses TRITON_INTERPRET (no GPU) before the kernels import triton.
+from experiments.bench_common import (GiB, add_timing_args, arg_parser, device_or_exit,  # noqa: E402
+                                      hbm_copy_ms, kernel_hardware, rel_err, timer, write_json)
 from kernels.attention import attention  # noqa: E402
 from kernels.decode_attention import (  # noqa: E402
     _config,
@@ -48,6 +39,7 @@ from kernels.decode_attention import (  # noqa: E402
     default_num_splits,
     split_scratch,
 )
+from offload_engine.metrics import git_commit  # noqa: E402
 
 # name, B, Hq, Hkv, D, T_max, length
 CASES = [
@@ -62,56 +54,18 @@ TOL = 2e-3  # fp16 against float64 and against SDPA
 
 
 def hardware() -> dict:
-    info = dict(python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, cpu=platform.processor() or platform.machine(),
-                interpreter=os.environ.get("TRITON_INTERPRET") == "1")
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_mem_gib=props.total_memory / (1 << 30), sm_count=props.multi_processor_count)
-    else:
-        info["gpu"] = None
+    """kernel_hardware(), with the SM count also under the key earlier results used."""
+    info = kernel_hardware()
+    if "sms" in info:
+        info["sm_count"] = info["sms"]
     return info
-
-
-def git_commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else os.environ.get("OFFLOAD_ENGINE_COMMIT", "unknown")
-    except (OSError, subprocess.SubprocessError):
-        return os.environ.get("OFFLOAD_ENGINE_COMMIT", "unknown")
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def timer(fn, args) -> float:
-    """Median ms: do_bench on the GPU; a plain wall-clock median of 3 on CPU (smoke)."""
-    if torch.cuda.is_available():
-        return float(triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median"))
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def hbm_copy_gbps(args, device: str) -> dict:
     """The bandwidth bound: a device-to-device copy of 1 GiB (read + write bytes / time)."""
-    n = (1 << 28) if device == "cuda" else (1 << 20)
-    x = torch.randn(n, device=device)
-    y = torch.empty_like(x)
-    ms = timer(lambda: y.copy_(x), args)
-    return dict(copy_bytes=2 * x.numel() * 4, copy_ms=ms, copy_gbps=2 * x.numel() * 4 / ms / 1e6)
+    nbytes = GiB if device == "cuda" else (4 << 20)
+    ms = hbm_copy_ms(nbytes, device, lambda fn: timer(fn, args.warmup, args.rep))
+    return dict(copy_bytes=2 * nbytes, copy_ms=ms, copy_gbps=2 * nbytes / ms / 1e6)
 
 
 def capture(fn):
@@ -195,7 +149,7 @@ def run_case(name: str, b: int, hq: int, hkv: int, d: int, t_max: int, length: i
         return row
     for method, fn in timed.items():
         try:
-            row[f"{method}_ms"] = timer(fn, args)
+            row[f"{method}_ms"] = timer(fn, args.warmup, args.rep)
             row[f"{method}_gbps"] = row["kv_bytes"] / row[f"{method}_ms"] / 1e6
         except (RuntimeError, torch.OutOfMemoryError) as e:  # one SDPA backend failing must not lose the rest
             row[f"{method}_error"] = str(e)[:300]
@@ -219,7 +173,7 @@ def sweep(q, k, v, length_t, key_start, expected, t_max, args) -> list[dict]:
             cfg.setdefault("block_t", 16)
         fn = lambda: decode_attention_triton(q, k, v, length_t, key_start, **cfg)  # noqa: E731
         err = rel_err(fn(), expected)
-        rows.append(dict(cfg, err_vs_default=err, ms=timer(fn, args) if err < TOL else None))
+        rows.append(dict(cfg, err_vs_default=err, ms=timer(fn, args.warmup, args.rep) if err < TOL else None))
     return rows
 
 
@@ -246,16 +200,11 @@ def table(hbm: dict, rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True, help="folder for bench_decode_attention.json")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET=1")
+    ap = arg_parser(__doc__, "bench_decode_attention.json", "tiny shapes; runs on CPU under TRITON_INTERPRET=1")
     ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the num_splits/block_t/warps sweep")
-    ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
-    ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    add_timing_args(ap)
     args = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.smoke:
-        ap.error("no GPU here: pass --smoke for the tiny CPU run")
+    device = device_or_exit(ap, args.smoke)
     cases = SMOKE_CASES if args.smoke else CASES
     path = args.out / "bench_decode_attention.json"
     result = dict(hardware=hardware(), commit=git_commit(),
@@ -268,7 +217,7 @@ def main() -> None:
     for case in cases:
         row = run_case(*case, args, device)
         result["cases"].append(row)
-        write_json_atomic(path, result)  # after every case: a cut-off run keeps what it measured
+        write_json(path, result)  # after every case: a cut-off run keeps what it measured
         print(f"{case}: ours_pad {row.get('ours_pad_ms')} ms, sdpa_mask {row.get('sdpa_mask_ms')} ms", flush=True)
         if device == "cuda":
             torch.cuda.empty_cache()

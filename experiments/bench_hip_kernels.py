@@ -17,28 +17,21 @@ against T for prefill) and prints a table last.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json
 import math
-import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-
-if not torch.cuda.is_available():  # Triton's interpreter must be chosen before the kernels are imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# bench_common first: it chooses TRITON_INTERPRET (no GPU) before the kernels import triton.
+from experiments.bench_common import (arg_parser, device_or_exit, kernel_hardware, rel_err, timer,  # noqa: E402
+                                      write_json)
 from kernels.hip.attention import block_sparse_attention_reference, block_sparse_attention_triton  # noqa: E402
 from kernels.hip.select import HipConfig, hip_select_torch, hip_select_triton  # noqa: E402
 
@@ -71,27 +64,6 @@ def parse_tiles(items: list[str]) -> dict[str, dict[str, int]]:
     return tiles
 
 
-def bench(fn, rep_ms: int) -> float:
-    """Median ms: do_bench on a GPU; a plain timer on the CPU (smoke runs only)."""
-    if torch.cuda.is_available():
-        return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def hardware() -> dict:
-    info = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-            "cuda": torch.version.cuda, "gpu": None}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_mem_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count)
-    return info
-
-
 def sdpa(q, k, v, causal: bool):
     backends = [SDPBackend.FLASH_ATTENTION] if q.is_cuda else [SDPBackend.MATH]
     with sdpa_kernel(backends):
@@ -110,7 +82,7 @@ def check(q, k, v, sel, q_idx, cfg, slices) -> dict:
         ref = block_sparse_attention_reference(qs.double(), k[:1, hs].double(), v[:1, hs].double(), ss,
                                                q_idx[rows], None, bq, bk)
         o = out[:1, hs, rows].double()
-        errs.append(float((o - ref).norm() / ref.norm()))
+        errs.append(rel_err(o, ref))
         torch_sel = hip_select_torch(qs, k[:1, hs], q_idx[rows], None, cfg)
         agree.append(float((torch_sel == ss).float().mean()))
     res = {"max_rel_err": max(errs), "selection_agreement": min(agree)}
@@ -145,10 +117,10 @@ def run_decode(name, batch, T, setup, tiles, rep_ms, device) -> dict:
     sel = select()
     res = {"case": name, "kind": "decode", "batch": batch, "T": T,
            "check": check(q, k, v, sel, q_idx, cfg, [(0, 0), (H - 1, 0)])}
-    res["hip_recompute_ms"] = bench(lambda: attend(select()), rep_ms)
-    res["hip_reuse_ms"] = bench(lambda: attend(sel), rep_ms)
-    res["select_ms"] = bench(select, rep_ms)
-    res["sdpa_ms"] = bench(lambda: sdpa(q, k, v, causal=False), rep_ms)
+    res["hip_recompute_ms"] = timer(lambda: attend(select()), rep_ms=rep_ms)
+    res["hip_reuse_ms"] = timer(lambda: attend(sel), rep_ms=rep_ms)
+    res["select_ms"] = timer(select, rep_ms=rep_ms)
+    res["sdpa_ms"] = timer(lambda: sdpa(q, k, v, causal=False), rep_ms=rep_ms)
     res["speedup_recompute"] = res["sdpa_ms"] / res["hip_recompute_ms"]
     res["speedup_reuse"] = res["sdpa_ms"] / res["hip_reuse_ms"]
     del q, k, v, sel
@@ -175,10 +147,10 @@ def run_prefill(name, T, setup, tiles, rep_ms, device) -> dict:
     nqb = sel.shape[2]
     res = {"case": name, "kind": "prefill", "batch": 1, "T": T,
            "check": check(q, k, v, sel, q_idx, cfg, [(0, 0), (0, nqb // 2), (H - 1, nqb - 1)])}
-    res["hip_ms"] = bench(lambda: attend(select()), rep_ms)
-    res["select_ms"] = bench(select, rep_ms)
-    res["attention_ms"] = bench(lambda: attend(sel), rep_ms)
-    res["sdpa_ms"] = bench(lambda: sdpa(q, k, v, causal=True), rep_ms)
+    res["hip_ms"] = timer(lambda: attend(select()), rep_ms=rep_ms)
+    res["select_ms"] = timer(select, rep_ms=rep_ms)
+    res["attention_ms"] = timer(lambda: attend(sel), rep_ms=rep_ms)
+    res["sdpa_ms"] = timer(lambda: sdpa(q, k, v, causal=True), rep_ms=rep_ms)
     res["speedup"] = res["sdpa_ms"] / res["hip_ms"]
     del q, k, v, sel
     free()
@@ -206,9 +178,7 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True, help="folder for bench_hip_kernels.json")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU through Triton's interpreter")
+    ap = arg_parser(__doc__, "bench_hip_kernels.json", "tiny shapes; runs on CPU through Triton's interpreter")
     ap.add_argument("--cases", nargs="*", help="run only these case names (default: all)")
     ap.add_argument("--tiles", nargs="*", default=[], metavar="GROUP.NAME=INT",
                     help="kernel tile overrides, e.g. select.cand_tile=64 prefill.keys_per_tile=64 "
@@ -217,10 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     tiles = parse_tiles(args.tiles)
     setup = SMOKE if args.smoke else FULL
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.smoke:
-        raise SystemExit("The full benchmark needs a GPU; use --smoke to try it on the CPU.")
-    args.out.mkdir(parents=True, exist_ok=True)
+    device = device_or_exit(ap, args.smoke)
     wanted = set(args.cases or [])
     names = [c[0] for c in setup["decode"]] + [c[0] for c in setup["prefill"]]
     if wanted - set(names):
@@ -244,15 +211,13 @@ def main(argv: list[str] | None = None) -> None:
                                     if key in r)}
                   for name, goal in GOALS.items() for r in results if r["case"] == name},
     }
-    report = {"hardware": hardware(), "smoke": args.smoke,
+    report = {"hardware": kernel_hardware(), "smoke": args.smoke,
               "settings": {"dtype": "float16", "heads_q": setup["heads"], "heads_kv": setup["heads"],
                            "head_dim": setup["head_dim"], "hip": dataclasses.asdict(setup["cfg"]), "tiles": tiles,
                            "rep_ms": args.rep_ms, "data": "Gaussian q (scaled by D^-0.5), k, v"},
               "published_sdpa_ms": PUBLISHED_SDPA_MS, "results": results, "summary": summary}
     path = args.out / "bench_hip_kernels.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(path)  # all or nothing
+    write_json(path, report)
     print(f"wrote {path}")
     print(f"prefill log-log slope: hip {summary['hip_prefill_loglog_slope']}, sdpa {summary['sdpa_prefill_loglog_slope']}")
     print(table(results))

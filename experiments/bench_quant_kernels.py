@@ -21,33 +21,24 @@ Writes DIR/bench_quant_kernels.json after every section and prints a table last.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-
-if not torch.cuda.is_available():  # smoke runs: Triton's interpreter on CPU; set before kernels import triton
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-import triton.testing  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# bench_common first: it chooses TRITON_INTERPRET (no GPU) before the kernels import triton.
+from experiments import bench_common  # noqa: E402
+from experiments.bench_common import (GiB, add_timing_args, arg_parser, device_or_exit, hbm_copy_ms,  # noqa: E402
+                                      kernel_hardware, rel_err, write_json)
 from kernels.quant.pack import QuantSpec, dequantize, dequantize_triton, quantize, quantize_triton  # noqa: E402
 from kernels.quant.attention import (quant_decode_attention, quant_decode_attention_reference,  # noqa: E402
                                      quant_decode_attention_triton)
 from kernels.quant.linear import (FUSED_MAX_ROWS, quant_linear, quant_linear_reference,  # noqa: E402
                                   quant_linear_triton)
 
-GiB = 1 << 30
 LINEAR_SHAPES = {"opt-30b": [(7168, 7168), (28672, 7168), (7168, 28672)],
                  "opt-6.7b": [(4096, 4096), (16384, 4096), (4096, 16384)]}
 ROWS = [1, 8, 32, 64]
@@ -58,40 +49,9 @@ SMOKE = dict(linear={"tiny": [(96, 80), (40, 130)]}, rows=[1, 3], attention=[("t
              ("tiny-long", 1, 2, 64, 150)], cpu_attention=[("tiny", 2, 4, 64, 40)])
 
 
-def hardware() -> dict:
-    info = dict(python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, cpu=platform.processor() or platform.machine(),
-                cpu_threads=torch.get_num_threads(), interpreter=os.environ.get("TRITON_INTERPRET") == "1")
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_mem_gib=props.total_memory / GiB, sms=props.multi_processor_count)
-    else:
-        info["gpu"] = None
-    return info
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 def timer(fn, args, cpu: bool = False) -> float:
-    """Median ms: do_bench on the GPU; a wall-clock median on CPU (smoke, CPU attention)."""
-    if torch.cuda.is_available() and not cpu:
-        return float(triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(3 if args.smoke else 5):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median ms: do_bench on the GPU; a wall-clock median after one warm-up call on CPU (smoke, CPU attention)."""
+    return bench_common.timer(fn, args.warmup, args.rep, wall_clock=cpu, reps=3 if args.smoke else 5, warm_call=True)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -103,10 +63,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def hbm_bound(args, device) -> dict:
     n = (8 << 20) if args.smoke else (2 * GiB)
-    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    ms = timer(lambda: dst.copy_(src), args)
-    assert torch.equal(dst, src)
+    ms = hbm_copy_ms(n, device, lambda fn: timer(fn, args))
     return dict(copy_bytes=n, copy_ms=ms, GBps=2 * n / ms / 1e6)          # read + write
 
 
@@ -264,44 +221,40 @@ def table(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="folder for bench_quant_kernels.json")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU (Triton interpreter)")
+    p = arg_parser(__doc__, "bench_quant_kernels.json", "tiny shapes; runs on CPU (Triton interpreter)")
     p.add_argument("--bits", type=int, default=4, choices=[4, 8])
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
-    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    add_timing_args(p)
     p.add_argument("--no-cpu-attention", action="store_true", help="skip the CPU-path attention case")
     args = p.parse_args(argv)
-    if not args.smoke and not torch.cuda.is_available():
-        p.error("no CUDA device: run with --smoke, or on the GPU machine")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device_or_exit(p, args.smoke)
     spec = QuantSpec(args.bits, args.group_size)
     linear = SMOKE["linear"] if args.smoke else LINEAR_SHAPES
     rows = SMOKE["rows"] if args.smoke else ROWS
-    res = dict(hardware=hardware(), settings=dict(bits=spec.bits, group_size=spec.group_size, dtype="float16",
+    hardware = dict(kernel_hardware(), cpu_threads=torch.get_num_threads())
+    res = dict(hardware=hardware, settings=dict(bits=spec.bits, group_size=spec.group_size, dtype="float16",
                smoke=args.smoke, warmup_ms=args.warmup, rep_ms=args.rep, fused_max_rows=FUSED_MAX_ROWS),
                hbm={}, gemv=[], codec=[], attention=[], cpu_attention=[], bytes_per_step=bytes_per_step(spec))
     path = args.out / "bench_quant_kernels.json"
     torch.manual_seed(0)
     res["hbm"] = hbm_bound(args, device)
-    write_json_atomic(path, res)
+    write_json(path, res)
     for model, shapes in linear.items():
         for n, k in shapes:
             for m in rows:
                 res["gemv"].append(dict(model=model, **gemv_case(n, k, m, spec, args, device, res["hbm"]["GBps"])))
-                write_json_atomic(path, res)
+                write_json(path, res)
             res["codec"].append(dict(model=model, **codec_case(n, k, spec, args, device)))
-            write_json_atomic(path, res)
+            write_json(path, res)
             if device == "cuda":
                 torch.cuda.empty_cache()
     for case in (SMOKE["attention"] if args.smoke else ATTENTION):
         res["attention"].append(attention_case(*case, spec, args, device, cpu_path=False))
-        write_json_atomic(path, res)
+        write_json(path, res)
     if not args.no_cpu_attention:
         for case in (SMOKE["cpu_attention"] if args.smoke else CPU_ATTENTION):
             res["cpu_attention"].append(attention_case(*case, spec, args, "cpu", cpu_path=True))
-            write_json_atomic(path, res)
+            write_json(path, res)
     print(f"wrote {path}")
     print(table(res))
 

@@ -46,8 +46,9 @@ def test_loading_to_disk_adds_one_tensor_not_the_model(big_checkpoint, tmp_path)
 
 
 def test_peak_host_memory_sees_an_allocation():
+    # 256 MiB is above any allocator's reuse of freed memory: fresh pages, counted when touched
     with PeakHostMemory(interval_s=0.001) as peak:
-        block = torch.ones(64 * MiB, dtype=torch.uint8)
+        block = torch.ones(256 * MiB, dtype=torch.uint8)
         block.add_(1)
         del block
-    assert peak.added_bytes >= 60 * MiB
+    assert peak.added_bytes >= 200 * MiB

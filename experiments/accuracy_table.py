@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--only", nargs="*", help="run only rows whose name starts with one of these")
+    ap.add_argument("--rows", nargs="*", help="run only the rows with exactly these names")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--out", type=Path, required=True)
@@ -90,7 +91,7 @@ def main() -> None:
     options = EngineOptions(checkpoint=resolved.source, progress=False, device=args.device,
                             dtype=getattr(torch, args.dtype), offload_dir=args.out / "offload")
     for name, kv, compression in rows_to_run(args.context, args.only):
-        if name in done:
+        if name in done or (args.rows and name not in args.rows):
             continue
         t0 = time.time()
         result = perplexity(resolved.config, windows, kv, options, Policy(**compression))

@@ -12,10 +12,10 @@ import sys
 from importlib import metadata
 
 from ..errors import EngineError
-from . import generate, ppl, run
+from . import generate, ppl, profile, run, search, sweep
 from .options import ArgumentError, Parser
 
-COMMANDS = (run, generate, ppl)
+COMMANDS = (run, generate, ppl, search, sweep, profile)
 
 DESCRIPTION = """\
 Throughput-oriented batch generation with OPT and Llama-family models whose weights, KV cache
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except (EngineError, ArgumentError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: no results written", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command may say what it kept (a sweep keeps its finished points)
+        print(f"interrupted: {e}" if str(e) else "interrupted: no results written", file=sys.stderr)
         return 130
     except Exception as e:  # the GPU running out of memory beyond the plan is the one we expect
         import torch

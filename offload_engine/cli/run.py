@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from policies.memory import GiB, Workload
+from policies.placement import Policy
 
 from ..config import ModelConfig
 from ..errors import EngineError
@@ -48,6 +49,13 @@ def add_parser(sub) -> None:
                         "as FlexGen's option of the same name does (sound where a step's cost does not grow with "
                         "the length, e.g. an H2O cache at its budget; the JSON records it)")
     add_policy_args(p)
+    a = p.add_argument_group("automatic policy")
+    a.add_argument("--policy", choices=["manual", "auto"], default="manual",
+                   help="auto: search the placement, batch and CPU attention with the cost model (see "
+                        "`offload-engine search`) and run the best; the compression and KV policy flags are kept")
+    a.add_argument("--hardware", type=Path, default=None, metavar="FILE",
+                   help="a profile from `offload-engine profile`: with --policy auto it drives the search "
+                        "(default: a quick measurement now); with a manual policy the JSON gets the prediction")
     add_resource_args(p)
     add_sampling_args(p)
     o = p.add_argument_group("output")
@@ -72,6 +80,13 @@ def execute(args: argparse.Namespace) -> dict:
 
     resolved = resolve_model(args.model, dummy=args.dummy)
     model, policy, work = resolved.config, policy_from_args(args), Workload(args.prompt_len, args.gen_len)
+    predicted = None
+    if args.policy == "auto":
+        policy, predicted = _searched(args, model, work, policy)
+    elif args.hardware is not None:
+        from policies.cost_model import estimate
+        from .search import hardware_for
+        predicted = estimate(model, policy, work, hardware_for(_search_args(args)))
     if args.cut_gen_len is not None and not 2 <= args.cut_gen_len <= args.gen_len:
         raise EngineError(f"--cut-gen-len {args.cut_gen_len} must be between 2 and --gen-len {args.gen_len}.")
     decoded = args.cut_gen_len or args.gen_len
@@ -122,6 +137,9 @@ def execute(args: argparse.Namespace) -> dict:
         "decode_step_busy_s": result.decode_split_s, "hip_hot_cache_hit_rate": hit_rate,
         "cuda_graph": engine.decode_graph is not None, "cuda_graph_refusal": engine.graph_refusal,
         "cut_gen_len": args.cut_gen_len,
+        "predicted": None if predicted is None else {
+            "total_throughput": predicted.throughput, "prefill_s": predicted.prefill_s, "step_s": predicted.step_s,
+            "parts_s": predicted.parts},
         "hardware": hardware(), "commit": git_commit(),
         "command": sys.argv,
     }
@@ -129,3 +147,20 @@ def execute(args: argparse.Namespace) -> dict:
         write_json_atomic(args.json, data)
         print(f"results written to {args.json}", file=sys.stderr)
     return data
+
+
+def _search_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The search's view of the run flags: the caps and the profile, the KV and compression as set."""
+    return argparse.Namespace(**vars(args), objective="throughput", max_batch=512,
+                              compress=[{(False, False): "none", (True, False): "weight", (False, True): "cache",
+                                         (True, True): "both"}[(args.compress_weight, args.compress_cache)]])
+
+
+def _searched(args: argparse.Namespace, model: ModelConfig, work: Workload, manual: Policy):
+    from dataclasses import replace
+
+    from .search import best_policy
+    best, predicted = best_policy(_search_args(args), model, work)
+    keep = dict(overlap=manual.overlap, pin_weight=manual.pin_weight, sep_layer=manual.sep_layer,
+                cuda_graphs=manual.cuda_graphs, weight_buffers=manual.weight_buffers)
+    return replace(best, **keep), predicted

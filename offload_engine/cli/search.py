@@ -1,0 +1,141 @@
+"""`offload-engine search`: the best policies for a model, workload and machine, from the cost model.
+
+Also the piece `run --policy auto` uses: `best_policy(args, model, work)`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from policies.memory import GiB, Workload
+
+from ..errors import EngineError
+from ..io.tiers import Tier
+from ..metrics import check_output_file, git_commit, write_json_atomic
+from ..model_zoo import resolve_model
+from .options import add_kv_policy_args, add_model_args, kv_settings_from_args, memory_size, positive_int
+
+DESCRIPTION = """\
+Search the placement (--percent), GPU batch size, number of GPU batches, CPU attention and
+compression that maximise throughput (or minimise the batch's latency) under the memory caps,
+from a cost model of this machine (`offload-engine profile --out FILE`, or a quick measurement
+now). For every combination of the discrete knobs a linear program places the weights, KV cache
+and activations; the result is checked with the engine's own memory plan, so every policy
+printed is one `offload-engine run` accepts. Predictions are estimates: measure the best few.
+"""
+
+EXAMPLES = """\
+examples:
+  offload-engine profile --out hw.json
+  offload-engine search --model opt-30b --prompt-len 512 --gen-len 32 --gpu-mem 16GiB --hardware hw.json
+  offload-engine search --model opt-6.7b --compress none both --kv-policy h2o --objective latency
+  offload-engine run --model opt-30b --gpu-mem 16GiB --policy auto --hardware hw.json
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("search", help="find the best placement policies from a cost model of this machine",
+                       description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    w = p.add_argument_group("workload")
+    w.add_argument("--prompt-len", type=positive_int, default=512, help="prompt tokens per sequence (default: 512)")
+    w.add_argument("--gen-len", type=positive_int, default=32, help="tokens to generate (default: 32)")
+    add_search_args(p)
+    add_kv_policy_args(p)
+    o = p.add_argument_group("output")
+    o.add_argument("--top", type=positive_int, default=5, help="policies to print (default: 5)")
+    o.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the policies and predictions")
+    p.set_defaults(execute=execute)
+
+
+def add_search_args(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("search")
+    s.add_argument("--hardware", type=Path, default=None, metavar="FILE",
+                   help="a profile from `offload-engine profile` (default: a quick measurement of this machine)")
+    s.add_argument("--gpu-mem", type=memory_size, default=None, metavar="SIZE",
+                   help="cap on GPU memory (default: the profile's free GPU memory)")
+    s.add_argument("--cpu-mem", type=memory_size, default=None, metavar="SIZE",
+                   help="cap on host memory (default: the profile's available memory)")
+    s.add_argument("--objective", choices=["throughput", "latency"], default="throughput",
+                   help="maximise token/s, or minimise the time to finish the batch (default: throughput)")
+    s.add_argument("--compress", nargs="+", choices=["none", "cache", "weight", "both"], default=["none"],
+                   help="compression settings to consider (default: none)")
+    s.add_argument("--max-batch", type=positive_int, default=512, help="largest GPU batch to consider (default: 512)")
+
+
+def hardware_for(args: argparse.Namespace):
+    """The profile (loaded or measured now), with the --gpu-mem / --cpu-mem caps applied."""
+    from policies.hardware import HardwareProfile
+
+    if args.hardware is not None:
+        hw = HardwareProfile.load(args.hardware)
+    else:
+        import torch
+
+        from ..hardware_probe import profile_machine, sizes_for
+        cuda = torch.cuda.is_available()
+        print("measuring this machine (pass --hardware FILE to reuse a profile)...", file=sys.stderr)
+        hw = profile_machine(torch.device("cuda" if cuda else "cpu"), Path(getattr(args, "offload_dir", "offload_dir")),
+                             sizes_for(cuda, quick=True), log=lambda *_: None)
+    hw = hw.tiers_as_the_engine_sees_them()
+    if args.gpu_mem:
+        hw = replace(hw, gpu_mem_bytes=min(hw.gpu_mem_bytes, args.gpu_mem) if hw.gpu_mem_bytes else args.gpu_mem)
+    if args.cpu_mem:
+        hw = replace(hw, cpu_mem_bytes=args.cpu_mem)
+    return hw
+
+
+def run_search(args: argparse.Namespace, model, work: Workload, top: int):
+    from policies import Compression
+    from policies.search import SearchSpace, search
+
+    batches = tuple(b for b in SearchSpace().gpu_batch_sizes if b <= args.max_batch)
+    space = SearchSpace(gpu_batch_sizes=batches, compression=tuple(args.compress), kv=(kv_settings_from_args(args),),
+                        quant=Compression(getattr(args, "quant_bits", 4), getattr(args, "quant_group_size", 64)))
+    hw = hardware_for(args)
+    found = search(model, work, hw, space, args.objective, top)
+    if not found:
+        raise EngineError(f"no policy fits {model.name} with {work.prompt_len}+{work.gen_len} tokens in "
+                          f"{hw.gpu_mem_bytes / GiB:.1f} GiB of GPU and {hw.cpu_mem_bytes / GiB:.1f} GiB of host memory.",
+                          "Raise the caps, allow compression (--compress both) or shorten the workload.")
+    return found, hw
+
+
+def best_policy(args: argparse.Namespace, model, work: Workload):
+    """The searched policy `run --policy auto` runs, with the run's own schedule flags kept."""
+    found, _ = run_search(args, model, work, 1)
+    best = found[0].policy
+    print(f"searched policy: --percent {' '.join(f'{p:g}' for p in best.percent)} --gpu-batch-size "
+          f"{best.gpu_batch_size} --num-gpu-batches {best.num_gpu_batches}"
+          + (" --cpu-cache-compute" if best.cpu_cache_compute else "")
+          + f" (predicted {found[0].throughput:.1f} token/s)", file=sys.stderr)
+    return best, found[0]
+
+
+def execute(args: argparse.Namespace) -> dict:
+    from policies.search import command_line
+
+    if args.json is not None:
+        check_output_file(args.json)
+    resolved = resolve_model(args.model, dummy=True)  # the architecture is all the search needs
+    work = Workload(args.prompt_len, args.gen_len)
+    found, hw = run_search(args, resolved.config, work, args.top)
+    print(f"{resolved.config.name}, {work.prompt_len}+{work.gen_len} tokens, GPU {hw.gpu_mem_bytes / GiB:.1f} GiB, "
+          f"host {hw.cpu_mem_bytes / GiB:.1f} GiB, profile {hw.name}; best by {args.objective}:")
+    print(f"{'#':>2} {'token/s':>9} {'latency s':>10} {'batch':>8} {'GPU GiB':>8} {'CPU GiB':>8} {'disk GiB':>8}  command")
+    rows = []
+    for i, est in enumerate(found, 1):
+        cmd = command_line(args.model, work, est)
+        mem = {t: est.memory[t] / GiB for t in Tier}
+        print(f"{i:>2} {est.throughput:>9.1f} {est.total_s:>10.2f} {est.policy.gpu_batch_size:>4}x{est.policy.num_gpu_batches:<3}"
+              f"{mem[Tier.GPU]:>8.2f} {mem[Tier.CPU]:>8.2f} {mem[Tier.DISK]:>8.2f}  {cmd}")
+        rows.append({"predicted_throughput": est.throughput, "predicted_total_s": est.total_s,
+                     "prefill_s": est.prefill_s, "step_s": est.step_s, "parts_s": est.parts,
+                     "memory_gib": {t.value: v for t, v in mem.items()}, "policy": asdict(est.policy), "command": cmd})
+    data = {"model": resolved.config.name, "workload": asdict(work), "objective": args.objective,
+            "hardware": asdict(hw), "policies": rows, "commit": git_commit()}
+    if args.json:
+        write_json_atomic(args.json, data)
+    return data

@@ -1,0 +1,179 @@
+"""Predicted prefill and decode-step time of a policy on a machine, and its memory per tier.
+
+Memory is the engine's own plan (memory.py): what the model predicts is what the engine would
+allocate or refuse. Time adds up the bytes and FLOPs each part of the zig-zag schedule moves,
+over the rates of a `HardwareProfile`, and combines them the way the schedule overlaps them:
+
+  decode step = max(weight I/O, KV I/O, activation I/O, GPU compute + CPU attention + launches,
+                    host memory)
+
+weights and KV stream on their own streams and threads beside compute, so they overlap it; CPU
+attention runs on the host thread between a layer's GPU halves, so it adds to compute; the host's
+memory bandwidth is shared by weight DMA and CPU attention. Prefill = max(compute, weight I/O,
+KV write-back). Every term is linear in the placement fractions, which is what lets search.py
+solve for the percentages with a linear program (`Terms`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from offload_engine.config import ModelConfig
+from offload_engine.io.tiers import Tier
+from offload_engine.models import build_layers
+
+from .hardware import HardwareProfile
+from .memory import MemoryPlan, Workload, kv_token_bytes, plan_memory, weight_bytes
+from .placement import Policy
+
+FUSED_MAX_ROWS = 32  # kernels/quant/linear.py: packed weights are read packed only for small batches
+
+
+@dataclass
+class Terms:
+    """A policy's per-step quantities, split so that each is a constant times a placement fraction.
+
+    Bytes: W weights (as stored), KV_read K+V a decode step reads (average length), KV_prompt the
+    cache a prefill writes; times in seconds. Fractions: wg/wc (weights on GPU/CPU, the rest on
+    disk), cg/cc (KV cache), and whether CPU-resident cache is attended on the CPU.
+    """
+
+    W: float
+    KV_read: float
+    KV_prompt: float
+    ACT_step: float  # hidden states stored and loaded back between layers in a decode step
+    ACT_prompt: float  # the same in prefill
+    gemm_s: float  # GPU matmuls of one decode step (all GPU batches)
+    prefill_compute_s: float
+    overhead_s: float  # host time of an eager step (0 when the step is captured)
+    cpu_attention: bool
+    gen_len: int
+    batch: int
+
+    def weight_io_s(self, hw: HardwareProfile, wc: float, wd: float) -> float:
+        return self.W * (wc / hw.h2d_bytes_s + wd / min(hw.disk_read_bytes_s, hw.h2d_bytes_s))
+
+    def kv_io_s(self, hw: HardwareProfile, cc: float, cd: float) -> float:
+        streamed_cpu = 0.0 if self.cpu_attention else cc
+        return self.KV_read * (streamed_cpu / hw.h2d_bytes_s + cd / min(hw.disk_read_bytes_s, hw.h2d_bytes_s))
+
+    def attention_s(self, hw: HardwareProfile, cg: float, cc: float, cd: float) -> tuple[float, float]:
+        """(GPU attention, CPU attention) seconds of a decode step."""
+        on_cpu = cc if self.cpu_attention else 0.0
+        return self.KV_read * (1.0 - on_cpu) / hw.gpu_attention_bytes_s, self.KV_read * on_cpu / hw.cpu_attention_bytes_s
+
+    def act_io_s(self, hw: HardwareProfile, hc: float, hd: float, prefill: bool = False) -> float:
+        """Hidden states off the GPU go out and come back at every layer."""
+        moved = self.ACT_prompt if prefill else self.ACT_step
+        cpu = 1 / hw.d2h_bytes_s + 1 / hw.h2d_bytes_s
+        disk = 1 / hw.disk_write_bytes_s + 1 / min(hw.disk_read_bytes_s, hw.h2d_bytes_s)
+        return moved * (hc * cpu + hd * disk) / 2
+
+    def host_memory_s(self, hw: HardwareProfile, wc: float, cc: float) -> float:
+        return (self.W * wc + (self.KV_read * cc if self.cpu_attention else 0.0)) / hw.cpu_mem_bytes_s
+
+
+@dataclass
+class Estimate:
+    policy: Policy
+    prefill_s: float
+    step_s: float
+    memory: dict[Tier, int]  # bytes the plan needs per tier (what the caps are checked against)
+    persistent: dict[Tier, int]  # of which allocated up front (all but transient working memory)
+    parts: dict[str, float] = field(default_factory=dict)  # the decode step's terms, seconds
+    gen_len: int = 1
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + (self.gen_len - 1) * self.step_s
+
+    @property
+    def throughput(self) -> float:
+        """FlexGen's: generated tokens / (prefill + decode time)."""
+        return self.policy.batch_size * self.gen_len / self.total_s
+
+
+def _plan(model: ModelConfig, policy: Policy, work: Workload, dtype: torch.dtype, relay_bytes: int,
+          hw: HardwareProfile) -> MemoryPlan:
+    """The engine's plan: like Engine._plan, a third weight staging slot when it fits the caps."""
+    layers = build_layers(model, policy.sep_layer)
+    caps = {Tier.GPU: hw.gpu_mem_bytes, Tier.CPU: hw.cpu_mem_bytes, Tier.DISK: hw.disk_free_bytes}
+    plan = None
+    for slots in [policy.weight_buffers] if policy.weight_buffers else [3, 2]:
+        plan = plan_memory(layers, policy, work, dtype, model.hidden_size, slots, relay_bytes)
+        if all(plan.tiers[t].total <= caps[t] for t in Tier):
+            break
+    return plan
+
+
+def terms(model: ModelConfig, policy: Policy, work: Workload, hw: HardwareProfile,
+          dtype: torch.dtype = torch.float16) -> Terms:
+    """The policy-independent-of-placement quantities of the cost (batch, compression, KV policy)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    layers = build_layers(model, policy.sep_layer)
+    specs = {s.key: s for layer in layers for s in layer.weight_specs()}
+    stored = sum(weight_bytes(s, policy, itemsize) for s in specs.values())
+    params = sum(s.numel() for s in specs.values())
+    b, k = policy.gpu_batch_size, policy.num_gpu_batches
+    attn = [layer.kv_spec for layer in layers if layer.kv_spec is not None]
+    token = kv_token_bytes(attn[0].num_heads, attn[0].head_dim, policy, itemsize) if attn else 0
+    if policy.kv.evicts:  # the cache stays at the budget
+        read_len = float(policy.kv.cache_len(work.prompt_len, work.max_len))
+    elif policy.kv.policy == "hip":  # the selected blocks, sink and window
+        hip = policy.kv.hip
+        read_len = float(min(work.prompt_len + work.gen_len / 2, hip.k + hip.window + hip.sink))
+    else:
+        read_len = work.prompt_len + work.gen_len / 2
+    kv_read = 2 * read_len * b * k * token * len(attn)
+    kv_prompt = 2 * policy.kv.prefill_tokens(work.prompt_len, work.max_len) * b * k * token * len(attn)
+    # Decode matmuls: each GPU batch reads every weight (as stored, when the fused kernel reads it
+    # packed) unless the batch is large enough to be compute-bound.
+    read = stored if (policy.compress_weight is None or b <= FUSED_MAX_ROWS) else params * itemsize
+    gemm = k * max(read / hw.gpu_mem_bytes_s, 2.0 * params * b / hw.gpu_flops)
+    attn_flops = 2.0 * b * k * work.prompt_len ** 2 * model.hidden_size * len(attn)  # causal: half of 4 b s^2 h
+    prefill = (2.0 * params * b * k * work.prompt_len + attn_flops) / hw.gpu_flops
+    n_layers = len(layers)
+    overhead = 0.0 if _captured(policy) else n_layers * k * hw.layer_overhead_s
+    act = 2.0 * n_layers * b * k * model.hidden_size * itemsize  # out and back, one token a sequence
+    return Terms(stored, kv_read, kv_prompt, act, act * work.prompt_len, gemm, prefill, overhead,
+                 policy.cpu_cache_compute, work.gen_len, b * k)
+
+
+def _captured(policy: Policy) -> bool:
+    """Whether the engine captures the decode step (decode_graph.graphs_apply, from the policy alone)."""
+    on_gpu = policy.weight_gpu_percent == 100 and policy.cache_gpu_percent == 100 and policy.act_gpu_percent == 100
+    return policy.cuda_graphs and on_gpu and policy.kv.policy == "full" and policy.compress_cache is None
+
+
+def estimate(model: ModelConfig, policy: Policy, work: Workload, hw: HardwareProfile,
+             dtype: torch.dtype = torch.float16, relay_bytes: int | None = None) -> Estimate:
+    """`relay_bytes`: the disk relay's pinned ring when the policy uses disk (None: the default ring)."""
+    if relay_bytes is None:
+        from offload_engine.io.disk_relay import DiskRelaySettings
+        relay_bytes = DiskRelaySettings().host_bytes() if policy.uses_disk else 0
+    plan = _plan(model, policy, work, dtype, relay_bytes, hw)
+    t = terms(model, policy, work, hw, dtype)
+    w_total = max(1, plan.model_bytes)
+    wc, wd = plan.tiers[Tier.CPU].weights / w_total, plan.tiers[Tier.DISK].weights / w_total
+    items = max(1, plan.kv_split.count)
+    counts = plan.kv_split.counts()
+    cg, cc, cd = counts[Tier.GPU] / items, counts[Tier.CPU] / items, counts[Tier.DISK] / items
+    gpu_attn, cpu_attn = t.attention_s(hw, cg, cc, cd)
+    acts = max(1, plan.act_split.count)
+    a_counts = plan.act_split.counts()
+    hc, hd = a_counts[Tier.CPU] / acts, a_counts[Tier.DISK] / acts
+    parts = {"weight_io": t.weight_io_s(hw, wc, wd), "kv_io": t.kv_io_s(hw, cc, cd), "act_io": t.act_io_s(hw, hc, hd),
+             "compute": t.gemm_s + gpu_attn + cpu_attn + t.overhead_s, "host_memory": t.host_memory_s(hw, wc, cc),
+             "gpu_attention": gpu_attn, "cpu_attention": cpu_attn, "gemm": t.gemm_s, "launch": t.overhead_s}
+    step = max(parts["weight_io"], parts["kv_io"], parts["act_io"], parts["compute"], parts["host_memory"])
+    kv_write = t.KV_prompt * ((1 - cg) / hw.d2h_bytes_s + cd / hw.disk_write_bytes_s)
+    prefill = max(t.prefill_compute_s + t.overhead_s, parts["weight_io"], kv_write, t.act_io_s(hw, hc, hd, True))
+    memory = {tier: plan.tiers[tier].total for tier in Tier}
+    persistent = {tier: plan.persistent_bytes(tier) for tier in Tier}
+    return Estimate(policy, prefill, step, memory, persistent, parts, work.gen_len)
+
+
+def fits(estimate: Estimate, hw: HardwareProfile) -> bool:
+    caps = {Tier.GPU: hw.gpu_mem_bytes, Tier.CPU: hw.cpu_mem_bytes, Tier.DISK: hw.disk_free_bytes}
+    return all(estimate.memory[tier] <= caps[tier] for tier in Tier)

@@ -1,0 +1,107 @@
+"""The cost model and the policy search: memory equal to what the engine allocates, times that move
+the right way, and searched policies the engine accepts."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from offload_engine.engine import Engine, EngineOptions
+from offload_engine.io.tiers import Tier
+from offload_engine.model_zoo import MODEL_CONFIGS
+from policies import Compression, H2OConfig, KVSettings
+from policies.cost_model import estimate
+from policies.hardware import HardwareProfile
+from policies.memory import Workload
+from policies.placement import Policy
+from policies.search import SearchSpace, command_line, search
+
+GB = 1e9
+TINY = MODEL_CONFIGS["opt-125m"].__class__(name="tiny", family="opt", num_layers=4, hidden_size=64, num_heads=4,
+                                           ffn_dim=256, vocab_size=500, max_positions=128)
+H100 = HardwareProfile(name="h100-like", gpu_mem_bytes=16 << 30, cpu_mem_bytes=120 << 30, disk_free_bytes=60 << 30,
+                       h2d_bytes_s=54.5 * GB, d2h_bytes_s=54.6 * GB, disk_read_bytes_s=1.3 * GB,
+                       disk_write_bytes_s=0.6 * GB, gpu_mem_bytes_s=3000 * GB, gpu_flops=600e12,
+                       gpu_attention_bytes_s=1700 * GB, cpu_attention_bytes_s=60 * GB, cpu_mem_bytes_s=74 * GB)
+
+
+@pytest.mark.parametrize("percent,cpu_attention", [((100, 0, 100, 0, 100, 0), False), ((30, 30, 34, 33, 50, 0), False),
+                                                   ((20, 80, 0, 100, 0, 100), True), ((0, 0, 0, 0, 0, 0), False)])
+def test_predicted_memory_is_what_the_engine_allocates(tmp_path, percent, cpu_attention):
+    policy = Policy.from_percent(percent, gpu_batch_size=3, num_gpu_batches=2, cpu_cache_compute=cpu_attention)
+    work = Workload(16, 8)
+    with Engine(TINY, policy, work, EngineOptions(offload_dir=tmp_path, progress=False)) as engine:
+        allocated = engine.allocated_bytes()
+        est = estimate(TINY, policy, work, H100, torch.float32)  # the default relay ring, as the engine's
+        for tier in Tier:
+            assert est.persistent[tier] == pytest.approx(allocated[tier], rel=0.02), tier
+
+
+def opt30b(**kw) -> Policy:
+    return Policy(gpu_batch_size=24, num_gpu_batches=2, **kw)
+
+
+def test_times_move_the_right_way():
+    model, work = MODEL_CONFIGS["opt-30b"], Workload(512, 32)
+
+    def parts(percent, **kw):
+        return estimate(model, replace(Policy.from_percent(percent, gpu_batch_size=24, num_gpu_batches=2), **kw),
+                        work, H100).parts
+
+    # more weights off the GPU, or on disk instead of the CPU, never loads faster
+    io = [parts(p)["weight_io"] for p in ((40, 60, 0, 100, 0, 100), (20, 80, 0, 100, 0, 100), (20, 40, 0, 100, 0, 100),
+                                          (0, 0, 0, 100, 0, 100))]
+    assert io == sorted(io) and io[0] < io[-1]
+    # a cache on disk streams slower than one on the CPU; CPU attention moves no cache over PCIe
+    assert parts((20, 80, 0, 50, 0, 100))["kv_io"] > parts((20, 80, 0, 100, 0, 100))["kv_io"] > 0
+    assert parts((20, 80, 0, 100, 0, 100), cpu_cache_compute=True)["kv_io"] == 0
+    # H2O reads less cache; compression moves fewer bytes
+    full = estimate(model, opt30b(cpu_cache_compute=True, weight_gpu_percent=20, weight_cpu_percent=80,
+                                  cache_gpu_percent=0, cache_cpu_percent=100), work, H100)
+    h2o = estimate(model, replace(full.policy, kv=KVSettings("h2o", H2OConfig(0.1, 0.1))), work, H100)
+    assert h2o.parts["cpu_attention"] < full.parts["cpu_attention"] and h2o.memory[Tier.CPU] < full.memory[Tier.CPU]
+    packed = estimate(model, replace(full.policy, compress_weight=Compression()), work, H100)
+    assert packed.parts["weight_io"] < 0.3 * full.parts["weight_io"]
+    # a bigger batch takes longer per step but gives more tokens per second here
+    small, big = (estimate(model, replace(full.policy, gpu_batch_size=b), work, H100) for b in (8, 24))
+    assert big.step_s >= small.step_s and big.throughput > small.throughput
+
+
+def test_search_returns_policies_the_engine_accepts(tmp_path):
+    cap = 72 << 20  # the plan reserves 64 MiB of library workspace on the GPU
+    hw = replace(H100, gpu_mem_bytes=cap, cpu_mem_bytes=cap, disk_free_bytes=1 << 30)
+    work = Workload(32, 8)
+    space = SearchSpace(gpu_batch_sizes=(1, 2, 4, 8, 16), num_gpu_batches=(1, 2, 4))
+    found = search(TINY, work, hw, space, top=4, dtype=torch.float32)
+    assert found
+    for est in found:
+        opts = EngineOptions(offload_dir=tmp_path, progress=False, dtype=torch.float32, device="cpu",
+                             gpu_mem_bytes=hw.gpu_mem_bytes, cpu_mem_bytes=hw.cpu_mem_bytes)
+        with Engine(TINY, est.policy, work, opts):
+            pass  # accepted: the plan fits the caps the search was given
+        assert command_line("tiny", work, est).startswith("offload-engine run --model tiny --prompt-len 32")
+    assert [e.throughput for e in found] == sorted((e.throughput for e in found), reverse=True)
+
+
+def test_search_is_at_least_as_good_as_any_grid_point():
+    """Under its own cost model, the LP-placed best beats every policy of a hand grid."""
+    model, work = MODEL_CONFIGS["opt-30b"], Workload(512, 32)
+    best = search(model, work, H100, SearchSpace(gpu_batch_sizes=(8, 16, 24, 32, 48), num_gpu_batches=(1, 2, 3)),
+                  top=1)[0]
+    grid = [Policy.from_percent((g, 100 - g, c, 100 - c, 0, 100), gpu_batch_size=b, num_gpu_batches=k,
+                                cpu_cache_compute=att)
+            for g in (0, 10, 20) for c in (0, 50) for b in (8, 16, 24, 32, 48) for k in (1, 2, 3) for att in (False, True)]
+    feasible = [e for e in (estimate(model, p, work, H100) for p in grid)
+                if all(e.memory[t] <= cap for t, cap in ((Tier.GPU, H100.gpu_mem_bytes), (Tier.CPU, H100.cpu_mem_bytes)))]
+    assert feasible and best.throughput >= max(e.throughput for e in feasible) * 0.99
+
+
+def test_latency_objective_prefers_smaller_batches():
+    model, work = MODEL_CONFIGS["opt-6.7b"], Workload(512, 32)
+    space = SearchSpace(gpu_batch_sizes=(1, 8, 32), num_gpu_batches=(1,))
+    fast = search(model, work, H100, space, objective="latency", top=1)[0]
+    many = search(model, work, H100, space, objective="throughput", top=1)[0]
+    assert fast.total_s <= many.total_s and many.throughput >= fast.throughput
+    with pytest.raises(ValueError, match="objective"):
+        search(model, work, H100, space, objective="speed")

@@ -18,11 +18,12 @@ import torch
 
 from offload_engine.config import ModelConfig
 from offload_engine.io.tiers import Tier
+from offload_engine.models import build_layers
 
 from .cost_model import Estimate, estimate, fits, terms
 from .hardware import HardwareProfile
 from .kv_policy import Compression, KVSettings
-from .memory import Workload
+from .memory import MemoryPlan, Workload, plan_memory
 from .placement import Policy
 
 PERCENT_FIELDS = ("weight_gpu_percent", "weight_cpu_percent", "cache_gpu_percent", "cache_cpu_percent",
@@ -47,10 +48,8 @@ class SearchSpace:
                          compress_weight=self.quant if w else None, compress_cache=self.quant if c else None)
 
 
-def _placed(model: ModelConfig, base: Policy, work: Workload, dtype, percent: tuple[float, ...]):
-    from offload_engine.models import build_layers
-
-    from .memory import plan_memory
+def _placed(model: ModelConfig, base: Policy, work: Workload, dtype, percent: tuple[float, ...]) -> MemoryPlan:
+    """The engine's memory plan of the combination placed at `percent`."""
     policy = replace(base, **dict(zip(PERCENT_FIELDS, percent)))
     return plan_memory(build_layers(model, base.sep_layer), policy, work, dtype, model.hidden_size, 2)
 

@@ -2,7 +2,7 @@
 resumable; results in OUT/sweep.jsonl and OUT/sweep.csv, plots beside them.
 
 Every flag of `run` is accepted here with one or more values, built from the run parser itself,
-so the two commands cannot drift apart; the grid and the runner live in `offload_engine/sweep.py`.
+so the two commands cannot drift apart; the grid and the runner live in `offload_engine/sweep/`.
 """
 from __future__ import annotations
 

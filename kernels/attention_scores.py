@@ -335,7 +335,7 @@ def decode_attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                          "use attention_with_column_sums.")
     _check(q, k, v, key_valid, None)
     b, hq, _, d = q.shape
-    hkv, tk = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     rows = q.reshape(b, hkv, hq // hkv, d)  # the group's heads as rows of one matmul per KV head
     s = rows @ k.transpose(-1, -2)
     if key_valid is not None:

@@ -113,22 +113,22 @@ def write_json_atomic(path: Path, data: dict) -> None:
         raise
 
 
-def check_output_file(path: Path) -> None:
-    """Refuse a results path that cannot be written, before a long run rather than after it."""
+def check_output_file(path: Path, flag: str = "--json", what: str = "results") -> None:
+    """Refuse an output path that cannot be written, before a long run rather than after it."""
     from .errors import EngineError
 
     path = Path(path)
     if not path.parent.is_dir():
-        raise EngineError(f"cannot write results to {path}: the folder {path.parent} does not exist.",
-                          "Create it first, or pass --json a file in an existing folder.")
+        raise EngineError(f"cannot write {what} to {path}: the folder {path.parent} does not exist.",
+                          f"Create it first, or pass {flag} a file in an existing folder.")
     if path.is_dir():
-        raise EngineError(f"--json {path} is a folder.", "Name a file.")
+        raise EngineError(f"{flag} {path} is a folder.", "Name a file.")
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise EngineError(f"cannot write results to {path} ({e.strerror}).", "Pass a writable --json path.") from None
+        raise EngineError(f"cannot write {what} to {path} ({e.strerror}).", f"Pass a writable {flag} path.") from None
 
 
 class PeakHostMemory:

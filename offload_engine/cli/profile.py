@@ -4,12 +4,11 @@ this module checks the flags before anything is measured, prints a table and wri
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from ..errors import EngineError
+from ..metrics import check_output_file
 from .options import positive_int
 
 # (field, unit, scale, what the cost model uses it for): the --help text and the printed table.
@@ -61,22 +60,6 @@ def add_parser(sub) -> None:
     p.set_defaults(execute=execute)
 
 
-def check_out_file(path: Path) -> None:
-    """Refuse an --out that cannot be written, before measuring rather than after."""
-    if not path.parent.is_dir():
-        raise EngineError(f"cannot write the profile to {path}: the folder {path.parent} does not exist.",
-                          "Create it first, or pass --out a file in an existing folder.")
-    if path.is_dir():
-        raise EngineError(f"--out {path} is a folder.", "Name a file.")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise EngineError(f"cannot write the profile to {path} ({e.strerror}).",
-                          "Pass a writable --out path.") from None
-
-
 def _device(name: str | None):
     import torch
 
@@ -104,7 +87,7 @@ def execute(args: argparse.Namespace):
     from ..hardware_probe import MiB, disk_free_bytes, profile_machine, sizes_for
     from ..io.tiers import check_writable
 
-    check_out_file(args.out)
+    check_output_file(args.out, "--out", "the profile")
     device = _device(args.device)
     check_writable(args.offload_dir)
     sizes = sizes_for(device.type == "cuda", args.quick, args.disk_mib)

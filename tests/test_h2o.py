@@ -10,7 +10,7 @@ from offload_engine.engine import Engine, EngineOptions
 from offload_engine.errors import EngineError
 from offload_engine.model_zoo import MODEL_CONFIGS
 from offload_engine.sampling import GenerationConfig
-from policies import Compression, H2OConfig, KVSettings
+from policies import H2OConfig, KVSettings
 from policies.memory import Workload, plan_memory
 from policies.placement import Policy
 from offload_engine.io.tiers import Tier

@@ -12,7 +12,6 @@ import torch
 from offload_engine.checkpoints.gguf import GGUFCheckpoint, find_packaged_gguf
 from offload_engine.cli import main
 from offload_engine.engine import Engine, EngineOptions
-from offload_engine.model_zoo import resolve_model
 from offload_engine.perplexity import perplexity, text_windows
 from offload_engine.sampling import GenerationConfig
 from offload_engine.text import resolve_with_tokenizer

@@ -1,8 +1,9 @@
-"""Device benchmark suite: this engine beside the published FlexGen (PyPI `flexgen` 0.1.8) over
-the cases of `experiments/cases.py`, resumable across 10-minute device calls.
+"""Device benchmark suite: this engine beside the published FlexGen (PyPI `flexgen` 0.1.8) and
+Hugging Face Accelerate offloading (`experiments/accelerate_peer.py`) over the cases of
+`experiments/cases.py`, resumable across 10-minute device calls.
 
   PYTHONPATH=. python experiments/bench_suite.py --out DIR [--cases NAME|GLOB ...]
-      [--systems ours flexgen] [--budget-s 540] [--dry-run] [--commit HASH] [--copy-to $OUT]
+      [--systems ours flexgen accelerate] [--budget-s 540] [--dry-run] [--commit HASH] [--copy-to $OUT]
 
 Why it is built this way: device time is scarce and one command may run 10 minutes.
 - Every (case, system) runs in its own process group with a timeout, so an OOM, a crash or a
@@ -19,7 +20,10 @@ Why it is built this way: device time is scarce and one command may run 10 minut
 - Disk cases: the page cache is dropped before the run (root; recorded), and the offload folder
   (--offload-dir, local disk) is emptied before and after. Our engine reads with O_DIRECT; FlexGen
   reads numpy memmaps, so its disk reads hit the page cache once its own writes put them there.
-- FlexGen's OPT-30B runs decode 5 steps and extrapolate (--flexgen-cut-gen-len; recorded).
+- FlexGen's OPT-30B runs decode 5 steps and extrapolate (--flexgen-cut-gen-len; recorded);
+  Accelerate's runs do where their case says (its cut_gen_len; recorded).
+- An Accelerate run belongs to the case that carries its flags; its version is the installed
+  accelerate and transformers (the image's), like FlexGen's.
 Logs: DIR/runs.log (everything printed); after each run DIR/summary.json (hardware, commit, runs)
 is rewritten and, with --copy-to, the three files are copied there (e.g. the device's $OUT).
 
@@ -59,13 +63,23 @@ sys.path.insert(0, str(ROOT))
 from experiments.cases import CASES, OPT30B_CUT_GEN_LEN, SMOKE_CASES, Batch, Case, select, validate  # noqa: E402
 # Launching a run and the results side live in their own modules; the names the tests use
 # (parsers, command builders, Outcome, run_process, wait, table) stay importable from here.
+from experiments.accelerate_peer import parse_placement  # noqa: E402
 from experiments.suite_report import (append_line, dry_run, lock_owner, parse_ours, parse_report,  # noqa: E402
-                                      read_records, save_summary, table, wait)
-from experiments.suite_runner import (Outcome, Runner, does_not_fit, drop_page_cache, flexgen_command,  # noqa: E402
-                                      flexgen_cut, ours_command, plan_gib, probe_hardware, run_process)
+                                      read_records, save_summary, wait)
+from experiments.suite_report import table as ours_flexgen_table  # noqa: E402
+from experiments.suite_runner import (Outcome, Runner, accelerate_command, accelerate_cut, does_not_fit,  # noqa: E402
+                                      drop_page_cache, flexgen_command, flexgen_cut, ours_command, plan_gib,
+                                      probe_hardware, run_process)
 
-SYSTEMS = ("ours", "flexgen")
+SYSTEMS = ("ours", "flexgen", "accelerate")
 FINAL = ("ok", "error", "timeout", "no_fit")  # statuses a rerun skips; "budget" runs again
+
+
+def _installed(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "missing" if importlib.util.find_spec(name) is None else "unknown"
 
 
 def _settings_hash(case: Case, system: str, cut: int | None) -> str:
@@ -96,6 +110,7 @@ class Suite:
     dropper: Callable[[], bool] = drop_page_cache
     probe: Callable[[], dict] = probe_hardware
     flexgen_version: str | None = None
+    accelerate_version: str | None = None  # "accelerate-X+transformers-Y", or "missing"
     hardware: dict = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     writing: bool = False  # True while run() owns the folder: log() appends to runs.log
@@ -106,10 +121,11 @@ class Suite:
         self.runs_path, self.log_path = self.out / "runs.jsonl", self.out / "runs.log"
         self.t0 = time.monotonic()
         if self.flexgen_version is None:
-            try:
-                self.flexgen_version = importlib.metadata.version("flexgen")
-            except importlib.metadata.PackageNotFoundError:
-                self.flexgen_version = "missing" if importlib.util.find_spec("flexgen") is None else "unknown"
+            self.flexgen_version = _installed("flexgen")
+        if self.accelerate_version is None:
+            versions = [_installed("accelerate"), _installed("transformers")]
+            self.accelerate_version = "missing" if "missing" in versions else "accelerate-{}+transformers-{}".format(
+                *versions)
 
     # --- what to run ---------------------------------------------------------------------------
     def jobs(self) -> list[tuple[str, str]]:
@@ -122,6 +138,8 @@ class Suite:
             peer = case.peer_name()
             if "flexgen" in self.systems and peer is not None and (peer, "flexgen") not in jobs:
                 jobs.append((peer, "flexgen"))
+            if "accelerate" in self.systems and case.accelerate is not None:
+                jobs.append((name, "accelerate"))
         return jobs
 
     def engine_commit(self) -> str:
@@ -131,10 +149,17 @@ class Suite:
             self.commit = git_commit()
         return self.commit
 
-    def key(self, name: str, system: str) -> dict:
+    def cut(self, name: str, system: str) -> int | None:
+        """Decode steps a peer runs before extrapolating (None: all); ours has its own flag."""
         case = self.cases[name]
-        cut = flexgen_cut(case, self.flexgen_cut_gen_len) if system == "flexgen" else None
-        version = self.engine_commit() if system == "ours" else f"flexgen-{self.flexgen_version}"
+        if system == "flexgen":
+            return flexgen_cut(case, self.flexgen_cut_gen_len)
+        return accelerate_cut(case) if system == "accelerate" else None
+
+    def key(self, name: str, system: str) -> dict:
+        case, cut = self.cases[name], self.cut(name, system)
+        version = {"ours": self.engine_commit(), "flexgen": f"flexgen-{self.flexgen_version}",
+                   "accelerate": self.accelerate_version}[system]
         return dict(case=name, system=system, version=version, settings=_settings_hash(case, system, cut))
 
     def records(self) -> list[dict]:
@@ -168,6 +193,8 @@ class Suite:
         offload = self.offload_root / system
         if system == "ours":
             return ours_command(case, batch, self.out.resolve() / f".ours-{name}.json", offload)
+        if system == "accelerate":
+            return accelerate_command(case, batch, offload)
         return flexgen_command(case, batch, flexgen_cut(case, self.flexgen_cut_gen_len), offload)
 
     def plan(self, cmd: list[str]) -> dict | None:
@@ -223,7 +250,9 @@ class Suite:
                       model=case.model, prompt_len=case.prompt_len, gen_len=case.gen_len, gpu_cap_gib=case.gpu_cap_gib,
                       settings_full=asdict(policy), attempts=attempts, wall_s=0.0)
         if system == "flexgen":
-            record.update(flexgen_version=self.flexgen_version, cut_gen_len=flexgen_cut(case, self.flexgen_cut_gen_len))
+            record.update(flexgen_version=self.flexgen_version, cut_gen_len=self.cut(name, system))
+        if system == "accelerate":
+            record.update(accelerate_version=self.accelerate_version, cut_gen_len=self.cut(name, system))
         for batch in policy.batches():
             cmd = self.command(name, system, batch)
             reason = self.unfit_reason(case, self.plan(cmd)) if system == "ours" else None
@@ -260,6 +289,8 @@ class Suite:
     def result(self, name: str, system: str, o: Outcome) -> dict:
         if system == "flexgen":
             return parse_report(o.text)
+        if system == "accelerate":  # FlexGen's lines, and the tiers Accelerate chose
+            return dict(parse_report(o.text), placement_gib=parse_placement(o.text))
         path = self.out.resolve() / f".ours-{name}.json"
         try:
             return parse_ours(json.loads(path.read_text()))
@@ -291,6 +322,9 @@ class Suite:
                 if system == "flexgen" and self.flexgen_version == "missing":
                     self.skipped.append(f"{system} {name}: flexgen is not installed (install the .whl wheels)")
                     continue
+                if system == "accelerate" and self.accelerate_version == "missing":
+                    self.skipped.append(f"{system} {name}: accelerate or transformers is not installed")
+                    continue
                 need, left = self.estimate(name, system, records), self.remaining()
                 if need > left:
                     self.skipped.append(f"{system} {name}: needs about {need:.0f} s, {max(left, 0):.0f} s left")
@@ -312,6 +346,30 @@ class Suite:
     def write_summary(self) -> None:
         self.hardware = save_summary(self.out, self.hardware, self.engine_commit(), self.flexgen_version,
                                      self.budget_s, self.skipped, self.records(), self.copy_to)
+
+
+def table(records: list[dict], cases: dict[str, Case], names: list[str]) -> str:
+    """suite_report's markdown table (ours and FlexGen), then a row for each Accelerate run of the
+    chosen cases and of their FlexGen peers, compared with that FlexGen run."""
+    lines = [ours_flexgen_table(records, cases, names)]
+    latest = {(r.get("case"), r.get("system")): r for r in records}
+    ok_flexgen = {r["case"]: r for r in records if r.get("system") == "flexgen" and r.get("status") == "ok"}
+    shown = [n for name in names for n in (name, cases[name].peer_name()) if n in cases]
+    for name in dict.fromkeys(shown):
+        r = latest.get((name, "accelerate"))
+        if r is None:
+            continue
+        batch = "x".join(map(str, r["batch"])) if r.get("batch") else "-"
+        if r.get("status") != "ok":
+            lines.append(f"| {name} | accelerate | {batch} | | | {r.get('status')} | | | |")
+            continue
+        tput = f"{r['total_throughput']:,.1f}" + (f" (cut {r['cut_gen_len']})" if r.get("cut_gen_len") else "")
+        peer = ok_flexgen.get(cases[name].peer_name())
+        ratio = f"{r['total_throughput'] / peer['total_throughput']:.2f}x" if peer else ""
+        placed = ", ".join(f"{k} {v:.1f}" for k, v in (r.get("placement_gib") or {}).items() if v)
+        lines.append(f"| {name} | accelerate | {batch} | {r.get('prefill_s', 0):.3f} | {r.get('decode_s', 0):.3f} | "
+                     f"{tput} | {ratio} | {r.get('peak_gpu_mem_gib', 0):.2f} | weights GiB: {placed} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

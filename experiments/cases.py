@@ -9,7 +9,9 @@ into the key that makes a rerun skip finished runs, and the table is checked as 
 FlexGen's runs are expensive, so several of our cases name one FlexGen run as their `peer`:
 a case either carries FlexGen flags itself (and is its own peer) or names another case that
 does, with the same model, lengths and GPU cap. H2O cases run FlexGen's plain policy: FlexGen
-has no H2O.
+has no H2O. Hugging Face Accelerate (`experiments/accelerate_peer.py`) is a third system; its
+runs belong to the case that carries its flags (the `table-` cases, which fill the cells of the
+papers' tables that no earlier case covers: `experiments/paper_tables.py`).
 
 Sizes were checked with the engine's own memory planner (`bench_suite.py --dry-run` prints the
 plan of every candidate): OPT-30B fp16 weights are 56 GiB; the lent machine has 125 GiB of RAM
@@ -95,6 +97,34 @@ class FlexGen(SystemPolicy):
 
 
 @dataclass(frozen=True)
+class Accelerate:
+    """Hugging Face transformers + Accelerate offloading (`experiments/accelerate_peer.py`): whole
+    decoder layers on the GPU up to `gpu_weights_gib`, then in RAM up to `cpu_gib`, then on disk.
+    The KV cache and the activations stay on the GPU, so the GPU cap bounds the batch: batches are
+    tried largest first while they run out of memory. The same duck type as SystemPolicy for the
+    suite (`batches`, `uses_disk`, `est_s`)."""
+
+    batch_size: int
+    gpu_weights_gib: float | None = None  # max_memory of the GPU; None: the case's cap, else the free memory
+    cpu_gib: float | None = None  # max_memory of the CPU; None: 85% of the available RAM; set it to reach the disk
+    batch_candidates: tuple[int, ...] = ()
+    cut_gen_len: int | None = None  # generate this many tokens and extrapolate (FlexGen's projection)
+    est_s: float = 120.0
+
+    def batches(self) -> tuple[Batch, ...]:
+        return tuple((b, 1) for b in (self.batch_size, *self.batch_candidates))
+
+    @property
+    def uses_disk(self) -> bool:  # a CPU budget is only set to push weights to disk
+        return self.cpu_gib is not None
+
+    def flags(self, batch: Batch) -> list[str]:
+        flags = ["--batch-size", str(batch[0] * batch[1])]
+        flags += ["--gpu-weights-gib", f"{self.gpu_weights_gib:g}"] if self.gpu_weights_gib is not None else []
+        return flags + (["--cpu-gib", f"{self.cpu_gib:g}"] if self.cpu_gib is not None else [])
+
+
+@dataclass(frozen=True)
 class Case:
     name: str
     model: str  # our name (opt-6.7b); FlexGen gets facebook/<model>
@@ -105,12 +135,13 @@ class Case:
     flexgen: FlexGen | None
     peer: str | None = None  # the case whose FlexGen run this one is compared with (default: itself)
     note: str = ""
+    accelerate: Accelerate | None = None
 
     def peer_name(self) -> str | None:
         return self.peer or (self.name if self.flexgen else None)
 
-    def policy(self, system: str) -> SystemPolicy | None:
-        return self.ours if system == "ours" else self.flexgen
+    def policy(self, system: str) -> SystemPolicy | Accelerate | None:
+        return {"ours": self.ours, "flexgen": self.flexgen, "accelerate": self.accelerate}[system]
 
 
 H2O = dict(kv_policy="h2o", hh_ratio=0.1, recent_ratio=0.1)  # the paper's 20% budget
@@ -210,6 +241,57 @@ _CASES += [
          Ours(_KV_ON_CPU, 1, cpu_cache_compute=True, est_s=90), None),
     Case("llama3.1-8b-32k-hip", "llama-3.1-8b", 32000, 32, None, Ours(_KV_ON_CPU, 1, **HIP, est_s=90), None),
 ]
+# --- the cells of the papers' throughput tables (experiments/paper_tables.py) no case above fills --
+HIP_512 = dict(kv_policy="hip", extra=("--hip-k", "128"))  # the default k (512) covers a 512-token prompt: dense
+_CPU_ATTN_30B = dict(percent=(20, 80, 0, 100, 0, 100), cpu_cache_compute=True)  # FlexGen's OPT-30B placement
+_CASES += [
+    # FlexGen's table, OPT-6.7B all on the GPU, 512+32: FlexGen at its largest batch (the paper reports
+    # each system at its best), HiP, Accelerate.
+    Case("table-opt6.7b-gpu-flexgen-bmax", "opt-6.7b", 512, 32, None, None,
+         FlexGen(ALL_GPU, 256, batch_candidates=((192, 1), (128, 1), (64, 1)), est_s=200),
+         note="FlexGen allocates 272 MiB of KV a sequence: 256 fits the H200 only, 192 or less the H100"),
+    Case("table-opt6.7b-compress-flexgen-bmax", "opt-6.7b", 512, 32, None, None,
+         FlexGen(ALL_GPU, 512, compress_weight=True, compress_cache=True,
+                 batch_candidates=((384, 1), (256, 1), (144, 1)), est_s=200),
+         note="FlexGen's 4-bit weights and cache at the largest batch that fits (its published setting: 72)"),
+    Case("table-opt6.7b-gpu-hip", "opt-6.7b", 512, 32, None,
+         Ours(ALL_GPU, 256, **HIP_512, batch_candidates=((192, 1), (128, 1), (64, 1), (32, 1)), est_s=90), None,
+         peer="opt6.7b-gpu-b32",
+         note="HiP with k = 128 (and its 128-token window, 4 sink tokens) of the 512-token prompt"),
+    Case("table-opt6.7b-gpu", "opt-6.7b", 512, 32, None, None, None, peer="opt6.7b-gpu-b32",
+         accelerate=Accelerate(256, batch_candidates=(128, 64, 32), est_s=150),
+         note="Accelerate with every weight on the GPU: plain transformers generate"),
+    # FlexGen's table, OPT-30B on a GPU capped at 16 GiB, 512+32: HiP and Accelerate (also H2O's table).
+    Case("table-opt30b-cap16-hip", "opt-30b", 512, 32, 16,
+         Ours(gpu_batch_size=24, num_gpu_batches=2, **_CPU_ATTN_30B, **HIP_512, est_s=240), None,
+         peer="opt30b-cap16-cpuattn"),
+    Case("table-opt30b-cap16-512+32", "opt-30b", 512, 32, 16, None, None, peer="opt30b-cap16-cpuattn",
+         accelerate=Accelerate(16, gpu_weights_gib=4, batch_candidates=(12, 8), cut_gen_len=5, est_s=250),
+         note="Accelerate's KV cache stays on the GPU: fewer GPU weights (4 GiB, the baseline had 10 at batch 8) "
+              "leave room for a larger batch; each step copies the other 52 GiB from pageable RAM (about 6-7 s)"),
+    # H2O's table, GPU capped at 16 GiB: this engine with the full cache (FlexGen's placement) and Accelerate.
+    Case("table-opt6.7b-cap16-512+32", "opt-6.7b", 512, 32, 16,
+         Ours(ALL_GPU, 12, batch_candidates=((10, 1), (8, 1), (6, 1), (4, 1)), est_s=40), None,
+         peer="opt6.7b-h2o-512+32", accelerate=Accelerate(8, batch_candidates=(6, 4, 2), est_s=100)),
+    Case("table-opt6.7b-cap16-512+512", "opt-6.7b", 512, 512, 16,
+         Ours(ALL_GPU, 6, batch_candidates=((5, 1), (4, 1), (3, 1), (2, 1)), est_s=60), None,
+         peer="opt6.7b-h2o-512+512", accelerate=Accelerate(4, batch_candidates=(3, 2, 1), est_s=120)),
+    Case("table-opt6.7b-cap16-1024+1024", "opt-6.7b", 1024, 1024, 16,
+         Ours(ALL_GPU, 3, batch_candidates=((2, 1), (1, 1)), est_s=90), None,
+         peer="opt6.7b-h2o-1024+1024", accelerate=Accelerate(2, batch_candidates=(1,), est_s=150)),
+    Case("table-opt30b-cap16-512+512", "opt-30b", 512, 512, 16,
+         Ours(gpu_batch_size=24, num_gpu_batches=2, **_CPU_ATTN_30B, cut_gen_len=16,
+              batch_candidates=((20, 2), (16, 2)), est_s=300), None,
+         peer="opt30b-h2o-512+512",
+         accelerate=Accelerate(8, gpu_weights_gib=4, batch_candidates=(6, 4), cut_gen_len=5, est_s=250),
+         note="both decode a few steps and extrapolate, as FlexGen does: the full cache's attention grows with "
+              "the length, so the extrapolation flatters all three"),
+    Case("table-opt30b-cap16-1024+1024", "opt-30b", 1024, 1024, 16,
+         Ours(gpu_batch_size=12, num_gpu_batches=2, **_CPU_ATTN_30B, cut_gen_len=16,
+              batch_candidates=((10, 2), (8, 2), (6, 2)), est_s=300), None,
+         peer="opt30b-h2o-1024+1024",
+         accelerate=Accelerate(4, gpu_weights_gib=4, batch_candidates=(3, 2), cut_gen_len=5, est_s=250)),
+]
 CASES: dict[str, Case] = {c.name: c for c in _CASES}
 
 # `bench_suite.py --smoke`: this engine alone, end to end through the real runner on any machine
@@ -226,8 +308,8 @@ def validate(cases: dict[str, Case]) -> None:
     for name, case in cases.items():
         if name != case.name:
             raise ValueError(f"case key '{name}' differs from its name '{case.name}': use the name as the key.")
-        if case.ours is None and case.flexgen is None:
-            raise ValueError(f"case {name} has neither ours nor flexgen flags: give it at least one system.")
+        if case.ours is None and case.flexgen is None and case.accelerate is None:
+            raise ValueError(f"case {name} has no system's flags (ours, flexgen, accelerate): give it at least one.")
         peer = case.peer_name()
         if peer is not None:
             other = cases.get(peer)
@@ -242,6 +324,22 @@ def validate(cases: dict[str, Case]) -> None:
             policy = case.policy(system)
             if policy is not None:
                 _validate_policy(name, system, policy)
+        if case.accelerate is not None:
+            _validate_accelerate(case)
+
+
+def _validate_accelerate(case: Case) -> None:
+    where, a = f"case {case.name} (accelerate)", case.accelerate
+    sizes = [b for b, _ in a.batches()]
+    if min(sizes) < 1 or sizes != sorted(sizes, reverse=True):
+        raise ValueError(f"{where}: batches {sizes} must be positive and in descending order: "
+                         "reorder batch_candidates.")
+    if a.gpu_weights_gib is not None and not 0 < a.gpu_weights_gib <= (case.gpu_cap_gib or float("inf")):
+        raise ValueError(f"{where}: gpu_weights_gib {a.gpu_weights_gib:g} must be positive and within the GPU cap "
+                         f"{case.gpu_cap_gib}: lower it.")
+    if a.cut_gen_len is not None and not 2 <= a.cut_gen_len < case.gen_len:
+        raise ValueError(f"{where}: cut_gen_len {a.cut_gen_len} must be at least 2 and below gen_len {case.gen_len}: "
+                         "change it or leave it out.")
 
 
 def _validate_policy(name: str, system: str, p: SystemPolicy) -> None:

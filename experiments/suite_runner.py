@@ -8,7 +8,8 @@ the suite's bookkeeping so that the suite can be driven with a fake runner in th
 - Each run gets a new session (process group) and oom_score_adj 1000, so a timeout kills the
   whole group and an out-of-memory kill takes the child, never the suite.
 - Commands are plain argv lists built from `experiments/cases.py`, so the dry run prints exactly
-  what a run launches.
+  what a run launches. The peers run through `experiments/flexgen_peer.py` and
+  `experiments/accelerate_peer.py`.
 """
 from __future__ import annotations
 
@@ -126,6 +127,21 @@ def flexgen_command(case: Case, batch: Batch, cut: int | None, offload_dir: Path
     if cut:
         cmd += ["--cut-gen-len", str(cut)]
     return cmd + ["--offload-dir", str(offload_dir), "--log-file", os.devnull]
+
+
+def accelerate_cut(case: Case) -> int | None:
+    cut = case.accelerate.cut_gen_len
+    return cut if cut and cut < case.gen_len else None
+
+
+def accelerate_command(case: Case, batch: Batch, offload_dir: Path) -> list[str]:
+    cmd = [sys.executable, str(ROOT / "experiments" / "accelerate_peer.py"), "--model", case.model,
+           "--prompt-len", str(case.prompt_len), "--gen-len", str(case.gen_len), *case.accelerate.flags(batch)]
+    if case.gpu_cap_gib:
+        cmd += ["--gpu-cap-gib", f"{case.gpu_cap_gib:g}"]
+    if accelerate_cut(case):
+        cmd += ["--cut-gen-len", str(accelerate_cut(case))]
+    return cmd + ["--offload-dir", str(offload_dir)]
 
 
 def plan_gib(argv: list[str]) -> dict[str, float]:

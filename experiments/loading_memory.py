@@ -10,7 +10,6 @@ mapped pages) beside the planned host bytes and the largest single tensor.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from experiments.cases import CASES  # noqa: E402
-from experiments.suite_report import read_records  # noqa: E402
+from offload_engine.sweep.results import read_records  # noqa: E402
 
 
 @dataclass(frozen=True)

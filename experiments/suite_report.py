@@ -60,32 +60,6 @@ def parse_ours(data: dict) -> dict:
     return out
 
 
-def read_records(path: Path) -> list[dict]:
-    """The records of runs.jsonl, oldest first; a line cut short by a kill is skipped."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:  # a line cut short by a kill: ignore it
-            continue
-    return out
-
-
-def append_line(path: Path, line: str) -> None:
-    """Append one line; a last line cut short by a kill gets its newline first, so it stays alone."""
-    with open(path, "ab+") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell():
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-        f.write(line.encode() + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def lock_owner(lock: Path) -> int | None:
     """The pid written in the lock file while that process lives, else None (a killed suite's lock)."""
     try:

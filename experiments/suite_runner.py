@@ -20,23 +20,13 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from experiments.cases import ALL_GPU, Batch, Case
+from offload_engine.sweep.runner import Outcome
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Outcome:
-    """What a run left: its exit status, its output (stdout and stderr), its wall seconds."""
-
-    rc: int
-    text: str
-    wall_s: float
-    timed_out: bool = False
 
 
 Runner = Callable[[list[str], float, Path, dict], Outcome]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import os
 import threading
 import time
@@ -177,11 +178,10 @@ def test_overlapping_transfers_keep_call_order(tmp_path, monkeypatch, hazard):
     """The first transfer's I/O is made slow; the second, issued at once, must still come after it."""
     op = "preadv" if hazard == "read-then-write" else "pwrite"
     real = getattr(os, op)
-    calls = {"n": 0}
+    counter = itertools.count(1)  # next() is atomic; the relay's workers call this concurrently
 
     def slow_first(fd, buf, pos):
-        calls["n"] += 1
-        if calls["n"] <= 2:  # the first transfer's two pieces
+        if next(counter) <= 2:  # the first transfer's two pieces
             time.sleep(0.2)
         return real(fd, buf, pos)
 
@@ -241,18 +241,19 @@ def test_tiny_rings_and_thread_counts_never_deadlock(tmp_path, threads, slots):
 def test_direct_io_is_used_where_the_folder_allows_it(tmp_path):
     if not o_direct_works(tmp_path):
         pytest.skip(f"{tmp_path} does not support O_DIRECT")
-    calls = {"direct": 0}
+    direct_calls = []  # list.append is atomic; `count += 1` from two worker threads can lose updates
     real_preadv, real_pwrite = os.preadv, os.pwrite
 
-    def is_direct(fd):
-        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+    def note(fd):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            direct_calls.append(fd)
 
     def preadv(fd, bufs, pos):
-        calls["direct"] += is_direct(fd)
+        note(fd)
         return real_preadv(fd, bufs, pos)
 
     def pwrite(fd, buf, pos):
-        calls["direct"] += is_direct(fd)
+        note(fd)
         return real_pwrite(fd, buf, pos)
 
     path = tmp_path / "d.bin"
@@ -268,7 +269,7 @@ def test_direct_io_is_used_where_the_folder_allows_it(tmp_path):
             assert r.mode(path) == "direct"
     finally:
         mp.undo()
-    assert calls["direct"] >= 2 * (RING // CHUNK)
+    assert len(direct_calls) >= 2 * (RING // CHUNK)
     np.testing.assert_array_equal(dst.numpy(), data)
 
 

@@ -186,14 +186,14 @@ def test_tensors_the_config_does_not_use_are_refused(capsys, tmp_path, untied_op
 def test_disk_full_mid_run_is_one_line_and_leaves_no_files(capsys, tmp_path, monkeypatch):
     """The disk fills up while the KV cache is being written: one clear line, nothing left behind."""
     import errno
+    import itertools
 
     import offload_engine.io.disk_relay as relay
 
-    real_pwrite, calls = relay.os.pwrite, {"n": 0}
+    real_pwrite, counter = relay.os.pwrite, itertools.count(1)  # next() is atomic across workers
 
     def filling_up(fd, data, offset):
-        calls["n"] += 1
-        if calls["n"] > 40:
+        if next(counter) > 40:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 

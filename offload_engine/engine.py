@@ -57,6 +57,15 @@ class EngineOptions:
     disk_relay: DiskRelaySettings = field(default_factory=lambda: DiskRelaySettings())
 
 
+@dataclass(frozen=True)
+class StageSlice:
+    """The part of the model one pipeline stage runs: a contiguous range of the layer list, and
+    the micro-batches (blocks of gpu_batch_size x num_gpu_batches sequences) it keeps KV cache for."""
+
+    layers: range
+    blocks: int = 1
+
+
 @dataclass
 class GenerationResult:
     tokens: torch.Tensor  # (N, new tokens), on the CPU
@@ -86,7 +95,9 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 class Engine:
-    def __init__(self, model: ModelConfig, policy: Policy, workload: Workload, options: EngineOptions | None = None):
+    def __init__(self, model: ModelConfig, policy: Policy, workload: Workload, options: EngineOptions | None = None,
+                 stage: StageSlice | None = None):
+        """`stage`: build only these layers, for a pipeline stage (driven through `scheduler.step`)."""
         opts = options or EngineOptions()
         self.model, self.policy, self.workload, self.options = model, policy, workload, opts
         self.device = resolve_device(opts.device)
@@ -94,7 +105,11 @@ class Engine:
         if workload.max_len - 1 > model.max_positions:  # the last generated token is never fed back
             raise EngineError(f"prompt + generated length {workload.max_len} exceeds {model.name}'s "
                               f"{model.max_positions} positions.", "Lower --prompt-len or --gen-len.")
-        self.layers = build_layers(model, policy.sep_layer)
+        layers = build_layers(model, policy.sep_layer)
+        self.stage = stage or StageSlice(range(len(layers)))
+        self.attention_offset = sum(layer.kv_spec is not None for layer in layers[:self.stage.layers.start])
+        self.all_weight_keys = {s.key for layer in layers for s in layer.weight_specs()}
+        self.layers = layers[self.stage.layers.start:self.stage.layers.stop]
         self.plan: MemoryPlan = self._plan(opts)
 
         self.profiler = Profiler(opts.profile)
@@ -133,20 +148,23 @@ class Engine:
                                    self.device)
         specs = {s.key: s for layer in self.layers for s in layer.weight_specs()}
         if opts.checkpoint is not None:
-            load_checkpoint(opts.checkpoint, specs, self.weights, model.tie_word_embeddings, opts.progress)
+            load_checkpoint(opts.checkpoint, specs, self.weights, model.tie_word_embeddings, opts.progress,
+                            other_keys=self.all_weight_keys - set(specs))
         else:
             dummy_weights(specs, self.weights, opts.seed, self.device, opts.progress)
         codec = make_codec(policy.compress_cache, self.dtype, model.head_dim)
         self.kv = KVCacheStore(self.layers, self.plan, storages, policy.gpu_batch_size, workload.prompt_len,
                                self.plan.cache_len, codec, self.mover, self.profiler, policy.cpu_cache_compute)
-        self.kv.policy = make_kv_policy(policy.kv, codec, self.profiler, self.layers, workload, self.device)
+        self.kv.policy = make_kv_policy(policy.kv, codec, self.profiler, self.layers, workload, self.device,
+                                        self.attention_offset)
         self.acts = ActivationStore(self.plan.act_tiers, storages,
                                     policy.gpu_batch_size * workload.prompt_len * model.hidden_size,
                                     self.dtype, self.device, self.mover)
         self.scheduler = Scheduler(self.layers, self.weights, self.kv, self.acts, self.profiler, self.device)
         self.states = [BatchState(policy.gpu_batch_size, workload.max_len, self.device)
-                       for _ in range(policy.num_gpu_batches)]
-        self.graph_refusal = graphs_apply(policy, self.plan, self.device, opts.profile)
+                       for _ in range(policy.num_gpu_batches * self.stage.blocks)]
+        self.graph_refusal = graphs_apply(policy, self.plan, self.device, opts.profile) \
+            if len(self.states) == policy.num_gpu_batches else "a pipeline stage runs its steps eagerly"
         on_gpu = self.device.type == "cuda"
         self.decode_graph = DecodeGraph(self.scheduler, self.states, self.device, eager=opts.eager_static_decode) \
             if self.graph_refusal is None and (on_gpu or opts.eager_static_decode) else None
@@ -162,7 +180,7 @@ class Engine:
         relay = opts.disk_relay.host_bytes() if self.policy.uses_disk else 0
         for slots in [self.policy.weight_buffers] if self.policy.weight_buffers else [3, 2]:
             plan = plan_memory(self.layers, self.policy, self.workload, self.dtype, self.model.hidden_size, slots,
-                               relay_bytes=relay)
+                               relay_bytes=relay, kv_blocks=self.stage.blocks)
             try:
                 plan.check(*caps)
                 break

@@ -24,15 +24,18 @@ class Scheduler:
         self.compute_stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
     def step(self, inputs: list[torch.Tensor], states: list[BatchState], all_logits: bool = False,
-             advance: bool = True) -> list[torch.Tensor]:
-        """Run every layer on every GPU batch; `inputs` are token ids (B, s) per batch; returns logits.
+             advance: bool = True, batch_ids: list[int] | None = None) -> list[torch.Tensor]:
+        """Run every layer on every GPU batch; `inputs` are the first layer's inputs per batch
+        (token ids (B, s), or hidden states on a later pipeline stage); returns the last layer's outputs.
 
-        `advance=False` leaves the states' lengths alone (a captured step advances them outside)."""
+        `advance=False` leaves the states' lengths alone (a captured step advances them outside);
+        `batch_ids`: which KV items the batches own (a pipeline stage runs one block of several)."""
         num_new = inputs[0].shape[1]
         prefill = states[0].length == 0
         views = [st.view(num_new, prefill) for st in states]
         n_layers, n_batches = len(self.layers), len(states)
         outputs: list[torch.Tensor] = [None] * n_batches  # type: ignore[list-item]
+        ids = batch_ids if batch_ids is not None else range(n_batches)
         weights = None
         for j, layer in enumerate(self.layers):
             for k in range(n_batches):
@@ -41,11 +44,11 @@ class Scheduler:
                 nj, nk = (j, k + 1) if k + 1 < n_batches else (j + 1, 0)
                 if nj < n_layers:
                     if self.layers[nj].kv_spec is not None:
-                        self.kv.prefetch((nj, nk), states[nk], prefill)
+                        self.kv.prefetch((nj, ids[nk]), states[nk], prefill)
                     if nj > 0:
                         self.acts.prefetch(nk)
                 x = inputs[k] if j == 0 else self.acts.get(k)
-                kv = self.kv.access((j, k), states[k], prefill) if layer.kv_spec is not None else None
+                kv = self.kv.access((j, ids[k]), states[k], prefill) if layer.kv_spec is not None else None
                 ctx = LayerContext(views[k], kv, all_logits)
                 with self.profiler.span("compute", self.compute_stream):
                     y = layer.forward(x, weights, ctx)

@@ -6,6 +6,7 @@ a missing tensor, a wrong shape or a tensor the config does not use is refused b
 """
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 from typing import Protocol
 
@@ -42,12 +43,14 @@ def _unused_keys(ckpt_keys: list[str], expected: set[str], tied_head: bool) -> l
 
 
 def load_checkpoint(path: Path, specs: dict[str, WeightSpec], target: WeightTarget, tied_head: bool,
-                    progress: bool = True) -> None:
+                    progress: bool = True, other_keys: set[str] = frozenset()) -> None:
     """Stream every tensor the layers need into its home. A checkpoint that stores 4/8-bit blocks
     in the engine's packed format (GGUF Q4_0/Q4_1/Q8_0) hands them over without a float round
-    trip when the weight is stored compressed with the same bits and group size."""
+    trip when the weight is stored compressed with the same bits and group size.
+
+    `other_keys`: tensors of the model that other pipeline stages load (skipped, not refused)."""
     ckpt = open_checkpoint(path)
-    unused = _unused_keys(ckpt.keys(), set(specs), tied_head)
+    unused = _unused_keys(ckpt.keys(), set(specs) | set(other_keys), tied_head)
     if unused:
         shown = ", ".join(unused[:3]) + (f" and {len(unused) - 3} more" if len(unused) > 3 else "")
         raise EngineError(f"checkpoint {path} holds {len(unused)} tensor(s) the config does not use ({shown}).",
@@ -73,10 +76,12 @@ def dummy_weights(specs: dict[str, WeightSpec], target: WeightTarget, seed: int,
                   progress: bool = True) -> None:
     """Random weights of the right scale (never constants: they would make attention uniform).
 
-    Drawn on the compute device (fast on a GPU) in one seeded order, then stored home.
+    Drawn on the compute device (fast on a GPU), then stored home. Each tensor has its own seed,
+    from `seed` and its key, so any subset of the model (a pipeline stage's) gets the same values.
     """
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device)
     for key, spec in tqdm(list(specs.items()), desc="init dummy weights", disable=not progress, unit="tensor"):
+        gen.manual_seed(zlib.crc32(f"{seed}:{key}".encode()))  # 32 bits: what the CPU generator uses
         x = torch.empty(spec.shape, dtype=torch.float32, device=device)
         if spec.init == "norm_weight":
             x.normal_(0.0, 0.1, generator=gen).add_(1.0)

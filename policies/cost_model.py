@@ -177,3 +177,33 @@ def estimate(model: ModelConfig, policy: Policy, work: Workload, hw: HardwarePro
 def fits(estimate: Estimate, hw: HardwareProfile) -> bool:
     caps = {Tier.GPU: hw.gpu_mem_bytes, Tier.CPU: hw.cpu_mem_bytes, Tier.DISK: hw.disk_free_bytes}
     return all(estimate.memory[tier] <= caps[tier] for tier in Tier)
+
+
+def layer_seconds(model: ModelConfig, policy: Policy, work: Workload, hw: HardwareProfile,
+                  dtype: torch.dtype = torch.float16) -> list[float]:
+    """Each scheduled layer's share of a decode step under the policy, for balancing pipeline
+    stages: its weight and KV I/O (at the policy's fractions off the GPU) or its compute and
+    attention, whichever is longer, since the schedule overlaps the two."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    b, k = policy.gpu_batch_size, policy.num_gpu_batches
+    wc, wd = policy.weight_cpu_percent / 100, 1 - (policy.weight_gpu_percent + policy.weight_cpu_percent) / 100
+    cc = policy.cache_cpu_percent / 100
+    cd = 1 - (policy.cache_gpu_percent + policy.cache_cpu_percent) / 100
+    disk = min(hw.disk_read_bytes_s, hw.h2d_bytes_s)
+    on_cpu = cc if policy.cpu_cache_compute else 0.0
+    read_len = work.prompt_len + work.gen_len / 2
+    if policy.kv.evicts:
+        read_len = float(policy.kv.cache_len(work.prompt_len, work.max_len))
+    out = []
+    for layer in build_layers(model, policy.sep_layer):
+        specs = {s.key: s for s in layer.weight_specs()}.values()
+        stored = sum(weight_bytes(s, policy, itemsize) for s in specs)
+        params = sum(s.numel() for s in specs)
+        kv = 0.0
+        if layer.kv_spec is not None:
+            kv = 2 * read_len * b * k * kv_token_bytes(layer.kv_spec.num_heads, layer.kv_spec.head_dim, policy, itemsize)
+        io = stored * (wc / hw.h2d_bytes_s + wd / disk) + kv * ((cc - on_cpu) / hw.h2d_bytes_s + cd / disk)
+        compute = k * max(stored / hw.gpu_mem_bytes_s, 2.0 * params * b / hw.gpu_flops) \
+            + kv * (1 - on_cpu) / hw.gpu_attention_bytes_s + kv * on_cpu / hw.cpu_attention_bytes_s
+        out.append(max(io, compute))
+    return out

@@ -74,14 +74,20 @@ class MemoryPlan:
     prefill_tokens: int = 0  # token slots written per sequence at prefill
     compressed_weights: set[str] = field(default_factory=set)  # checkpoint keys stored packed
     tiers: dict[Tier, TierBudget] = field(default_factory=lambda: {t: TierBudget() for t in Tier})
+    kv_blocks: int = 1  # a pipeline stage keeps KV cache for several blocks of gpu batches
+
+    @property
+    def kv_batches(self) -> int:
+        """GPU batches with a KV cache: num_gpu_batches per block, blocks in flight on a pipeline stage."""
+        return self.num_gpu_batches * self.kv_blocks
 
     def kv_tier(self, layer: int, batch: int) -> Tier:
-        return self.kv_split.tier(self.kv_layers.index(layer) * self.num_gpu_batches + batch)
+        return self.kv_split.tier(self.kv_layers.index(layer) * self.kv_batches + batch)
 
     @property
     def kv_tiers(self) -> dict[tuple[int, int], Tier]:
         """(layer, gpu batch) -> tier for every item; build only for a plan that fits."""
-        k = self.num_gpu_batches
+        k = self.kv_batches
         return {(j, b): self.kv_split.tier(a * k + b) for a, j in enumerate(self.kv_layers) for b in range(k)}
 
     @property
@@ -134,8 +140,10 @@ def kv_token_bytes(num_heads: int, head_dim: int, policy: Policy, itemsize: int)
 
 
 def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torch.dtype,
-                hidden_size: int, weight_slots: int = 2, relay_bytes: int = 0) -> MemoryPlan:
-    """`relay_bytes`: the pinned ring of the disk relay (counted as CPU buffers when disk is used)."""
+                hidden_size: int, weight_slots: int = 2, relay_bytes: int = 0, kv_blocks: int = 1) -> MemoryPlan:
+    """`relay_bytes`: the pinned ring of the disk relay (counted as CPU buffers when disk is used);
+    `kv_blocks`: blocks of gpu batches whose KV cache a pipeline stage keeps (hidden states are
+    per block in flight, so they do not multiply)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
 
     # Weights: one entry per checkpoint key, in layer order.
@@ -161,7 +169,7 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
         scratch_item = 2 * b * token + b * spec.num_heads * 8
         if policy.kv.evicts:  # float32 score and int32 position per slot, beside the attention
             meta_item = b * spec.num_heads * cache_len * 8
-    kv_split = EvenSplit(len(attn) * k_batches, policy.cache_gpu_percent, policy.cache_cpu_percent)
+    kv_split = EvenSplit(len(attn) * k_batches * kv_blocks, policy.cache_gpu_percent, policy.cache_cpu_percent)
     kv_counts = kv_split.counts() if attn else {t: 0 for t in Tier}
     off_gpu = kv_counts[Tier.DISK] + (0 if policy.cpu_cache_compute else kv_counts[Tier.CPU])  # GPU-attended
     hot_item = 0
@@ -183,7 +191,7 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
                       kv_scratch_slots=2 if scatters else 0, cache_len=cache_len,
                       prefill_tokens=policy.kv.prefill_tokens(work.prompt_len, work.max_len),
                       compressed_weights={k for k in keys if policy.compress_weight is not None
-                                          and len(specs[k].shape) == 2})
+                                          and len(specs[k].shape) == 2}, kv_blocks=kv_blocks)
     for key, tier in weight_tiers.items():
         plan.tiers[tier].weights += sizes[key]
     for tier in Tier:

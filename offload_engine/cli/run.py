@@ -19,6 +19,7 @@ from ..metrics import (PeakHostMemory, RunMetrics, check_output_file, git_commit
 from ..model_zoo import resolve_model
 from ..sampling import GenerationConfig
 from ..io.tiers import Tier
+from .run_pipeline import add_pipeline_args, execute_pipeline, pipeline_requested
 from .options import (add_model_args, add_policy_args, add_resource_args, add_sampling_args, engine_options,
                       policy_from_args, positive_int)
 
@@ -34,6 +35,10 @@ examples:
   offload-engine run --model opt-30b --percent 20 80 0 100 0 100 --gpu-batch-size 24 \\
       --num-gpu-batches 2 --cpu-cache-compute --gpu-mem 16GiB --json results.json
   offload-engine run --model ./my-opt-checkpoint --gen-len 16     # real weights from a folder
+  offload-engine run --model opt-30b --pipeline 2 --percent 20 80 0 100 0 100 --gpu-batch-size 24 \
+      --gpu-mem 16GiB                                 # two stages, one GPU each, each offloading
+  torchrun --nnodes 2 --node-rank R --master-addr HOST --nproc-per-node 1 \
+      -m offload_engine run --model opt-66b --pipeline 2 ...       # the same across hosts
 """
 
 
@@ -57,6 +62,7 @@ def add_parser(sub) -> None:
                    help="a profile from `offload-engine profile`: with --policy auto it drives the search "
                         "(default: a quick measurement now); with a manual policy the JSON gets the prediction")
     add_resource_args(p)
+    add_pipeline_args(p)
     add_sampling_args(p)
     o = p.add_argument_group("output")
     o.add_argument("--json", type=Path, default=None, metavar="FILE",
@@ -80,6 +86,13 @@ def execute(args: argparse.Namespace) -> dict:
 
     resolved = resolve_model(args.model, dummy=args.dummy)
     model, policy, work = resolved.config, policy_from_args(args), Workload(args.prompt_len, args.gen_len)
+    if args.cut_gen_len is not None and not 2 <= args.cut_gen_len <= args.gen_len:
+        raise EngineError(f"--cut-gen-len {args.cut_gen_len} must be between 2 and --gen-len {args.gen_len}.")
+    decoded = args.cut_gen_len or args.gen_len
+    gen = GenerationConfig(max_new_tokens=decoded, do_sample=args.do_sample, temperature=args.temperature,
+                           top_p=args.top_p, seed=args.seed, stop_token_id=args.stop_token)
+    if pipeline_requested(args):
+        return execute_pipeline(args, resolved, policy, work, gen)
     predicted = None
     if args.policy == "auto":
         policy, predicted = _searched(args, model, work, policy)
@@ -87,11 +100,6 @@ def execute(args: argparse.Namespace) -> dict:
         from policies.cost_model import estimate
         from .search import hardware_for
         predicted = estimate(model, policy, work, hardware_for(_search_args(args)))
-    if args.cut_gen_len is not None and not 2 <= args.cut_gen_len <= args.gen_len:
-        raise EngineError(f"--cut-gen-len {args.cut_gen_len} must be between 2 and --gen-len {args.gen_len}.")
-    decoded = args.cut_gen_len or args.gen_len
-    gen = GenerationConfig(max_new_tokens=decoded, do_sample=args.do_sample, temperature=args.temperature,
-                           top_p=args.top_p, seed=args.seed, stop_token_id=args.stop_token)
     if args.json is not None:
         check_output_file(args.json)
     print(f"{model.name} ({resolved.weights_label}), batch {policy.gpu_batch_size}x{policy.num_gpu_batches}, "

@@ -46,13 +46,14 @@ def merge_blocks(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class HiPKV:
-    def __init__(self, cfg, codec, profiler: Profiler, layers, workload, device: torch.device):
+    def __init__(self, cfg, codec, profiler: Profiler, layers, workload, device: torch.device,
+                 attention_offset: int = 0):
         if codec.packed:
             raise EngineError("--kv-policy hip with --compress-cache is not supported.",
                               "Drop --compress-cache or use --kv-policy full or h2o.")
         self.cfg, self.kernel_cfg, self.codec, self.profiler = cfg, cfg.kernel_config(), codec, profiler
         attention_layers = [i for i, layer in enumerate(layers) if layer.kv_spec is not None]
-        self.dense = set(attention_layers[: cfg.dense_layers])
+        self.dense = set(attention_layers[: max(0, cfg.dense_layers - attention_offset)])
         self.selections: dict[Item, Selection] = {}
         self.hot: dict[Item, HotBlockCache] = {}  # items whose cache is off the GPU and attended there
         self.max_len = workload.max_len

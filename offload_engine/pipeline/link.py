@@ -1,0 +1,106 @@
+"""A stage's point-to-point traffic: hidden states in from the previous stage and out to the
+next, sampled tokens from the last stage back to the first.
+
+Everything is non-blocking (`isend`/`irecv`): a stage posts the receive of its next input
+before computing the current one, and never waits for a send until its buffers must be freed.
+Tokens travel on their own process group, so with NCCL (one stream per communicator) the
+backward ring can never queue behind, or block, the forward one.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import EngineError
+
+
+class PeerLost(EngineError):
+    """Another stage stopped answering: a consequence of its failure, not a cause."""
+
+
+@dataclass
+class LinkStats:
+    wait_input_s: float = 0.0  # blocked on the previous stage (or the tokens): bubble + unhidden transfer
+    wait_send_s: float = 0.0  # blocked until a send finished
+    sent_bytes: int = 0
+    received_bytes: int = 0
+
+
+class Incoming:
+    """Posted receives; `wait()` returns the tensors once they have arrived."""
+
+    def __init__(self, link: "StageLink", tensors: list[torch.Tensor], works: list, peer: int):
+        self.link, self.tensors, self.works, self.peer = link, tensors, works, peer
+
+    def wait(self) -> list[torch.Tensor]:
+        t0 = time.perf_counter()
+        self.link.finish(self.works, self.peer)
+        self.link.stats.wait_input_s += time.perf_counter() - t0
+        return self.tensors
+
+
+class StageLink:
+    def __init__(self, rank: int, world: int, device: torch.device, token_group):
+        self.rank, self.world, self.device, self.token_group = rank, world, device, token_group
+        self.prev = rank - 1 if rank > 0 else None
+        self.next = rank + 1 if rank + 1 < world else None
+        self.stats = LinkStats()
+        self._sends: deque[tuple[list, list[torch.Tensor], int]] = deque()
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.world - 1
+
+    def recv_hidden(self, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> Incoming:
+        tensors = [torch.empty(s, dtype=dtype, device=self.device) for s in shapes]
+        works = [self._call(dist.irecv, t, self.prev) for t in tensors]
+        self.stats.received_bytes += sum(t.numel() * t.element_size() for t in tensors)
+        return Incoming(self, tensors, works, self.prev)
+
+    def send_hidden(self, tensors: list[torch.Tensor]) -> None:
+        self._send([t.contiguous() for t in tensors], self.next)
+
+    def recv_tokens(self, n: int) -> Incoming:
+        t = torch.empty(n, dtype=torch.int64, device=self.device)
+        self.stats.received_bytes += t.numel() * t.element_size()
+        last = self.world - 1
+        return Incoming(self, [t], [self._call(dist.irecv, t, last, self.token_group)], last)
+
+    def send_tokens(self, tokens: torch.Tensor) -> None:
+        self._send([tokens.to(torch.int64).contiguous()], 0, self.token_group)
+
+    def flush(self, keep: int = 0) -> None:
+        """Wait for all but the `keep` most recent sends (their tensors stay alive until then)."""
+        t0 = time.perf_counter()
+        while len(self._sends) > keep:
+            works, _, peer = self._sends.popleft()
+            self.finish(works, peer)
+        self.stats.wait_send_s += time.perf_counter() - t0
+
+    def finish(self, works: list, peer: int) -> None:
+        try:
+            for w in works:
+                w.wait()
+        except RuntimeError as e:  # gloo: connection closed; NCCL: the communicator was aborted
+            raise PeerLost(f"lost the connection to stage {peer} ({str(e).splitlines()[0][:200]}).") from None
+        if self.device.type == "cuda":  # NCCL's wait only orders the streams: time the arrival itself
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _send(self, tensors: list[torch.Tensor], peer: int, group=None) -> None:
+        works = [self._call(dist.isend, t, peer, group) for t in tensors]
+        self.stats.sent_bytes += sum(t.numel() * t.element_size() for t in tensors)
+        self._sends.append((works, tensors, peer))  # the tensors stay alive until sent
+
+    def _call(self, op, tensor: torch.Tensor, peer: int, group=None):
+        try:
+            return op(tensor, peer, group=group)
+        except RuntimeError as e:
+            raise PeerLost(f"lost the connection to stage {peer} ({str(e).splitlines()[0][:200]}).") from None

@@ -1,11 +1,13 @@
-"""Pipeline parallelism on two GPUs: OPT-30B 512+32 with each GPU capped at 16 GiB on one GPU and
-on two (each stage streams half the weights over its own PCIe link), and OPT-66B (122 GiB of
-fp16 weights: more than one host share) on two GPUs with offloading.
+"""Pipeline parallelism over GPUs: OPT-30B 512+32 with each GPU capped at 16 GiB on one GPU and
+on two (each stage streams half the weights over its own PCIe link), OPT-66B (122 GiB of fp16
+weights: more than one host share) on two; and, where 4 or 8 GPUs are lent, the throughput-vs-GPUs
+curve of OPT-30B and OPT-66B and OPT-175B over 4 and 8 GPUs.
 
   PYTHONPATH=. python experiments/bench_pipeline.py --out DIR [--runs NAME ...] [--dry-run] [--copy-to $OUT]
 
-Run on a two-GPU machine (device kind nvidia-h100-x2 or nvidia-h200-x2; NCCL_NVLS_ENABLE=0 is set
-here: NVLink multicast stays off). Each run is `offload-engine run` in its own process group with
+Run on a machine with the GPUs a run names (`--runs opt30b-1gpu opt30b-2gpu opt66b-2gpu` on
+nvidia-h100-x2 / nvidia-h200-x2); NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1 are set
+here: NVLink multicast stays off. Each run is `offload-engine run` in its own process group with
 a timeout; a run whose batch does not fit (the engine refuses before allocating) is retried with
 the next smaller batch. Every finished run is appended to DIR/runs.jsonl at once and skipped by a
 rerun at the same commit, so the runs can spread over several 10-minute calls.
@@ -22,28 +24,72 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from offload_engine.io.tiers import Tier  # noqa: E402
 from offload_engine.metrics import git_commit, hardware  # noqa: E402
 from offload_engine.sweep.results import append_line, read_records  # noqa: E402
 from offload_engine.sweep.runner import run_process  # noqa: E402
 
-OPT30B = ["--model", "opt-30b", "--prompt-len", "512", "--gen-len", "32", "--gpu-mem", "16GiB", "--cpu-cache-compute"]
-OPT66B = ["--model", "opt-66b", "--prompt-len", "512", "--gen-len", "32", "--gpu-mem", "16GiB", "--cpu-cache-compute",
-          "--cut-gen-len", "8"]
+COMMON = ["--prompt-len", "512", "--gen-len", "32", "--gpu-mem", "16GiB", "--cpu-cache-compute"]
+Batch = tuple[int, int]  # (gpu_batch_size, num_gpu_batches) of one block; a pipeline has one block per stage
 
-# name -> (flags, batches tried in turn: (gpu_batch_size, num_gpu_batches)); the pipeline runs put
-# one block per stage in flight, so their batch is twice the block.
-RUNS: dict[str, tuple[list[str], list[tuple[int, int]]]] = {
-    "opt30b-1gpu": (OPT30B + ["--percent", "20", "80", "0", "100", "0", "100"], [(24, 2)]),
-    "opt30b-2gpu": (OPT30B + ["--pipeline", "2", "--percent", "40", "60", "0", "100", "0", "100"],
-                    [(24, 2), (24, 1)]),
-    "opt66b-2gpu": (OPT66B + ["--pipeline", "2", "--percent", "10", "90", "0", "100", "0", "100"],
-                    [(24, 2), (16, 2), (12, 2), (8, 2)]),
+
+def point(model: str, gpus: int, percent: str, batches: list[Batch], *extra: str) -> tuple[list[str], list[Batch]]:
+    flags = ["--model", model, *COMMON, "--percent", *percent.split(), *extra]
+    return (flags + (["--pipeline", str(gpus)] if gpus > 1 else []), batches)
+
+
+# name -> (flags, batches tried in turn while the engine refuses them). The weights' GPU share grows
+# with the GPU count: each stage holds 1/N of the layers under the same 16 GiB cap. `--dry-run`
+# prints every stage's plan: each fits 16 GiB of GPU, and the host's total its RAM (2 GPUs: 256 GiB,
+# 4: 512, 8: 560; the OPT-66B one-GPU point needs a multi-GPU host's RAM).
+RUNS: dict[str, tuple[list[str], list[Batch]]] = {
+    # Two GPUs (the pipeline issue's benchmark).
+    "opt30b-1gpu": point("opt-30b", 1, "20 80 0 100 0 100", [(24, 2)]),
+    "opt30b-2gpu": point("opt-30b", 2, "40 60 0 100 0 100", [(24, 2), (24, 1)]),
+    "opt66b-2gpu": point("opt-66b", 2, "10 90 0 100 0 100", [(16, 2), (12, 2), (8, 2)], "--cut-gen-len", "8"),
+    # Four and eight GPUs (the scaling curve; OPT-175B with 4-bit KV cache where host memory is short).
+    "opt30b-4gpu": point("opt-30b", 4, "80 20 0 100 0 100", [(24, 2), (16, 2)]),
+    "opt30b-8gpu": point("opt-30b", 8, "100 0 0 100 0 100", [(24, 2), (16, 2)]),
+    "opt66b-1gpu": point("opt-66b", 1, "5 95 0 100 0 100", [(24, 2), (16, 2), (8, 2)], "--cut-gen-len", "8"),
+    "opt66b-4gpu": point("opt-66b", 4, "30 70 0 100 0 100", [(24, 2), (16, 2), (8, 2)], "--cut-gen-len", "8"),
+    "opt66b-8gpu": point("opt-66b", 8, "70 30 0 100 0 100", [(16, 2), (8, 2)], "--cut-gen-len", "8"),
+    "opt175b-4gpu": point("opt-175b", 4, "10 90 0 100 0 100", [(8, 2), (4, 2), (2, 2)], "--compress-cache",
+                          "--cut-gen-len", "5"),
+    "opt175b-8gpu": point("opt-175b", 8, "22 78 0 100 0 100", [(8, 2), (4, 2), (2, 2)], "--compress-cache",
+                          "--cut-gen-len", "5"),
 }
-
 
 def command(flags: list[str], batch: tuple[int, int], json_path: Path, offload: Path) -> list[str]:
     return [sys.executable, "-m", "offload_engine", "run", "--quiet", *flags, "--gpu-batch-size", str(batch[0]),
             "--num-gpu-batches", str(batch[1]), "--offload-dir", str(offload), "--json", str(json_path)]
+
+
+def planned(flags: list[str], batch: Batch) -> str:
+    """Each stage's planned GPU and host GiB (fp16, as on the device) and the host's total: what a
+    dry run prints, so batches that cannot fit are dropped before device time is spent."""
+    import torch
+
+    from offload_engine.cli import build_parser
+    from offload_engine.cli.options import policy_from_args
+    from offload_engine.cli.run_pipeline import stage_policies
+    from offload_engine.model_zoo import MODEL_CONFIGS
+    from offload_engine.models import build_layers
+    from offload_engine.pipeline.split import stage_split
+    from policies.memory import GiB, Workload, plan_memory
+
+    args = build_parser().parse_args(["run", *flags, "--gpu-batch-size", str(batch[0]), "--num-gpu-batches",
+                                      str(batch[1])])
+    model, policy, work = MODEL_CONFIGS[args.model], policy_from_args(args), Workload(args.prompt_len, args.gen_len)
+    layers = build_layers(model, policy.sep_layer)
+    splits, _, _ = stage_split(model, policy, work, args.pipeline)
+    parts, host = [], 0.0
+    for r, p in zip(splits, stage_policies(args, policy, args.pipeline)):
+        plan = plan_memory(layers[r.start:r.stop], p, work, torch.float16, model.hidden_size, 2,
+                           kv_blocks=args.pipeline if args.pipeline > 1 else 1)
+        gpu, cpu = plan.tiers[Tier.GPU].total / GiB, plan.tiers[Tier.CPU].total / GiB
+        host += cpu
+        parts.append(f"{gpu:.1f}/{cpu:.1f}")
+    return f"stages GPU/CPU GiB {' '.join(parts)}; host {host:.0f} GiB"
 
 
 def run_one(name: str, out: Path, commit: str, timeout_s: float) -> dict:
@@ -69,20 +115,24 @@ def run_one(name: str, out: Path, commit: str, timeout_s: float) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS)[:3])
     parser.add_argument("--timeout-s", type=float, default=540)
     parser.add_argument("--commit", default=None, help="this repository's commit (the device copy has no .git)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--copy-to", type=Path, default=None)
     args = parser.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     commit = args.commit or git_commit()
     args.out.mkdir(parents=True, exist_ok=True)
     ledger = args.out / "runs.jsonl"
     done = {r["name"] for r in read_records(ledger) if r.get("status") == "ok" and r.get("commit") == commit}
     for name in args.runs:
         if args.dry_run:
-            print(" ".join(command(RUNS[name][0], RUNS[name][1][0], args.out / f"{name}.json", args.out / "offload")))
+            flags, batches = RUNS[name]
+            print(" ".join(command(flags, batches[0], args.out / f"{name}.json", args.out / "offload")))
+            for batch in batches:
+                print(f"  {batch[0]}x{batch[1]}: {planned(flags, batch)}")
             continue
         if name in done:
             print(f"{name}: done at {commit}, skipped")

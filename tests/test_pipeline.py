@@ -174,8 +174,10 @@ def run_cli(*args):
 
 def test_cli_pipeline_records_the_split_and_stage_times(tmp_path, capsys):
     out = tmp_path / "r.json"
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     assert run_cli("--pipeline", "3", "--micro-batches", "2", "--gpu-batch-size", "2", "--stage-percent", "2",
                    "0", "100", "100", "0", "100", "0", "--offload-dir", str(tmp_path / "o"), "--json", str(out)) == 0
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers  # the launcher's are gone
     data = json.loads(out.read_text())
     pipe = data["pipeline"]
     assert pipe["stages"] == 3 and pipe["micro_batches"] == 2 and pipe["split_by"] == "parameters"
@@ -225,3 +227,37 @@ def test_cost_model_split_follows_streamed_bytes():
     assert unit.startswith("cost model") and max(stage_costs) - min(stage_costs) <= max(costs)
     resident = Policy.from_percent((100, 0, 100, 0, 100, 0), gpu_batch_size=8)
     assert sum(layer_seconds(model, resident, work, hw)) < sum(costs) / 10  # no streaming: only compute
+
+
+@pytest.mark.parametrize("stages", [4, 8])
+def test_four_and_eight_stages(checkpoints, tmp_path, stages):
+    """N = 4 and 8 processes (the tiny OPT has 8 scheduled layers: one each at 8), placements cycling."""
+    ids, mask = random_prompts(2 * stages, PROMPT, seed=stages)
+    placements = [(ON_GPU, ON_CPU, CPU_ATTN, ON_DISK)[k % 4] for k in range(stages)]
+    got = pipeline(checkpoints["opt"], tmp_path, placements, stages, 1, ids, mask)
+    assert [s["layers"][1] - s["layers"][0] for s in got["stages"]] == ([2, 2, 2, 2] if stages == 4 else [1] * 8)
+    assert_same(got, single_process(checkpoints["opt"], tmp_path, stages, ids, mask))
+
+
+def test_interrupted_pipeline_writes_nothing_and_stops_its_stages(tmp_path):
+    import subprocess
+    import sys
+
+    import psutil
+
+    out, offload = tmp_path / "r.json", tmp_path / "o"
+    cmd = [sys.executable, "-m", "offload_engine", "run", "--pipeline", "2", "--quiet", "--device", "cpu",
+           "--prompt-len", "64", "--gen-len", "500", "--percent", "0", "0", "100", "0", "100", "0",
+           "--offload-dir", str(offload), "--json", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(offload.glob("stage1/*")):  # stage 1 has its weights on disk
+        time.sleep(0.2)
+    stages = [p for p in parent.children(recursive=True) if "spawn" in " ".join(p.cmdline())]
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and not out.exists()
+    assert not offload.exists()
+    assert len(stages) >= 2 and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in stages)

@@ -21,6 +21,9 @@ from .stage import PipelineJob, run_stage
 _SECONDARY = (PeerLost.__name__, "Connection closed by peer", "Connection reset by peer")
 
 
+_AGENT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
 def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
 
@@ -29,22 +32,29 @@ def run_pipeline(job: PipelineJob) -> dict:
     """Run the stages as processes of this host; the result of `stage.assemble`.
 
     Raises EngineError naming the first stage that failed (and how) if any stage fails."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if job.stages < 2:
         raise EngineError(f"a pipeline needs at least 2 stages, got {job.stages}.", "Drop --pipeline for one process.")
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher", "torchelastic-events-null"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)  # failures are reported here, once
+    for name in list(logging.root.manager.loggerDict):  # failures are reported here, once
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher", "torchelastic")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=job.stages, rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", run_id=f"offload-engine-{uuid.uuid4().hex[:8]}",
                           max_restarts=0, monitor_interval=0.1, start_method="spawn")
     created = not Path(job.options.offload_dir).exists()
+    handlers = {s: signal.getsignal(s) for s in _AGENT_SIGNALS}  # the agent installs its own, for good
     try:
         results = elastic_launch(config, stage_entry)(job)
     except ChildFailedError as e:
         raise EngineError(failure_message(job, e)) from None
+    except SignalException:  # Ctrl-C or SIGTERM: the agent has stopped the stages
+        raise KeyboardInterrupt("the pipeline was stopped; no results written") from None
     finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
         remove_stage_folders(job, created)
     return results[0]
 

@@ -185,7 +185,10 @@ def test_cli_pipeline_records_the_split_and_stage_times(tmp_path, capsys):
     assert [s["percent"] for s in stages] == [[100, 0, 100, 0, 100, 0]] * 2 + [[0, 100, 100, 0, 100, 0]]
     assert stages[0]["first_layer"] == "embed" and stages[-1]["last_layer"] == "lm_head"
     for s in stages:
-        assert s["busy_s"] > 0 and s["wait_input_s"] >= 0 and s["wait_send_s"] >= 0 and s["cost"] > 0
+        assert s["busy_s"] > 0 and s["wait_send_s"] >= 0 and s["cost"] > 0
+        assert s["bubble_s"] >= 0 and s["transfer_s"] >= 0  # one host: the wait splits in two
+        assert s["bubble_s"] + s["transfer_s"] == pytest.approx(s["wait_input_s"])
+    assert stages[2]["bubble_s"] > 0  # the last stage waits for the first two at least in prefill
     costs = [s["cost"] for s in stages]
     assert max(costs) - min(costs) <= 41e6  # within one layer: the embedding's (50272 + 2050) x 768
     assert data["metrics"]["batch_size"] == 4 and data["metrics"]["gen_len"] == 3

@@ -3,6 +3,8 @@ next, sampled tokens from the last stage back to the first.
 
 Everything is non-blocking (`isend`/`irecv`): a stage posts the receive of its next input
 before computing the current one, and never waits for a send until its buffers must be freed.
+Each message carries the sender's clock when its data was ready: on one host (one clock) the
+receiver splits its wait into the bubble (the data was not ready yet) and the transfer.
 Tokens travel on their own process group, so with NCCL (one stream per communicator) the
 backward ring can never queue behind, or block, the forward one.
 """
@@ -25,6 +27,8 @@ class PeerLost(EngineError):
 @dataclass
 class LinkStats:
     wait_input_s: float = 0.0  # blocked on the previous stage (or the tokens): bubble + unhidden transfer
+    bubble_s: float | None = 0.0  # of which the sender had not finished the data (None: stages on several hosts)
+    transfer_s: float | None = 0.0  # of which the data was on its way
     wait_send_s: float = 0.0  # blocked until a send finished
     sent_bytes: int = 0
     received_bytes: int = 0
@@ -34,22 +38,34 @@ class Incoming:
     """Posted receives; `wait()` returns the tensors once they have arrived."""
 
     def __init__(self, link: "StageLink", tensors: list[torch.Tensor], works: list, peer: int):
-        self.link, self.tensors, self.works, self.peer = link, tensors, works, peer
+        self.link, self.tensors, self.works, self.peer = link, tensors[:-1], works, peer
+        self.stamp = tensors[-1]
 
     def wait(self) -> list[torch.Tensor]:
         t0 = time.perf_counter()
         self.link.finish(self.works, self.peer)
-        self.link.stats.wait_input_s += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        st = self.link.stats
+        st.wait_input_s += waited
+        if st.bubble_s is not None:
+            bubble = min(waited, max(0.0, float(self.stamp.item()) - t0))
+            st.bubble_s += bubble
+            st.transfer_s += waited - bubble
         return self.tensors
 
 
 class StageLink:
-    def __init__(self, rank: int, world: int, device: torch.device, token_group):
+    def __init__(self, rank: int, world: int, device: torch.device, token_group, one_host: bool):
+        """`one_host`: every stage on this host, so the senders' clocks are the receiver's."""
         self.rank, self.world, self.device, self.token_group = rank, world, device, token_group
         self.prev = rank - 1 if rank > 0 else None
         self.next = rank + 1 if rank + 1 < world else None
-        self.stats = LinkStats()
+        self.one_host = one_host
+        self.stats = self.new_stats()
         self._sends: deque[tuple[list, list[torch.Tensor], int]] = deque()
+
+    def new_stats(self) -> LinkStats:
+        return LinkStats() if self.one_host else LinkStats(bubble_s=None, transfer_s=None)
 
     @property
     def first(self) -> bool:
@@ -60,22 +76,21 @@ class StageLink:
         return self.rank == self.world - 1
 
     def recv_hidden(self, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> Incoming:
-        tensors = [torch.empty(s, dtype=dtype, device=self.device) for s in shapes]
-        works = [self._call(dist.irecv, t, self.prev) for t in tensors]
-        self.stats.received_bytes += sum(t.numel() * t.element_size() for t in tensors)
-        return Incoming(self, tensors, works, self.prev)
+        return self._recv([torch.empty(s, dtype=dtype, device=self.device) for s in shapes], self.prev)
 
     def send_hidden(self, tensors: list[torch.Tensor]) -> None:
         self._send([t.contiguous() for t in tensors], self.next)
 
     def recv_tokens(self, n: int) -> Incoming:
-        t = torch.empty(n, dtype=torch.int64, device=self.device)
-        self.stats.received_bytes += t.numel() * t.element_size()
-        last = self.world - 1
-        return Incoming(self, [t], [self._call(dist.irecv, t, last, self.token_group)], last)
+        return self._recv([torch.empty(n, dtype=torch.int64, device=self.device)], self.world - 1, self.token_group)
 
     def send_tokens(self, tokens: torch.Tensor) -> None:
         self._send([tokens.to(torch.int64).contiguous()], 0, self.token_group)
+
+    def _recv(self, tensors: list[torch.Tensor], peer: int, group=None) -> Incoming:
+        self.stats.received_bytes += sum(t.numel() * t.element_size() for t in tensors)
+        tensors.append(torch.empty(1, dtype=torch.float64, device=self.device))  # the sender's stamp
+        return Incoming(self, tensors, [self._call(dist.irecv, t, peer, group) for t in tensors], peer)
 
     def flush(self, keep: int = 0) -> None:
         """Wait for all but the `keep` most recent sends (their tensors stay alive until then)."""
@@ -95,8 +110,11 @@ class StageLink:
             torch.cuda.current_stream(self.device).synchronize()
 
     def _send(self, tensors: list[torch.Tensor], peer: int, group=None) -> None:
-        works = [self._call(dist.isend, t, peer, group) for t in tensors]
         self.stats.sent_bytes += sum(t.numel() * t.element_size() for t in tensors)
+        if self.device.type == "cuda":  # the stamp says when the data was ready, not when it was queued
+            torch.cuda.current_stream(self.device).synchronize()
+        tensors = tensors + [torch.tensor([time.perf_counter()], dtype=torch.float64, device=self.device)]
+        works = [self._call(dist.isend, t, peer, group) for t in tensors]
         self._sends.append((works, tensors, peer))  # the tensors stay alive until sent
 
     def _call(self, op, tensor: torch.Tensor, peer: int, group=None):

@@ -103,7 +103,8 @@ def run_stage(job: PipelineJob) -> dict | None:
         slice_ = StageSlice(job.splits[rank], job.blocks)
         opts = stage_options(job, rank, local_world, device)
         with Engine(job.model, job.policies[rank], job.workload, opts, stage=slice_) as engine:
-            runner = StageRunner(job, rank, engine, StageLink(rank, world, engine.device, token_group))
+            link = StageLink(rank, world, engine.device, token_group, one_host=local_world == world)
+            runner = StageRunner(job, rank, engine, link)
             if job.warmup:
                 s = min(32, job.prompts.shape[1])
                 runner.generate(job.prompts[:, -s:], None, GenerationConfig(max_new_tokens=1), warm=True)
@@ -145,7 +146,7 @@ class StageRunner:
             elif step > 0:
                 pending[step, i] = link.recv_tokens(per_block)
 
-        link.stats = type(link.stats)()
+        link.stats = link.new_stats()
         eng.profiler.collect()
         splits = []
         post(0, 0)
@@ -195,7 +196,8 @@ class StageRunner:
                   "cache_gib": eng.plan.cache_bytes / GiB,
                   "planned_gib": {t.value: eng.plan.tiers[t].total / GiB for t in Tier},
                   "prefill_s": prefill_s, "decode_s": wall - prefill_s, "wall_s": wall,
-                  "wait_input_s": st.wait_input_s, "wait_send_s": st.wait_send_s,
+                  "wait_input_s": st.wait_input_s, "bubble_s": st.bubble_s, "transfer_s": st.transfer_s,
+                  "wait_send_s": st.wait_send_s,
                   "busy_s": wall - st.wait_input_s - st.wait_send_s,
                   "sent_bytes": st.sent_bytes, "received_bytes": st.received_bytes,
                   "decode_step_busy_s": busy, "peak_memory": peak_memory()}

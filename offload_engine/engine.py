@@ -29,7 +29,7 @@ from .config import ModelConfig
 from .errors import EngineError
 from .kv import KVCacheStore, make_codec, make_kv_policy
 from .models import build_layers
-from .profiler import Profiler
+from .profiler import Profiler, mean_split
 from .sampling import GenerationConfig, sample
 from .schedule import Scheduler
 from .io.tiers import DeviceStorage, DiskStorage, HostStorage, Tier, check_writable
@@ -106,6 +106,7 @@ class Engine:
             raise EngineError(f"prompt + generated length {workload.max_len} exceeds {model.name}'s "
                               f"{model.max_positions} positions.", "Lower --prompt-len or --gen-len.")
         layers = build_layers(model, policy.sep_layer)
+        self.pipelined = stage is not None
         self.stage = stage or StageSlice(range(len(layers)))
         self.attention_offset = sum(layer.kv_spec is not None for layer in layers[:self.stage.layers.start])
         self.all_weight_keys = {s.key for layer in layers for s in layer.weight_specs()}
@@ -164,7 +165,7 @@ class Engine:
         self.states = [BatchState(policy.gpu_batch_size, workload.max_len, self.device)
                        for _ in range(policy.num_gpu_batches * self.stage.blocks)]
         self.graph_refusal = graphs_apply(policy, self.plan, self.device, opts.profile) \
-            if len(self.states) == policy.num_gpu_batches else "a pipeline stage runs its steps eagerly"
+            if not self.pipelined else "a pipeline stage runs its steps eagerly"
         on_gpu = self.device.type == "cuda"
         self.decode_graph = DecodeGraph(self.scheduler, self.states, self.device, eager=opts.eager_static_decode) \
             if self.graph_refusal is None and (on_gpu or opts.eager_static_decode) else None
@@ -180,7 +181,7 @@ class Engine:
         relay = opts.disk_relay.host_bytes() if self.policy.uses_disk else 0
         for slots in [self.policy.weight_buffers] if self.policy.weight_buffers else [3, 2]:
             plan = plan_memory(self.layers, self.policy, self.workload, self.dtype, self.model.hidden_size, slots,
-                               relay_bytes=relay, kv_blocks=self.stage.blocks)
+                               relay_bytes=relay, kv_blocks=self.stage.blocks, pipeline_stage=self.pipelined)
             try:
                 plan.check(*caps)
                 break
@@ -304,7 +305,7 @@ class Engine:
         self._sync()
         bar.close()
         total_s = time.perf_counter() - t0
-        avg = {k: sum(sp.get(k, 0.0) for sp in splits) / len(splits) for k in splits[0]} if splits else {}
+        avg = mean_split(splits)
         return GenerationResult(torch.stack(tokens, 1)[:n].cpu(), prefill_s, total_s - prefill_s, step_logits,
                                 prompt_logits, avg)
 

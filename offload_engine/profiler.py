@@ -44,15 +44,19 @@ class Profiler:
             self._host[category] += time.perf_counter() - t0
 
     def collect(self) -> dict[str, float]:
-        """Seconds per category since the last call (synchronizes the device)."""
+        """Seconds per category since the last call (waits for the timed work to finish)."""
         if not self.enabled:
             return {}
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         with self._lock:
+            events, self._events = self._events, []
             out: dict[str, float] = defaultdict(float, self._host)
-            for cat, start, end in self._events:
-                out[cat] += start.elapsed_time(end) / 1e3
-            self._events.clear()
             self._host.clear()
+        for cat, start, end in events:
+            end.synchronize()  # only the timed work: a whole-device sync would also wait for whatever
+            out[cat] += start.elapsed_time(end) / 1e3  # else is queued (a pipeline stage's posted receive)
         return dict(out)
+
+
+def mean_split(splits: list[dict[str, float]]) -> dict[str, float]:
+    """Seconds per category averaged over steps (the decode steps' `collect()` results)."""
+    return {k: sum(sp.get(k, 0.0) for sp in splits) / len(splits) for k in splits[0]} if splits else {}

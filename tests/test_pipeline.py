@@ -21,7 +21,7 @@ from offload_engine.io.tiers import Tier
 from offload_engine.pipeline import PipelineJob, balanced_split, run_pipeline
 from offload_engine.sampling import GenerationConfig
 from policies import Compression, H2OConfig, HiPConfig, KVSettings
-from policies.memory import Workload
+from policies.memory import Workload, plan_memory
 from policies.placement import Policy
 
 from conftest import random_prompts, rel_err, save_checkpoint, tiny_hf_llama, tiny_hf_opt
@@ -72,6 +72,7 @@ def assert_same(result: dict, reference) -> None:
 CASES = {  # stages' placements, micro-batches, gpu batches per block, KV and compression settings
     "opt 2 stages, weights and cache on the CPU tier in stage 1": ("opt", [ON_GPU, ON_CPU], 2, 2, {}),
     "opt 3 stages, CPU attention and disk": ("opt", [CPU_ATTN, ON_DISK, ON_GPU], 3, 1, {}),
+    "opt 3 stages, one micro-batch in flight": ("opt", [ON_GPU, ON_CPU, ON_GPU], 1, 2, {}),
     "llama 2 stages, CPU attention then disk": ("llama", [CPU_ATTN, ON_DISK], 2, 1, {}),
     "llama 3 stages, H2O evicting on every tier": (
         "llama", [ON_CPU, CPU_ATTN, ON_GPU], 3, 1, dict(kv=KVSettings("h2o", H2OConfig(hh_size=3, recent_size=3)))),
@@ -117,6 +118,11 @@ def test_stage_engine_keeps_global_layer_settings_and_plans_its_blocks(checkpoin
         allocated = engine.allocated_bytes()
         for tier in (Tier.GPU, Tier.CPU):
             assert allocated[tier] == engine.plan.persistent_bytes(tier)
+        # Working memory: one block's received hidden states and one block's outputs in flight.
+        alone = plan_memory(engine.layers, p, Workload(PROMPT, GEN), torch.float32, cfg.hidden_size,
+                            engine.plan.weight_slots, kv_blocks=3)
+        act_item = 2 * PROMPT * cfg.hidden_size * 4
+        assert engine.plan.tiers[Tier.GPU].working - alone.tiers[Tier.GPU].working == 2 * 2 * act_item
 
 
 def brute_force(costs, n):

@@ -2,11 +2,14 @@
 next, sampled tokens from the last stage back to the first.
 
 Everything is non-blocking (`isend`/`irecv`): a stage posts the receive of its next input
-before computing the current one, and never waits for a send until its buffers must be freed.
+before computing the current one, and waits for a send only when a newer one is queued behind
+it (so at most one block's outputs are in flight: the memory plan counts them). Every pair of
+neighbours, and the last and first stage for the tokens, talk on a process group of their own:
+with NCCL each group is one communicator with one stream, so a middle stage's send to its
+successor never queues behind the receive it has posted from its predecessor. Barriers and
+gathered reports go over a gloo group, never in line with the hidden states.
 Each message carries the sender's clock when its data was ready: on one host (one clock) the
 receiver splits its wait into the bubble (the data was not ready yet) and the transfer.
-Tokens travel on their own process group, so with NCCL (one stream per communicator) the
-backward ring can never queue behind, or block, the forward one.
 """
 from __future__ import annotations
 
@@ -55,11 +58,17 @@ class Incoming:
 
 
 class StageLink:
-    def __init__(self, rank: int, world: int, device: torch.device, token_group, one_host: bool):
-        """`one_host`: every stage on this host, so the senders' clocks are the receiver's."""
-        self.rank, self.world, self.device, self.token_group = rank, world, device, token_group
+    def __init__(self, rank: int, world: int, device: torch.device, one_host: bool):
+        """Collective: every stage constructs its link, in the same order (the groups are made here).
+        `one_host`: every stage on this host, so the senders' clocks are the receiver's."""
+        self.rank, self.world, self.device = rank, world, device
         self.prev = rank - 1 if rank > 0 else None
         self.next = rank + 1 if rank + 1 < world else None
+        pairs = [dist.new_group([k, k + 1]) for k in range(world - 1)]
+        self.from_prev = pairs[rank - 1] if self.prev is not None else None
+        self.to_next = pairs[rank] if self.next is not None else None
+        self.token_group = dist.new_group([0, world - 1])
+        self.control = dist.new_group(backend="gloo")  # barriers, reports
         self.one_host = one_host
         self.stats = self.new_stats()
         self._sends: deque[tuple[list, list[torch.Tensor], int]] = deque()
@@ -76,10 +85,11 @@ class StageLink:
         return self.rank == self.world - 1
 
     def recv_hidden(self, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> Incoming:
-        return self._recv([torch.empty(s, dtype=dtype, device=self.device) for s in shapes], self.prev)
+        return self._recv([torch.empty(s, dtype=dtype, device=self.device) for s in shapes], self.prev,
+                          self.from_prev)
 
     def send_hidden(self, tensors: list[torch.Tensor]) -> None:
-        self._send([t.contiguous() for t in tensors], self.next)
+        self._send([t.contiguous() for t in tensors], self.next, self.to_next)
 
     def recv_tokens(self, n: int) -> Incoming:
         return self._recv([torch.empty(n, dtype=torch.int64, device=self.device)], self.world - 1, self.token_group)
@@ -93,12 +103,19 @@ class StageLink:
         return Incoming(self, tensors, [self._call(dist.irecv, t, peer, group) for t in tensors], peer)
 
     def flush(self, keep: int = 0) -> None:
-        """Wait for all but the `keep` most recent sends (their tensors stay alive until then)."""
+        """Release finished sends, and wait for all but the `keep` most recent (their tensors
+        stay alive until sent)."""
+        while self._sends and all(w.is_completed() for w in self._sends[0][0]):
+            works, _, peer = self._sends.popleft()
+            self.finish(works, peer)  # raises if it failed
         t0 = time.perf_counter()
         while len(self._sends) > keep:
             works, _, peer = self._sends.popleft()
             self.finish(works, peer)
         self.stats.wait_send_s += time.perf_counter() - t0
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.control)
 
     def finish(self, works: list, peer: int) -> None:
         try:

@@ -30,6 +30,7 @@ from ..engine import Engine, EngineOptions, StageSlice
 from ..errors import EngineError
 from ..io.tiers import Tier
 from ..metrics import peak_memory
+from ..profiler import mean_split
 from ..sampling import GenerationConfig, sample
 from .link import StageLink
 
@@ -52,6 +53,19 @@ class PipelineJob:
     warmup: bool = True  # one short untimed pass first
     collect_logits: bool = False  # return each step's logits (N, V) from the last stage
     on_step: StepHook | None = None
+
+    def __post_init__(self) -> None:
+        n, batch = self.prompts.shape[0], self.policies[0].batch_size * self.blocks
+        if self.prompts.dim() != 2 or n != batch:
+            raise EngineError(f"a pipeline of {self.blocks} micro-batches of {self.policies[0].batch_size} needs "
+                              f"{batch} prompts, got {n}.", "Give one prompt per sequence of the batch.")
+        if any(p.batch_size != self.policies[0].batch_size for p in self.policies):
+            raise EngineError("every stage must run the same gpu-batch-size and num-gpu-batches.")
+        if self.attention_mask is not None and not bool(self.attention_mask[:, -1].all()):
+            raise EngineError("prompts must be left-padded: the last token of every row must be real.")
+        if self.options.device not in (None, "cpu", "cuda"):
+            raise EngineError(f"--device {self.options.device}: a pipeline puts each stage on its own GPU "
+                              "(the process's local rank).", "Use --device cuda or cpu.")
 
     @property
     def stages(self) -> int:
@@ -97,20 +111,21 @@ def run_stage(job: PipelineJob) -> dict | None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     try:
         device = stage_device(job, local_rank, local_world)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                                device_id=torch.device(device) if device.startswith("cuda") else None)
-        token_group = dist.new_group(list(range(world)))
+        cuda = device.startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
+        link = StageLink(rank, world, torch.device(device), one_host=local_world == world)
         slice_ = StageSlice(job.splits[rank], job.blocks)
         opts = stage_options(job, rank, local_world, device)
         with Engine(job.model, job.policies[rank], job.workload, opts, stage=slice_) as engine:
-            link = StageLink(rank, world, engine.device, token_group, one_host=local_world == world)
             runner = StageRunner(job, rank, engine, link)
             if job.warmup:
                 s = min(32, job.prompts.shape[1])
                 runner.generate(job.prompts[:, -s:], None, GenerationConfig(max_new_tokens=1), warm=True)
             report = runner.generate(job.prompts, job.attention_mask, job.generation)
             reports = [None] * world if rank == 0 else None
-            dist.gather_object(report, reports, dst=0)
+            dist.gather_object(report, reports, dst=0, group=link.control)
         dist.destroy_process_group()
     except EngineError as e:
         raise type(e)(f"{job.describe(rank)}: {e.problem}", e.fix) from None
@@ -149,8 +164,8 @@ class StageRunner:
         link.stats = link.new_stats()
         eng.profiler.collect()
         splits = []
+        link.barrier()  # then the first receive: a receive posted before an NCCL barrier would block it
         post(0, 0)
-        dist.barrier()
         t0 = time.perf_counter()
         prefill_s = 0.0
         bar = tqdm(total=prompts.shape[0] * steps, desc="generate", unit="tok",
@@ -176,7 +191,7 @@ class StageRunner:
                         link.send_tokens(nxt)
                 else:
                     link.send_hidden(out)
-                link.flush(keep=2 * blocks)  # bounded memory: older sends must have gone
+                link.flush(keep=1)  # one block's outputs in flight at most: what the memory plan counts
             if step == 0:
                 self._sync()
                 prefill_s = time.perf_counter() - t0
@@ -187,7 +202,7 @@ class StageRunner:
         self._sync()
         bar.close()
         wall = time.perf_counter() - t0
-        busy = {k: sum(sp.get(k, 0.0) for sp in splits) / len(splits) for k in splits[0]} if splits else {}
+        busy = mean_split(splits)
         st = link.stats
         report = {"stage": self.rank, "layers": [job.splits[self.rank].start, job.splits[self.rank].stop],
                   "first_layer": eng.layers[0].name, "last_layer": eng.layers[-1].name, "device": str(eng.device),
@@ -219,8 +234,9 @@ class StageRunner:
         return nxt
 
     def _sync(self) -> None:
+        """This stage's compute (not the whole device: a posted NCCL receive would block it)."""
         if self.engine.device.type == "cuda":
-            torch.cuda.synchronize(self.engine.device)
+            torch.cuda.current_stream(self.engine.device).synchronize()
 
 
 def assemble(job: PipelineJob, reports: list[dict]) -> dict:

@@ -270,3 +270,21 @@ def test_interrupted_pipeline_writes_nothing_and_stops_its_stages(tmp_path):
     assert proc.returncode == 130 and "interrupted" in err and not out.exists()
     assert not offload.exists()
     assert len(stages) >= 2 and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in stages)
+
+
+def test_torchrun_runs_the_same_command(tmp_path):
+    """`torchrun --nproc-per-node 2 -m offload_engine run --pipeline 2`: rank 0 reports and writes the JSON."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "offload_engine", "run",
+           "--pipeline", "2", "--quiet", "--device", "cpu", "--prompt-len", "8", "--gen-len", "3",
+           "--offload-dir", str(tmp_path / "o"), "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["pipeline"]["stages"] == 2 and data["metrics"]["gen_len"] == 3
+    assert done.stdout.count("total throughput") == 1  # one report, from rank 0
+    bad = subprocess.run(cmd[:-2] + ["--pipeline", "3"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "torchrun started 2 processes for --pipeline 3" in bad.stderr

@@ -181,6 +181,8 @@ def _build_and_load(flag_sets=FLAG_SETS) -> ctypes.CDLL:
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.cpu_decode_attention.argtypes = [p] * 5 + [i64] * 12 + [ctypes.c_int, ctypes.c_int]
         lib.cpu_decode_attention.restype = ctypes.c_int
+        lib.cpu_gather_attention.argtypes = [p] * 5 + [i64] * 13 + [ctypes.c_int, ctypes.c_int]
+        lib.cpu_gather_attention.restype = ctypes.c_int
         lib.cpu_decode_attention_isa.restype = ctypes.c_char_p
         return lib
     raise RuntimeError("; ".join(errors))
@@ -242,6 +244,38 @@ def cpu_decode_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.to(q.dtype)
 
 
+def cpu_gather_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
+                             num_threads: int | None = None) -> torch.Tensor:
+    """One query per (sequence, query head) over its own list of cached tokens (HiP's selection on
+    a CPU cache): q (B, Hq, D) already scaled, k/v (B, Hkv, T, D), tokens (B, Hq, L) integer token
+    indices, -1 for none (a row with none gives 0). Out (B, Hq, D) in q.dtype. RuntimeError if the
+    C++ kernel could not be built; the caller falls back to its PyTorch path."""
+    _check(q, k, v, None)
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the C++ CPU attention kernel is not available here.")
+    b, hq, d = q.shape
+    if tokens.dim() != 3 or tuple(tokens.shape[:2]) != (b, hq) or tokens.is_floating_point():
+        raise ValueError(f"tokens must be an integer ({b}, {hq}, L) tensor, got {tokens.dtype} {tuple(tokens.shape)}.")
+    if tokens.numel() and int(tokens.max()) >= k.shape[2]:
+        raise ValueError(f"a token index {int(tokens.max())} is beyond the {k.shape[2]} cached tokens.")
+    tok = tokens.to(torch.int32).contiguous()
+    qf = q.float().contiguous()
+    out = torch.empty(b, hq, d, dtype=torch.float32)
+    rc = lib.cpu_gather_attention(
+        qf.data_ptr(), k.data_ptr(), v.data_ptr(), tok.data_ptr(), out.data_ptr(), b, hq, k.shape[1], tok.shape[2], d,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), tok.stride(0), tok.stride(1),
+        _DTYPE_CODE[k.dtype], num_threads or torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"cpu_gather_attention C++ kernel failed with code {rc}.")
+    return out.to(q.dtype)
+
+
+def use_cpp() -> bool:
+    """Whether the C++ kernels serve CPU attention (built, and not forced off by the env)."""
+    return os.environ.get(_BACKEND_ENV) != "torch" and _library() is not None
+
+
 # ----------------------------------------------------------------------------- entry point
 
 def cpu_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -251,6 +285,6 @@ def cpu_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     The C++ kernel when it builds here, else the PyTorch path; OFFLOAD_ENGINE_CPU_ATTENTION=torch
     forces the latter (for comparisons).
     """
-    if os.environ.get(_BACKEND_ENV) != "torch" and _library() is not None:
+    if use_cpp():
         return cpu_decode_attention_cpp(q, k, v, key_valid)
     return cpu_decode_attention_torch(q, k, v, key_valid)

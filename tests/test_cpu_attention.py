@@ -239,3 +239,36 @@ def test_bad_input(fn):
     for match, args in _bad_inputs():
         with pytest.raises(ValueError, match=match):
             fn(*args)
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="C++ kernel did not build here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_gather_attention_matches_float64_reference(dtype):
+    """Each (row, query head) over its own token list (-1 = none; GQA; a strided head-major slice
+    of a larger buffer); a row with no token gives 0, and unlisted slots (NaN here) are never read."""
+    g = torch.Generator().manual_seed(3)
+    b, hq, hkv, t, d, length = 3, 6, 2, 50, 24, 17
+    buf_k = torch.randn(b, hkv, 64, d, generator=g).to(dtype)
+    buf_v = torch.randn(b, hkv, 64, d, generator=g).to(dtype)
+    k, v = buf_k[:, :, :t], buf_v[:, :, :t]
+    q = (torch.randn(b, hq, d, generator=g) * d ** -0.5).to(dtype)
+    tokens = torch.stack([torch.randperm(t, generator=g)[:length] for _ in range(b * hq)]).view(b, hq, length)
+    tokens[torch.rand(b, hq, length, generator=g) < 0.3] = -1
+    tokens[1, 2] = -1  # no token at all
+    unlisted = torch.ones(b, hkv, t, dtype=torch.bool)
+    for r in range(b):
+        for h in range(hq):
+            listed = tokens[r, h][tokens[r, h] >= 0]
+            unlisted[r, h // (hq // hkv), listed] = False
+    k[unlisted], v[unlisted] = float("nan"), float("nan")  # never read
+    out = ca.cpu_gather_attention_cpp(q, k, v, tokens)
+    want = torch.zeros(b, hq, d, dtype=torch.float64)
+    for r in range(b):
+        for h in range(hq):
+            listed = tokens[r, h][tokens[r, h] >= 0]
+            if len(listed):
+                kk, vv = k[r, h // (hq // hkv), listed].double(), v[r, h // (hq // hkv), listed].double()
+                want[r, h] = (q[r, h].double() @ kk.T).softmax(-1) @ vv
+    assert out.dtype == dtype and not out.isnan().any()
+    assert (out[1, 2] == 0).all()
+    assert rel_err(out, want) < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from kernels.attention import attention_reference
-from kernels.hip.attention import (block_sparse_attention, block_sparse_attention_reference,
-                                            block_sparse_attention_triton)
+from kernels.cpu_attention import cpp_backend
+from kernels.hip.attention import (block_sparse_attention, block_sparse_attention_cpu,
+                                   block_sparse_attention_reference, block_sparse_attention_torch,
+                                   block_sparse_attention_triton)
 from kernels.hip.select import HipConfig, hip_select, hip_select_reference, hip_select_torch, hip_select_triton
 
 from conftest import rel_err
@@ -151,7 +153,9 @@ def test_attention_matches_float64_reference(name, dtype):
     out = run_triton(q, k, v, *args)
     assert not out.isnan().any()
     assert rel_err(out, ref) < TOL[dtype]
-    assert rel_err(block_sparse_attention(q, k, v, *args), ref) < TOL[dtype]  # the CPU (PyTorch) path
+    assert rel_err(block_sparse_attention_torch(q, k, v, *args), ref) < TOL[dtype]  # the CPU (PyTorch) path
+    if Tq == 1 and cpp_backend() is not None:  # decode on the CPU: the C++ token-list kernel
+        assert rel_err(block_sparse_attention_cpu(q, k, v, *args), ref) < TOL[dtype]
     if name == "padded-query-block":  # queries before key_start see nothing: exactly 0, not NaN
         assert (out[:, :, :30] == 0).all() and out[:, :, 30:].abs().sum() > 0
 
@@ -188,6 +192,7 @@ def test_block_pos_remapping_leaves_output_unchanged(Tq):
                                                     block_pos=sel)
     assert rel_err(ref_remapped, ref) < 1e-12
     assert rel_err(block_sparse_attention(q, kbuf, vbuf, block_idx, *args, block_pos=sel), ref) < 1e-5
+    assert rel_err(block_sparse_attention_torch(q, kbuf, vbuf, block_idx, *args, block_pos=sel), ref) < 1e-5
     wrong = run_triton(q, kbuf, vbuf, block_idx, *args)  # without block_pos the masks are wrong: must differ
     assert rel_err(wrong, ref) > 1e-3
 

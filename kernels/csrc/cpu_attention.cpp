@@ -170,15 +170,21 @@ inline void axpy_group(int nr, const float* p, const void* vr, int64_t D, float*
 }
 
 // One (sequence, KV head): q/out are its rep query rows (rep x D, fp32); scores is scratch
-// (T x rep, token-major so pass 2 reads one small contiguous group per token).
+// (T x rep, token-major so pass 2 reads one small contiguous group per token). With `idx`, the
+// j-th of T entries is cached token idx[j] (-1: none), for a list of selected tokens (HiP).
 template <int DT>
 void attend_task(const float* q, const char* kb, const char* vb, int64_t kst, int64_t vst,
-                 const uint8_t* valid, int64_t T, int64_t D, int64_t rep, float* scores, float* mx, float* sum,
-                 float* out) {
+                 const uint8_t* valid, const int32_t* idx, int64_t T, int64_t D, int64_t rep, float* scores,
+                 float* mx, float* sum, float* out) {
   constexpr int64_t es = DT == F32 ? 4 : 2;
-  for (int64_t t = 0; t < T; ++t) {
-    float* st = scores + t * rep;
-    if (valid && !valid[t]) {  // padded slots are never read: they may hold anything
+  auto token = [&](int64_t j) -> int64_t {
+    const int64_t t = idx ? int64_t(idx[j]) : j;
+    return (t < 0 || (valid && !valid[t])) ? -1 : t;  // padded slots are never read: they may hold anything
+  };
+  for (int64_t j = 0; j < T; ++j) {
+    float* st = scores + j * rep;
+    const int64_t t = token(j);
+    if (t < 0) {
       for (int64_t r = 0; r < rep; ++r) st[r] = -INFINITY;
       continue;
     }
@@ -194,22 +200,23 @@ void attend_task(const float* q, const char* kb, const char* vb, int64_t kst, in
     for (int64_t r = 0; r < rep; ++r) mx[r] = std::fmax(mx[r], scores[t * rep + r]);
   for (int64_t r = 0; r < rep; ++r) sum[r] = 0.0f;
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t r = 0; r < rep; ++r) {
-      float p = std::exp(scores[t * rep + r] - mx[r]);  // exp(-inf) = 0 for padding
+    for (int64_t r = 0; r < rep; ++r) {  // exp(-inf) = 0 for padding; a row with no key at all gives 0
+      float p = mx[r] == -INFINITY ? 0.0f : std::exp(scores[t * rep + r] - mx[r]);
       scores[t * rep + r] = p;
       sum[r] += p;
     }
   for (int64_t i = 0; i < rep * D; ++i) out[i] = 0.0f;
-  for (int64_t t = 0; t < T; ++t) {
-    if (valid && !valid[t]) continue;
+  for (int64_t j = 0; j < T; ++j) {
+    const int64_t t = token(j);
+    if (t < 0) continue;
     const char* vr = vb + t * vst * es;
     for (int64_t r0 = 0; r0 < rep; r0 += kMaxGroup) {
       int nr = int(rep - r0 < kMaxGroup ? rep - r0 : kMaxGroup);
-      axpy_group<DT>(nr, scores + t * rep + r0, vr, D, out + r0 * D);
+      axpy_group<DT>(nr, scores + j * rep + r0, vr, D, out + r0 * D);
     }
   }
   for (int64_t r = 0; r < rep; ++r) {
-    const float inv = 1.0f / sum[r];
+    const float inv = sum[r] > 0.0f ? 1.0f / sum[r] : 0.0f;
     for (int64_t d = 0; d < D; ++d) out[r * D + d] *= inv;
   }
 }
@@ -235,8 +242,31 @@ void run(const float* q, const char* k, const char* v, const uint8_t* valid, flo
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
       attend_task<DT>(q + (b * Hq + h * rep) * D, k + (b * ksb + h * ksh) * es, v + (b * vsb + h * vsh) * es,
-                      kst, vst, valid ? valid + b * valid_sb : nullptr, T, D, rep, scores.data(), mx.data(),
-                      sum.data(), out + (b * Hq + h * rep) * D);
+                      kst, vst, valid ? valid + b * valid_sb : nullptr, nullptr, T, D, rep, scores.data(),
+                      mx.data(), sum.data(), out + (b * Hq + h * rep) * D);
+    }
+  }
+}
+
+// One task per (sequence, query head) over its own list of L cached tokens (B, Hq, L int32).
+template <int DT>
+void run_list(const float* q, const char* k, const char* v, const int32_t* tokens, float* out,
+              int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t D,
+              int64_t ksb, int64_t ksh, int64_t kst, int64_t vsb, int64_t vsh, int64_t vst,
+              int64_t tsb, int64_t tsh, int nthreads) {
+  constexpr int64_t es = DT == F32 ? 4 : 2;
+  const int64_t group = Hq / Hkv, tasks = B * Hq;
+  const int64_t by_work = 2 * tasks * L * D / (int64_t(1) << 16);
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(nthreads), tasks, by_work})));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scores(static_cast<size_t>(L)), mx(1), sum(1);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / Hq, h = task % Hq, kvh = h / group;
+      attend_task<DT>(q + task * D, k + (b * ksb + kvh * ksh) * es, v + (b * vsb + kvh * vsh) * es, kst, vst,
+                      nullptr, tokens + b * tsb + h * tsh, L, D, 1, scores.data(), mx.data(), sum.data(),
+                      out + task * D);
     }
   }
 }
@@ -260,6 +290,25 @@ int cpu_decode_attention(const float* q, const void* k, const void* v, const uin
     case F32: return go(run<F32>);
     case F16: return go(run<F16>);
     case BF16: return go(run<BF16>);
+    default: return 1;
+  }
+}
+
+// Attention of one query per (sequence, query head) over its own token list: tokens (B, Hq, L)
+// int32 with unit stride along L (-1: no token), strides tsb/tsh; k/v and q/out as above.
+int cpu_gather_attention(const float* q, const void* k, const void* v, const int32_t* tokens, float* out,
+                         int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t D,
+                         int64_t ksb, int64_t ksh, int64_t kst, int64_t vsb, int64_t vsh, int64_t vst,
+                         int64_t tsb, int64_t tsh, int dtype, int nthreads) {
+  auto kc = static_cast<const char*>(k), vc = static_cast<const char*>(v);
+  auto go = [&](auto kernel) {
+    kernel(q, kc, vc, tokens, out, B, Hq, Hkv, L, D, ksb, ksh, kst, vsb, vsh, vst, tsb, tsh, nthreads);
+    return 0;
+  };
+  switch (dtype) {
+    case F32: return go(run_list<F32>);
+    case F16: return go(run_list<F16>);
+    case BF16: return go(run_list<BF16>);
     default: return 1;
   }
 }

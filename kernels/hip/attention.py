@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import cpu_attention
+
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2 e)
 
 
@@ -65,10 +67,14 @@ def _key_len(k: torch.Tensor, block_pos: torch.Tensor | None, key_len: int | Non
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
                            q_idx: torch.Tensor, key_start: torch.Tensor | None, block_size_q: int, block_size_k: int,
                            block_pos: torch.Tensor | None = None, *, key_len: int | None = None) -> torch.Tensor:
-    """(B, Hq, Tq, D) in q.dtype; Triton on CUDA tensors, a gathering PyTorch version on CPU."""
+    """(B, Hq, Tq, D) in q.dtype; Triton on CUDA tensors; on the CPU the C++ token-list kernel for
+    one query (decode), else a gathering PyTorch version."""
     if q.is_cuda:
         return block_sparse_attention_triton(q, k, v, block_idx, q_idx, key_start, block_size_q, block_size_k,
                                              block_pos, key_len=key_len)
+    if q.shape[2] == 1 and cpu_attention.use_cpp():
+        return block_sparse_attention_cpu(q, k, v, block_idx, q_idx, key_start, block_size_q, block_size_k,
+                                          block_pos, key_len=key_len)
     return block_sparse_attention_torch(q, k, v, block_idx, q_idx, key_start, block_size_q, block_size_k,
                                         block_pos, key_len=key_len)
 
@@ -106,14 +112,39 @@ def block_sparse_attention_reference(q, k, v, block_idx, q_idx, key_start, block
     return (probs @ vv).to(q.dtype)
 
 
+def block_sparse_attention_cpu(q, k, v, block_idx, q_idx, key_start, block_size_q: int, block_size_k: int,
+                               block_pos=None, *, key_len: int | None = None) -> torch.Tensor:
+    """One query (Tq = 1): the selected blocks as a token list per (row, query head), attended by the
+    C++ CPU kernel straight from the cache (fp16 read once, no gathered copy)."""
+    _check(q, k, v, block_idx, q_idx, key_start, block_size_q, block_size_k, block_pos, key_len)
+    phys, pos, ok = _tokens(block_idx, block_pos, key_start, block_size_k, k.shape[2], _key_len(k, block_pos, key_len))
+    ok &= pos <= q_idx.long()[0]
+    tokens = torch.where(ok, phys, -1)[:, :, 0]  # (B, Hq, NSEL * bk)
+    return cpu_attention.cpu_gather_attention_cpp(q[:, :, 0], k, v, tokens)[:, :, None]
+
+
+def _gather_keys(x: torch.Tensor, b_of, h_of, idx) -> torch.Tensor:
+    """x[b_of, h_of, idx] (..., D): one index_select of whole rows when x's rows of D are evenly
+    strided (a cache slice is), about 4x faster on the CPU than advanced indexing."""
+    D = x.shape[-1]
+    s0, s1, s2, s3 = x.stride()
+    if s3 != 1 or s2 != D or s1 % D or s0 % D:
+        return x[b_of, h_of, idx]
+    B, H, T, _ = x.shape
+    rows = (B - 1) * (s0 // D) + (H - 1) * (s1 // D) + T
+    flat = (b_of * (s0 // D) + h_of * (s1 // D) + idx).reshape(-1)
+    return x.as_strided((rows, D), (D, 1)).index_select(0, flat).view(*idx.shape, D)
+
+
 def block_sparse_attention_torch(q, k, v, block_idx, q_idx, key_start, block_size_q: int, block_size_k: int,
                                  block_pos=None, *, key_len: int | None = None) -> torch.Tensor:
     """Gather the selected keys of a few query blocks at a time; float32 softmax (any device)."""
     _check(q, k, v, block_idx, q_idx, key_start, block_size_q, block_size_k, block_pos, key_len)
     key_len = _key_len(k, block_pos, key_len)
     B, Hq, Tq, D = q.shape
-    Tk, group, bq = k.shape[2], Hq // k.shape[1], block_size_q
     nqb, nsel = block_idx.shape[2:]
+    # One query block (decode: one query) is padded only to its own length, not to block_size_q.
+    Tk, group, bq = k.shape[2], Hq // k.shape[1], (block_size_q if nqb > 1 else Tq)
     dev = q.device
     phys, pos, ok = _tokens(block_idx, block_pos, key_start, block_size_k, Tk, key_len)
     qi = torch.full((nqb * bq,), -1, dtype=torch.long, device=dev)
@@ -129,7 +160,7 @@ def block_sparse_attention_torch(q, k, v, block_idx, q_idx, key_start, block_siz
     for j in range(0, nqb, step):
         sl = slice(j, j + step)
         idx = phys[:, :, sl].clamp(0, max(Tk - 1, 0))
-        kg, vg = k[b_of, h_of, idx].float(), v[b_of, h_of, idx].float()
+        kg, vg = _gather_keys(k, b_of, h_of, idx).float(), _gather_keys(v, b_of, h_of, idx).float()
         allowed = ok[:, :, sl, None, :] & (pos[:, :, sl, None, :] <= qi[sl, :, None])
         s = (qpad[:, :, sl] @ kg.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
         m = s.amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)

@@ -286,3 +286,17 @@ def test_bad_inputs_raise():
         block_sparse_attention(q, k, k.half(), sel, q_idx, None, 8, 2)
     with pytest.raises(ValueError, match="block_pos"):
         block_sparse_attention(q, k, k, sel, q_idx, None, 8, 2, block_pos=sel[..., :2])
+
+
+def test_gather_rows_equals_advanced_indexing():
+    """The index_select fast path (a strided head-major slice) and the fallback (token-major view)."""
+    from kernels.hip.gather import gather_rows
+
+    g = torch.Generator().manual_seed(9)
+    head_major = torch.randn(3, 4, 40, 8, generator=g)[:, :, :25]
+    token_major = torch.randn(25, 3, 4, 8, generator=g).permute(1, 2, 0, 3)
+    b_of, h_of = torch.arange(3).view(3, 1, 1, 1), torch.arange(4).view(1, 4, 1, 1)
+    idx = torch.randint(0, 25, (3, 4, 2, 6), generator=g)
+    for x in (head_major, token_major):
+        assert torch.equal(gather_rows(x, b_of, h_of, idx), x[b_of, h_of, idx])
+    assert torch.equal(gather_rows(head_major, b_of, h_of // 2, idx[:1, :1]), head_major[b_of, h_of // 2, idx[:1, :1]])

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gather import gather_rows
+
 
 @dataclass(frozen=True)
 class HipConfig:
@@ -146,6 +148,7 @@ def hip_select_torch(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, key_
     Hkv, Tk = k.shape[1], k.shape[2]
     bq, bk, nb, sink = cfg.block_size_q, cfg.block_size_k, cfg.num_chunks, cfg.sink
     nqb, dev = -(-Tq // bq), q.device
+    bq = bq if nqb > 1 else Tq  # one query block (decode: one query) is not padded to block_size_q
     qi = torch.full((nqb * bq,), -1, dtype=torch.long, device=dev)
     qi[:Tq] = q_idx
     qi = qi.view(nqb, bq)
@@ -182,7 +185,7 @@ def hip_select_torch(q: torch.Tensor, k: torch.Tensor, q_idx: torch.Tensor, key_
         scores = torch.empty(hs.shape, dtype=torch.float32, device=dev)
         for s0 in range(0, hs.shape[0], step):
             w = slice(s0, s0 + step)
-            keys = k[b_of[w, None], h_of[w, None] // (Hq // Hkv), rep[w]].float()
+            keys = gather_rows(k, b_of[w, None], h_of[w, None] // (Hq // Hkv), rep[w]).float()
             sc = torch.einsum("wqd,wcd->wqc", qblk[w], keys).masked_fill(~row_ok[w, :, None], float("-inf"))
             scores[w] = sc.amax(1)
         scores = scores.masked_fill(~cvalid, float("-inf"))

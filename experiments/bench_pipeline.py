@@ -84,8 +84,9 @@ def planned(flags: list[str], batch: Batch) -> str:
     splits, _, _ = stage_split(model, policy, work, args.pipeline)
     parts, host = [], 0.0
     for r, p in zip(splits, stage_policies(args, policy, args.pipeline)):
+        hidden = 2 * p.num_gpu_batches * ((r.start > 0) + (r.stop < len(layers))) if args.pipeline > 1 else 0
         plan = plan_memory(layers[r.start:r.stop], p, work, torch.float16, model.hidden_size, 2,
-                           kv_blocks=args.pipeline if args.pipeline > 1 else 1, pipeline_stage=args.pipeline > 1)
+                           kv_blocks=args.pipeline if args.pipeline > 1 else 1, pipeline_hidden=hidden)
         gpu, cpu = plan.tiers[Tier.GPU].total / GiB, plan.tiers[Tier.CPU].total / GiB
         host += cpu
         parts.append(f"{gpu:.1f}/{cpu:.1f}")

@@ -106,7 +106,7 @@ class Engine:
             raise EngineError(f"prompt + generated length {workload.max_len} exceeds {model.name}'s "
                               f"{model.max_positions} positions.", "Lower --prompt-len or --gen-len.")
         layers = build_layers(model, policy.sep_layer)
-        self.pipelined = stage is not None
+        self.pipelined, self.num_layers = stage is not None, len(layers)
         self.stage = stage or StageSlice(range(len(layers)))
         self.attention_offset = sum(layer.kv_spec is not None for layer in layers[:self.stage.layers.start])
         self.all_weight_keys = {s.key for layer in layers for s in layer.weight_specs()}
@@ -181,7 +181,7 @@ class Engine:
         relay = opts.disk_relay.host_bytes() if self.policy.uses_disk else 0
         for slots in [self.policy.weight_buffers] if self.policy.weight_buffers else [3, 2]:
             plan = plan_memory(self.layers, self.policy, self.workload, self.dtype, self.model.hidden_size, slots,
-                               relay_bytes=relay, kv_blocks=self.stage.blocks, pipeline_stage=self.pipelined)
+                               relay_bytes=relay, kv_blocks=self.stage.blocks, pipeline_hidden=self._pipeline_hidden())
             try:
                 plan.check(*caps)
                 break
@@ -193,6 +193,15 @@ class Engine:
             total = torch.cuda.get_device_properties(self.device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, opts.gpu_mem_bytes / total), self.device.index or 0)
         return plan
+
+    def _pipeline_hidden(self) -> int:
+        """GPU batches' hidden states a pipeline stage holds beyond one engine's: unless it is the
+        first stage, a block's received inputs and the next block's posted receive; unless it is the
+        last, a block's outputs and the previous block's, still being sent."""
+        if not self.pipelined:
+            return 0
+        nb = self.policy.num_gpu_batches
+        return 2 * nb * ((self.stage.layers.start > 0) + (self.stage.layers.stop < self.num_layers))
 
     def _caps(self, opts: EngineOptions) -> tuple[int, int, int]:
         """Bytes available on the GPU, CPU and disk tiers."""

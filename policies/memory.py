@@ -141,10 +141,10 @@ def kv_token_bytes(num_heads: int, head_dim: int, policy: Policy, itemsize: int)
 
 def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torch.dtype,
                 hidden_size: int, weight_slots: int = 2, relay_bytes: int = 0, kv_blocks: int = 1,
-                pipeline_stage: bool = False) -> MemoryPlan:
+                pipeline_hidden: int = 0) -> MemoryPlan:
     """`relay_bytes`: the pinned ring of the disk relay (counted as CPU buffers when disk is used);
-    `kv_blocks`: blocks of gpu batches whose KV cache a pipeline stage keeps; `pipeline_stage`:
-    a stage also holds one block's received hidden states and one block's outputs in flight."""
+    `kv_blocks`: blocks of gpu batches whose KV cache a pipeline stage keeps; `pipeline_hidden`:
+    GPU batches' hidden states a pipeline stage holds for its traffic (see Engine._plan)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
 
     # Weights: one entry per checkpoint key, in layer order.
@@ -213,8 +213,7 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
     layer_work = max(layer.working_bytes(b, work.prompt_len, itemsize) for layer in layers)
     mask = b * work.prompt_len * work.prompt_len
     gpu.working = layer_work + 3 * act_item + mask + act_item * act_counts[Tier.GPU] + LIBRARY_WORKSPACE
-    if pipeline_stage:
-        gpu.working += 2 * k_batches * act_item
+    gpu.working += pipeline_hidden * act_item
     if policy.cpu_cache_compute and attn:
         spec = attn[0][1]
         plan.tiers[Tier.CPU].working = 4 * b * spec.num_heads * (work.max_len + 2 * spec.head_dim) * 4

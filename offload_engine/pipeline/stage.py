@@ -191,7 +191,7 @@ class StageRunner:
                         link.send_tokens(nxt)
                 else:
                     link.send_hidden(out)
-                link.flush(keep=1)  # one block's outputs in flight at most: what the memory plan counts
+                link.flush(keep=1)  # one earlier block's outputs in flight at most: what the plan counts
             if step == 0:
                 self._sync()
                 prefill_s = time.perf_counter() - t0

@@ -30,7 +30,8 @@ def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--stage-percent", nargs=7, type=finite_float, action="append", default=[],
                    metavar=("STAGE", "P", "P", "P", "P", "P", "P"),
                    help="one stage's placement instead of --percent, e.g. --stage-percent 1 0 100 100 0 100 0 "
-                        "(repeat for other stages); memory is checked per stage")
+                        "(repeat for other stages); memory is checked per stage (the split itself is balanced "
+                        "for --percent)")
 
 
 def pipeline_requested(args: argparse.Namespace) -> bool:

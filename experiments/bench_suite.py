@@ -64,7 +64,8 @@ from experiments.cases import CASES, OPT30B_CUT_GEN_LEN, SMOKE_CASES, Batch, Cas
 # Launching a run and the results side live in their own modules; the names the tests use
 # (parsers, command builders, Outcome, run_process, wait, table) stay importable from here.
 from experiments.accelerate_peer import parse_placement  # noqa: E402
-from experiments.suite_report import dry_run, lock_owner, parse_ours, parse_report, save_summary, wait  # noqa: E402
+from experiments.suite_report import dry_run, parse_ours, parse_report, save_summary, wait  # noqa: E402
+from offload_engine.sweep import lock_owner  # noqa: E402
 from experiments.suite_report import table as ours_flexgen_table  # noqa: E402
 from offload_engine.sweep.results import append_line, read_records  # noqa: E402
 from experiments.suite_runner import (Outcome, Runner, accelerate_command, accelerate_cut, does_not_fit,  # noqa: E402

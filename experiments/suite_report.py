@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from experiments.cases import Case
 from experiments.suite_runner import flexgen_cut
+from offload_engine.sweep import lock_owner
 
 if TYPE_CHECKING:  # only for the annotation: bench_suite imports this module
     from experiments.bench_suite import Suite
@@ -58,16 +59,6 @@ def parse_ours(data: dict) -> dict:
             out[key] = data[key]
     out["gpu"] = (data.get("hardware") or {}).get("gpu")
     return out
-
-
-def lock_owner(lock: Path) -> int | None:
-    """The pid written in the lock file while that process lives, else None (a killed suite's lock)."""
-    try:
-        pid = int(lock.read_text().strip())
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
-        return None
 
 
 def copy_out(out: Path, dest: Path | None) -> None:

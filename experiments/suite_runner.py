@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from experiments.cases import ALL_GPU, Batch, Case
-from offload_engine.sweep.runner import Outcome
+from offload_engine.sweep.runner import Outcome, kill_group
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,23 +60,10 @@ def run_process(cmd: list[str], timeout_s: float, log_path: Path, env: dict) -> 
             proc.wait(timeout=max(timeout_s, 1.0))
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_group(proc)
+            kill_group(proc, grace_s=15.0)
         reader.join(timeout=10)
     rc = proc.returncode if proc.returncode is not None else -9
     return Outcome(rc, "".join(chunks), time.monotonic() - t0, timed_out)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def drop_page_cache() -> bool:

@@ -102,7 +102,7 @@ class Sweep:
             raise SweepError(f"--out {self.out} is a file: name a folder.")
         self.out.mkdir(parents=True, exist_ok=True)
         lock = self.out / ".sweep.lock"
-        owner = _lock_owner(lock)
+        owner = lock_owner(lock)
         if owner is not None and owner != os.getpid():
             raise SweepError(f"another sweep (pid {owner}) is writing {self.out}: wait for it or choose another --out.")
         lock.write_text(str(os.getpid()))
@@ -142,8 +142,8 @@ class Sweep:
         return paths or []
 
 
-def _lock_owner(lock: Path) -> int | None:
-    """The pid in the lock file while that process lives, else None (a killed sweep's lock)."""
+def lock_owner(lock: Path) -> int | None:
+    """The pid in the lock file while that process lives, else None (a killed run's lock)."""
     try:
         pid = int(lock.read_text().strip())
         os.kill(pid, 0)

@@ -66,7 +66,7 @@ from experiments.cases import CASES, OPT30B_CUT_GEN_LEN, SMOKE_CASES, Batch, Cas
 from experiments.accelerate_peer import parse_placement  # noqa: E402
 from experiments.suite_report import dry_run, parse_ours, parse_report, save_summary, wait  # noqa: E402
 from offload_engine.sweep import lock_owner  # noqa: E402
-from experiments.suite_report import table as ours_flexgen_table  # noqa: E402
+from experiments.suite_report import table  # noqa: E402
 from offload_engine.sweep.results import append_line, read_records  # noqa: E402
 from experiments.suite_runner import (Outcome, Runner, accelerate_command, accelerate_cut, does_not_fit,  # noqa: E402
                                       drop_page_cache, flexgen_command, flexgen_cut, ours_command, plan_gib,
@@ -347,30 +347,6 @@ class Suite:
     def write_summary(self) -> None:
         self.hardware = save_summary(self.out, self.hardware, self.engine_commit(), self.flexgen_version,
                                      self.budget_s, self.skipped, self.records(), self.copy_to)
-
-
-def table(records: list[dict], cases: dict[str, Case], names: list[str]) -> str:
-    """suite_report's markdown table (ours and FlexGen), then a row for each Accelerate run of the
-    chosen cases and of their FlexGen peers, compared with that FlexGen run."""
-    lines = [ours_flexgen_table(records, cases, names)]
-    latest = {(r.get("case"), r.get("system")): r for r in records}
-    ok_flexgen = {r["case"]: r for r in records if r.get("system") == "flexgen" and r.get("status") == "ok"}
-    shown = [n for name in names for n in (name, cases[name].peer_name()) if n in cases]
-    for name in dict.fromkeys(shown):
-        r = latest.get((name, "accelerate"))
-        if r is None:
-            continue
-        batch = "x".join(map(str, r["batch"])) if r.get("batch") else "-"
-        if r.get("status") != "ok":
-            lines.append(f"| {name} | accelerate | {batch} | | | {r.get('status')} | | | |")
-            continue
-        tput = f"{r['total_throughput']:,.1f}" + (f" (cut {r['cut_gen_len']})" if r.get("cut_gen_len") else "")
-        peer = ok_flexgen.get(cases[name].peer_name())
-        ratio = f"{r['total_throughput'] / peer['total_throughput']:.2f}x" if peer else ""
-        placed = ", ".join(f"{k} {v:.1f}" for k, v in (r.get("placement_gib") or {}).items() if v)
-        lines.append(f"| {name} | accelerate | {batch} | {r.get('prefill_s', 0):.3f} | {r.get('decode_s', 0):.3f} | "
-                     f"{tput} | {ratio} | {r.get('peak_gpu_mem_gib', 0):.2f} | weights GiB: {placed} |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

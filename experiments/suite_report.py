@@ -103,14 +103,14 @@ BUSY = {"weight_io": "w", "kv_io": "kv", "act_io": "act", "compute": "gpu", "cpu
 
 
 def table(records: list[dict], cases: dict[str, Case], names: list[str]) -> str:
-    """Markdown: the latest record of each (case, system) of the chosen cases and their peers."""
+    """Markdown: the latest record of each (case, system) of the chosen cases and their FlexGen
+    peers (ours and FlexGen, then Accelerate), ours and Accelerate compared with the FlexGen peer."""
     latest = {(r.get("case"), r.get("system")): r for r in records}
     ok_flexgen = {r["case"]: r for r in records if r.get("system") == "flexgen" and r.get("status") == "ok"}
     lines = ["| case | system | batch | prefill s | decode s | token/s | vs FlexGen | peak GPU GiB "
              "| busy per decode step (ms) |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-    shown = []
-    for name in names:
-        shown += [(name, "ours"), (cases[name].peer_name(), "flexgen")]
+    shown = [pair for name in names for pair in ((name, "ours"), (cases[name].peer_name(), "flexgen"))]
+    shown += [(n, "accelerate") for name in names for n in (name, cases[name].peer_name()) if n in cases]
     for name, system in dict.fromkeys(shown):
         r = latest.get((name, system))
         if r is None:
@@ -119,15 +119,15 @@ def table(records: list[dict], cases: dict[str, Case], names: list[str]) -> str:
         if r.get("status") != "ok":
             lines.append(f"| {name} | {system} | {batch} | | | {r.get('status')} | | | |")
             continue
-        tput = f"{r['total_throughput']:,.1f}"
-        if r.get("cut_gen_len"):
-            tput += f" (cut {r['cut_gen_len']})"
-        peer = ok_flexgen.get(cases[name].peer_name()) if system == "ours" else None
+        tput = f"{r['total_throughput']:,.1f}" + (f" (cut {r['cut_gen_len']})" if r.get("cut_gen_len") else "")
+        peer = ok_flexgen.get(cases[name].peer_name()) if system != "flexgen" else None
         ratio = f"{r['total_throughput'] / peer['total_throughput']:.2f}x" if peer else ""
-        busy = ", ".join(f"{BUSY.get(k, k)} {v * 1e3:.0f}"
-                         for k, v in sorted((r.get("decode_step_busy_s") or {}).items()))
+        if system == "accelerate":
+            last = "weights GiB: " + ", ".join(f"{k} {v:.1f}" for k, v in (r.get("placement_gib") or {}).items() if v)
+        else:
+            last = ", ".join(f"{BUSY.get(k, k)} {v * 1e3:.0f}" for k, v in sorted((r.get("decode_step_busy_s") or {}).items()))
         lines.append(f"| {name} | {system} | {batch} | {r.get('prefill_s', 0):.3f} | {r.get('decode_s', 0):.3f} | "
-                     f"{tput} | {ratio} | {r.get('peak_gpu_mem_gib', 0):.2f} | {busy} |")
+                     f"{tput} | {ratio} | {r.get('peak_gpu_mem_gib', 0):.2f} | {last} |")
     return "\n".join(lines)
 
 

@@ -315,3 +315,17 @@ def test_carried_wheels():
         sources = [n for n in z.namelist() if n.startswith("flexgen/") and n.endswith(".py")]
         assert not any(re.search(r"^\s*(import|from) pulp", z.read(n).decode(), re.M) for n in sources), \
             "flexgen itself imports pulp: carry the pulp wheel"
+
+
+def test_table_compares_accelerate_with_the_flexgen_peer():
+    records = [dict(case="opt30b-cap16-cpuattn", system="flexgen", status="ok", batch=[24, 2], total_throughput=12.0,
+                    prefill_s=3, decode_s=50),
+               dict(case="table-opt30b-cap16-512+32", system="accelerate", status="ok", batch=[16],
+                    total_throughput=3.0, prefill_s=5, decode_s=40, peak_gpu_mem_gib=15.1,
+                    placement_gib={"gpu": 4, "cpu": 52, "disk": 0}, cut_gen_len=5),
+               dict(case="table-opt6.7b-gpu", system="accelerate", status="oom", batch=[256])]
+    text = bs.table(records, CASES, ["table-opt30b-cap16-512+32", "table-opt6.7b-gpu"])
+    rows = text.splitlines()
+    assert rows[2].startswith("| opt30b-cap16-cpuattn | flexgen |")
+    assert "| table-opt30b-cap16-512+32 | accelerate | 16 |" in text and "3.0 (cut 5) | 0.25x | 15.10 |" in text
+    assert "weights GiB: gpu 4.0, cpu 52.0 |" in text and "| table-opt6.7b-gpu | accelerate | 256 | | | oom |" in text

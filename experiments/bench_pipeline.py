@@ -5,6 +5,10 @@ curve of OPT-30B and OPT-66B and OPT-175B over 4 and 8 GPUs.
 
   PYTHONPATH=. python experiments/bench_pipeline.py --out DIR [--runs NAME ...] [--dry-run] [--copy-to $OUT]
 
+FlexGen's own pipeline (`flexgen.dist_flex_opt`, through experiments/flexgen_peer.py --pipeline N;
+runs named flexgen-*) runs on the same settings where it runs offline: carry `.whl` and install it
+as experiments/bench_suite.py says.
+
 Run on a machine with the GPUs a run names (`--runs opt30b-1gpu opt30b-2gpu opt66b-2gpu` on
 nvidia-h100-x2 / nvidia-h200-x2); NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1 are set
 here: NVLink multicast stays off. Each run is `offload-engine run` in its own process group with
@@ -19,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +64,25 @@ RUNS: dict[str, tuple[list[str], list[Batch]]] = {
                           "--cut-gen-len", "5"),
 }
 
+# FlexGen's runs: (model, GPUs, percent, (gpu batch size, GPU batches)); it decodes 5 steps and
+# extrapolates (its --cut-gen-len), as in the suite.
+FLEXGEN: dict[str, tuple[str, int, str, Batch]] = {
+    "flexgen-opt30b-1gpu": ("opt-30b", 1, "20 80 0 100 0 100", (24, 2)),
+    "flexgen-opt30b-2gpu": ("opt-30b", 2, "40 60 0 100 0 100", (24, 2)),
+    "flexgen-opt66b-2gpu": ("opt-66b", 2, "10 90 0 100 0 100", (16, 2)),
+    "flexgen-opt30b-4gpu": ("opt-30b", 4, "80 20 0 100 0 100", (24, 2)),
+}
+
+
+def flexgen_command(name: str, offload: Path) -> list[str]:
+    model, gpus, percent, batch = FLEXGEN[name]
+    cmd = [sys.executable, str(ROOT / "experiments" / "flexgen_peer.py"), "--model", f"facebook/{model}",
+           "--path", "_DUMMY_", "--prompt-len", "512", "--gen-len", "32", "--cut-gen-len", "5",
+           "--percent", *percent.split(), "--gpu-batch-size", str(batch[0]), "--num-gpu-batches", str(batch[1]),
+           "--cpu-cache-compute", "--gpu-cap-gib", "16", "--offload-dir", str(offload), "--log-file", os.devnull]
+    return cmd + (["--pipeline", str(gpus)] if gpus > 1 else [])
+
+
 def command(flags: list[str], batch: tuple[int, int], json_path: Path, offload: Path) -> list[str]:
     return [sys.executable, "-m", "offload_engine", "run", "--quiet", *flags, "--gpu-batch-size", str(batch[0]),
             "--num-gpu-batches", str(batch[1]), "--offload-dir", str(offload), "--json", str(json_path)]
@@ -93,7 +117,23 @@ def planned(flags: list[str], batch: Batch) -> str:
     return f"stages GPU/CPU GiB {' '.join(parts)}; host {host:.0f} GiB"
 
 
+def run_flexgen(name: str, out: Path, timeout_s: float) -> dict:
+    from experiments.suite_report import parse_report
+
+    cmd = flexgen_command(name, out / "offload")
+    outcome = run_process(cmd, timeout_s, out / f"{name}.log")
+    shutil.rmtree(out / "offload", ignore_errors=True)
+    record = {"name": name, "system": "flexgen", "version": "0.1.8", "command": cmd, "rc": outcome.rc,
+              "wall_s": outcome.wall_s, "timed_out": outcome.timed_out, "tail": outcome.text[-2000:]}
+    metrics = parse_report(outcome.text)
+    ok = outcome.rc == 0 and "total_throughput" in metrics
+    record.update(status="ok" if ok else ("timeout" if outcome.timed_out else "failed"), metrics=metrics)
+    return record
+
+
 def run_one(name: str, out: Path, commit: str, timeout_s: float) -> dict:
+    if name in FLEXGEN:
+        return run_flexgen(name, out, timeout_s) | {"commit": commit}
     flags, batches = RUNS[name]
     record = {"name": name, "commit": commit}
     for batch in batches:
@@ -116,8 +156,10 @@ def run_one(name: str, out: Path, commit: str, timeout_s: float) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS)[:3])
-    parser.add_argument("--timeout-s", type=float, default=540)
+    parser.add_argument("--runs", nargs="+", choices=[*RUNS, *FLEXGEN], default=list(RUNS)[:3])
+    parser.add_argument("--timeout-s", type=float, default=540, help="the most one run may take")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="the whole call's seconds: a run gets what is left (none under a minute)")
     parser.add_argument("--commit", default=None, help="this repository's commit (the device copy has no .git)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--copy-to", type=Path, default=None)
@@ -128,7 +170,11 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     ledger = args.out / "runs.jsonl"
     done = {r["name"] for r in read_records(ledger) if r.get("status") == "ok" and r.get("commit") == commit}
+    deadline = time.monotonic() + (args.budget_s or float("inf"))
     for name in args.runs:
+        if args.dry_run and name in FLEXGEN:
+            print(" ".join(flexgen_command(name, args.out / "offload")))
+            continue
         if args.dry_run:
             flags, batches = RUNS[name]
             print(" ".join(command(flags, batches[0], args.out / f"{name}.json", args.out / "offload")))
@@ -138,7 +184,11 @@ def main() -> int:
         if name in done:
             print(f"{name}: done at {commit}, skipped")
             continue
-        record = run_one(name, args.out, commit, args.timeout_s)
+        left = deadline - time.monotonic()
+        if left < 60:
+            print(f"{name}: skipped, {left:.0f} s of the budget left", flush=True)
+            continue
+        record = run_one(name, args.out, commit, min(args.timeout_s, left))
         append_line(ledger, json.dumps(record))
         tput = record.get("metrics", {}).get("total_throughput")
         print(f"{name}: {record['status']}" + (f", {tput:.1f} token/s" if tput else ""), flush=True)

@@ -43,21 +43,22 @@ def policy(placement, nb: int, **kw) -> Policy:
     return Policy.from_percent(placement, gpu_batch_size=2, num_gpu_batches=nb, **kw)
 
 
-def single_process(folder, tmp_path, nb_total: int, ids, mask, **kw):
+def single_process(folder, tmp_path, nb_total: int, ids, mask, device="cpu", **kw):
     opts = EngineOptions(checkpoint=folder, offload_dir=tmp_path / "single", progress=False, dtype=torch.float32,
-                         device="cpu")
+                         device=device)
     with Engine(from_hf_config(folder), policy(ON_GPU, nb_total, **kw), Workload(PROMPT, GEN), opts) as engine:
         return engine.generate(ids, mask, GenerationConfig(max_new_tokens=GEN), collect_logits=True)
 
 
-def pipeline(folder, tmp_path, placements, blocks: int, nb: int, ids, mask, splits=None, **kw) -> dict:
+def pipeline(folder, tmp_path, placements, blocks: int, nb: int, ids, mask, splits=None, device="cpu",
+             **kw) -> dict:
     cfg = from_hf_config(folder)
     n = len(placements)
     if splits is None:
         from offload_engine.pipeline.split import stage_split
         splits = stage_split(cfg, policy(ON_GPU, nb), Workload(PROMPT, GEN), n)[0]
     opts = EngineOptions(checkpoint=folder, offload_dir=tmp_path / "stages", progress=False, dtype=torch.float32,
-                         device="cpu")
+                         device=device)
     job = PipelineJob(cfg, [policy(p, nb, **kw) for p in placements], splits, blocks, Workload(PROMPT, GEN), opts,
                       ids, mask, GenerationConfig(max_new_tokens=GEN), warmup=False, collect_logits=True)
     return run_pipeline(job)
@@ -97,6 +98,18 @@ def test_pipeline_matches_the_single_process_engine(checkpoints, tmp_path, case)
     assert stages[0]["layers"][0] == 0 and all(a["layers"][1] == b["layers"][0] for a, b in zip(stages, stages[1:]))
     assert all(s["sent_bytes"] > 0 and s["wall_s"] >= s["busy_s"] > 0 for s in stages)
     assert not (tmp_path / "stages").exists()  # every stage's offload files are gone
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: stages talk over NCCL")
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_pipeline_on_two_gpus_matches_one_gpu(checkpoints, tmp_path, family):
+    """One stage per GPU, activations and tokens over NCCL, each stage streaming from its own host
+    memory: the one-GPU engine's tokens and logits (fp32 on GPUs of one kind)."""
+    ids, mask = random_prompts(2 * 2 * 2, PROMPT, seed=5)
+    got = pipeline(checkpoints[family], tmp_path, [ON_CPU, CPU_ATTN], 2, 2, ids, mask, device="cuda")
+    want = single_process(checkpoints[family], tmp_path, 2 * 2, ids, mask, device="cuda")
+    assert_same(got, want)
+    assert all(s["sent_bytes"] > 0 for s in got["stages"])
 
 
 def test_stage_engine_keeps_global_layer_settings_and_plans_its_blocks(checkpoints, tmp_path):

@@ -108,7 +108,7 @@ def run_stage(job: PipelineJob) -> dict | None:
     if world != job.stages:
         raise EngineError(f"{world} processes were started for {job.stages} pipeline stages.",
                           "Start as many processes as --pipeline stages.")
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))  # this host's cores, shared
     try:
         device = stage_device(job, local_rank, local_world)
         cuda = device.startswith("cuda")

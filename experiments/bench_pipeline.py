@@ -68,9 +68,9 @@ RUNS: dict[str, tuple[list[str], list[Batch]]] = {
 # extrapolates (its --cut-gen-len), as in the suite.
 FLEXGEN: dict[str, tuple[str, int, str, Batch]] = {
     "flexgen-opt30b-1gpu": ("opt-30b", 1, "20 80 0 100 0 100", (24, 2)),
-    "flexgen-opt30b-2gpu": ("opt-30b", 2, "40 60 0 100 0 100", (24, 2)),
+    "flexgen-opt30b-2gpu": ("opt-30b", 2, "20 80 0 100 0 100", (24, 2)),  # 40% of its stage's: out of memory
     "flexgen-opt66b-2gpu": ("opt-66b", 2, "10 90 0 100 0 100", (16, 2)),
-    "flexgen-opt30b-4gpu": ("opt-30b", 4, "80 20 0 100 0 100", (24, 2)),
+    "flexgen-opt30b-4gpu": ("opt-30b", 4, "40 60 0 100 0 100", (24, 2)),
 }
 
 

@@ -11,7 +11,9 @@ in decode, the returning tokens included.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -109,6 +111,7 @@ def run_stage(job: PipelineJob) -> dict | None:
         raise EngineError(f"{world} processes were started for {job.stages} pipeline stages.",
                           "Start as many processes as --pipeline stages.")
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))  # this host's cores, shared
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>`: where a stage is stuck
     try:
         device = stage_device(job, local_rank, local_world)
         cuda = device.startswith("cuda")

@@ -8,6 +8,10 @@ neighbours, and the last and first stage for the tokens, talk on a process group
 with NCCL each group is one communicator with one stream, so a middle stage's send to its
 successor never queues behind the receive it has posted from its predecessor. Barriers and
 gathered reports go over a gloo group, never in line with the hidden states.
+On GPUs the hidden states and tokens go either over NCCL (GPU to GPU) or, `over_host`, through
+pinned host memory and gloo: a posted NCCL receive or send is a kernel spinning on the GPU, and
+anything that waits for the whole device meanwhile (a page-locked allocation of the offloaded
+tiers, a cudaFree) waits for the peer, which may be waiting for this stage.
 Each message carries the sender's clock when its data was ready: on one host (one clock) the
 receiver splits its wait into the bubble (the data was not ready yet) and the transfer.
 """
@@ -54,20 +58,24 @@ class Incoming:
             bubble = min(waited, max(0.0, float(self.stamp.item()) - t0))
             st.bubble_s += bubble
             st.transfer_s += waited - bubble
-        return self.tensors
+        device = self.link.device
+        return [t.to(device, non_blocking=True) if t.device != device else t for t in self.tensors]
 
 
 class StageLink:
-    def __init__(self, rank: int, world: int, device: torch.device, one_host: bool):
+    def __init__(self, rank: int, world: int, device: torch.device, one_host: bool, over_host: bool = False):
         """Collective: every stage constructs its link, in the same order (the groups are made here).
-        `one_host`: every stage on this host, so the senders' clocks are the receiver's."""
+        `one_host`: every stage on this host, so the senders' clocks are the receiver's.
+        `over_host`: GPU stages exchange through host memory and gloo instead of NCCL."""
         self.rank, self.world, self.device = rank, world, device
+        self.wire = torch.device("cpu") if over_host else device  # where messages travel from and to
+        backend = "gloo" if over_host else None
         self.prev = rank - 1 if rank > 0 else None
         self.next = rank + 1 if rank + 1 < world else None
-        pairs = [dist.new_group([k, k + 1]) for k in range(world - 1)]
+        pairs = [dist.new_group([k, k + 1], backend=backend) for k in range(world - 1)]
         self.from_prev = pairs[rank - 1] if self.prev is not None else None
         self.to_next = pairs[rank] if self.next is not None else None
-        self.token_group = dist.new_group([0, world - 1])
+        self.token_group = dist.new_group([0, world - 1], backend=backend)
         self.control = dist.new_group(backend="gloo")  # barriers, reports
         self.one_host = one_host
         self.stats = self.new_stats()
@@ -84,22 +92,25 @@ class StageLink:
     def last(self) -> bool:
         return self.rank == self.world - 1
 
+    def _empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        pinned = self.wire.type == "cpu" and self.device.type == "cuda"  # the copy to the GPU is asynchronous
+        return torch.empty(shape, dtype=dtype, device=self.wire, pin_memory=pinned)
+
     def recv_hidden(self, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> Incoming:
-        return self._recv([torch.empty(s, dtype=dtype, device=self.device) for s in shapes], self.prev,
-                          self.from_prev)
+        return self._recv([self._empty(s, dtype) for s in shapes], self.prev, self.from_prev)
 
     def send_hidden(self, tensors: list[torch.Tensor]) -> None:
         self._send([t.contiguous() for t in tensors], self.next, self.to_next)
 
     def recv_tokens(self, n: int) -> Incoming:
-        return self._recv([torch.empty(n, dtype=torch.int64, device=self.device)], self.world - 1, self.token_group)
+        return self._recv([self._empty(n, torch.int64)], self.world - 1, self.token_group)
 
     def send_tokens(self, tokens: torch.Tensor) -> None:
         self._send([tokens.to(torch.int64).contiguous()], 0, self.token_group)
 
     def _recv(self, tensors: list[torch.Tensor], peer: int, group=None) -> Incoming:
         self.stats.received_bytes += sum(t.numel() * t.element_size() for t in tensors)
-        tensors.append(torch.empty(1, dtype=torch.float64, device=self.device))  # the sender's stamp
+        tensors.append(torch.empty(1, dtype=torch.float64, device=self.wire))  # the sender's stamp
         return Incoming(self, tensors, [self._call(dist.irecv, t, peer, group) for t in tensors], peer)
 
     def flush(self, keep: int = 0) -> None:
@@ -123,14 +134,15 @@ class StageLink:
                 w.wait()
         except RuntimeError as e:  # gloo: connection closed; NCCL: the communicator was aborted
             raise PeerLost(f"lost the connection to stage {peer} ({str(e).splitlines()[0][:200]}).") from None
-        if self.device.type == "cuda":  # NCCL's wait only orders the streams: time the arrival itself
+        if self.wire.type == "cuda":  # NCCL's wait only orders the streams: time the arrival itself
             torch.cuda.current_stream(self.device).synchronize()
 
     def _send(self, tensors: list[torch.Tensor], peer: int, group=None) -> None:
         self.stats.sent_bytes += sum(t.numel() * t.element_size() for t in tensors)
         if self.device.type == "cuda":  # the stamp says when the data was ready, not when it was queued
             torch.cuda.current_stream(self.device).synchronize()
-        tensors = tensors + [torch.tensor([time.perf_counter()], dtype=torch.float64, device=self.device)]
+        tensors = [t.to(self.wire) for t in tensors]  # over the host: a copy once the data is ready
+        tensors = tensors + [torch.tensor([time.perf_counter()], dtype=torch.float64, device=self.wire)]
         works = [self._call(dist.isend, t, peer, group) for t in tensors]
         self._sends.append((works, tensors, peer))  # the tensors stay alive until sent
 

@@ -55,6 +55,7 @@ class PipelineJob:
     warmup: bool = True  # one short untimed pass first
     collect_logits: bool = False  # return each step's logits (N, V) from the last stage
     on_step: StepHook | None = None
+    stage_link: str = "host"  # GPU stages exchange over "host" memory (gloo) or "nccl"
 
     def __post_init__(self) -> None:
         n, batch = self.prompts.shape[0], self.policies[0].batch_size * self.blocks
@@ -65,6 +66,8 @@ class PipelineJob:
             raise EngineError("every stage must run the same gpu-batch-size and num-gpu-batches.")
         if self.attention_mask is not None and not bool(self.attention_mask[:, -1].all()):
             raise EngineError("prompts must be left-padded: the last token of every row must be real.")
+        if self.stage_link not in ("host", "nccl"):
+            raise EngineError(f"stage link '{self.stage_link}' is unknown.", "Use host or nccl.")
         if self.options.device not in (None, "cpu", "cuda"):
             raise EngineError(f"--device {self.options.device}: a pipeline puts each stage on its own GPU "
                               "(the process's local rank).", "Use --device cuda or cpu.")
@@ -118,7 +121,8 @@ def run_stage(job: PipelineJob) -> dict | None:
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
-        link = StageLink(rank, world, torch.device(device), one_host=local_world == world)
+        link = StageLink(rank, world, torch.device(device), one_host=local_world == world,
+                         over_host=job.stage_link == "host")
         slice_ = StageSlice(job.splits[rank], job.blocks)
         opts = stage_options(job, rank, local_world, device)
         with Engine(job.model, job.policies[rank], job.workload, opts, stage=slice_) as engine:

@@ -51,7 +51,7 @@ def single_process(folder, tmp_path, nb_total: int, ids, mask, device="cpu", **k
 
 
 def pipeline(folder, tmp_path, placements, blocks: int, nb: int, ids, mask, splits=None, device="cpu",
-             stage_link="host", **kw) -> dict:
+             **kw) -> dict:
     cfg = from_hf_config(folder)
     n = len(placements)
     if splits is None:
@@ -60,8 +60,7 @@ def pipeline(folder, tmp_path, placements, blocks: int, nb: int, ids, mask, spli
     opts = EngineOptions(checkpoint=folder, offload_dir=tmp_path / "stages", progress=False, dtype=torch.float32,
                          device=device)
     job = PipelineJob(cfg, [policy(p, nb, **kw) for p in placements], splits, blocks, Workload(PROMPT, GEN), opts,
-                      ids, mask, GenerationConfig(max_new_tokens=GEN), warmup=False, collect_logits=True,
-                      stage_link=stage_link)
+                      ids, mask, GenerationConfig(max_new_tokens=GEN), warmup=False, collect_logits=True)
     return run_pipeline(job)
 
 
@@ -101,16 +100,14 @@ def test_pipeline_matches_the_single_process_engine(checkpoints, tmp_path, case)
     assert not (tmp_path / "stages").exists()  # every stage's offload files are gone
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs: stages talk over NCCL")
-@pytest.mark.parametrize("family, link, placements", [("opt", "host", [ON_CPU, CPU_ATTN]),
-                                                      ("llama", "host", [CPU_ATTN, ON_DISK]),
-                                                      ("opt", "nccl", [ON_GPU, ON_GPU])])
-def test_pipeline_on_two_gpus_matches_one_gpu(checkpoints, tmp_path, family, link, placements):
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("family, placements", [("opt", [ON_CPU, CPU_ATTN]), ("llama", [CPU_ATTN, ON_DISK]),
+                                                ("opt", [ON_GPU, ON_GPU])])
+def test_pipeline_on_two_gpus_matches_one_gpu(checkpoints, tmp_path, family, placements):
     """One stage per GPU, each offloading to its own share of the host, hidden states and tokens
-    through host memory (or NCCL where nothing is offloaded): the one-GPU engine's tokens and
-    logits (fp32 on GPUs of one kind)."""
+    through pinned host memory: the one-GPU engine's tokens and logits (fp32 on GPUs of one kind)."""
     ids, mask = random_prompts(2 * 2 * 2, PROMPT, seed=5)
-    got = pipeline(checkpoints[family], tmp_path, placements, 2, 2, ids, mask, device="cuda", stage_link=link)
+    got = pipeline(checkpoints[family], tmp_path, placements, 2, 2, ids, mask, device="cuda")
     want = single_process(checkpoints[family], tmp_path, 2 * 2, ids, mask, device="cuda")
     assert_same(got, want)
     assert all(s["sent_bytes"] > 0 for s in got["stages"])

@@ -22,12 +22,8 @@ def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline", type=positive_int, default=1, metavar="N",
                    help="split the layers into N contiguous stages balanced by cost (the cost model's with "
                         "--hardware, else parameter count) and run each in its own process: torch.distributed, "
-                        "gloo between them; embeddings on the first stage, the LM head on the last "
+                        "hidden states and tokens through pinned host memory (gloo); embeddings on the first stage, the LM head on the last "
                         "(default: 1, no pipeline)")
-    g.add_argument("--stage-link", choices=["host", "nccl"], default="host",
-                   help="how GPU stages pass hidden states and tokens: host: through pinned host memory and gloo; "
-                        "nccl: GPU to GPU (only for stages that keep every tier on the GPU: a pending NCCL "
-                        "transfer can stall a stage that offloads) (default: host)")
     g.add_argument("--micro-batches", type=positive_int, default=None, metavar="M",
                    help="blocks of gpu-batch-size x num-gpu-batches sequences in flight through the pipeline; "
                         "the batch is M blocks (default: one per stage, which keeps every stage busy)")
@@ -79,7 +75,7 @@ def execute_pipeline(args: argparse.Namespace, resolved, policy: Policy, work: W
     policies = stage_policies(args, policy, stages)
     prompts = synthetic_prompts(model, policy.batch_size * blocks, work.prompt_len, args.seed)
     job = PipelineJob(model, policies, splits, blocks, work, engine_options(args, resolved.source), prompts,
-                      generation=gen, stage_link=args.stage_link)
+                      generation=gen)
     torchrun = launched_by_torchrun()
     if not torchrun:
         if args.json is not None:
@@ -128,7 +124,7 @@ def _report(args, resolved, job, result: dict, costs: list[float], unit: str) ->
         "policy": asdict(policy), "workload": asdict(work),
         "metrics": metrics.as_dict(), "sizes_gib": sizes, "peak_memory_per_stage_max": peaks,
         "cut_gen_len": args.cut_gen_len,
-        "pipeline": {"stages": job.stages, "micro_batches": job.blocks, "split_by": unit, "stage_link": job.stage_link,
+        "pipeline": {"stages": job.stages, "micro_batches": job.blocks, "split_by": unit, "stage_link": "host (gloo)",
                      "stage_policies": [asdict(p) for p in job.policies], "per_stage": result["stages"]},
         "hardware": hardware(), "commit": git_commit(), "command": sys.argv,
     }

@@ -4,14 +4,14 @@ next, sampled tokens from the last stage back to the first.
 Everything is non-blocking (`isend`/`irecv`): a stage posts the receive of its next input
 before computing the current one, and waits for a send only when a newer one is queued behind
 it (so at most one block's outputs are in flight: the memory plan counts them). Every pair of
-neighbours, and the last and first stage for the tokens, talk on a process group of their own:
-with NCCL each group is one communicator with one stream, so a middle stage's send to its
-successor never queues behind the receive it has posted from its predecessor. Barriers and
-gathered reports go over a gloo group, never in line with the hidden states.
-On GPUs the hidden states and tokens go either over NCCL (GPU to GPU) or, `over_host`, through
-pinned host memory and gloo: a posted NCCL receive or send is a kernel spinning on the GPU, and
-anything that waits for the whole device meanwhile (a page-locked allocation of the offloaded
-tiers, a cudaFree) waits for the peer, which may be waiting for this stage.
+neighbours, and the last and first stage for the tokens, talk on a gloo group of their own, so a
+middle stage's send to its successor never queues behind the receive it has posted from its
+predecessor; barriers and gathered reports go over another, never in line with the hidden states.
+GPU stages exchange through pinned host memory, not NCCL: a posted NCCL receive or send is a
+kernel spinning on the GPU until the peer arrives, and a stage that offloads waits for its whole
+device mid-step (page-locked allocations, cudaFree), so two stages could wait on each other
+forever. The hidden states are small beside the weights each stage streams (OPT-30B, 48
+sequences: 0.7 MiB a decode step), and the copies overlap compute like any other tier's.
 Each message carries the sender's clock when its data was ready: on one host (one clock) the
 receiver splits its wait into the bubble (the data was not ready yet) and the transfer.
 """
@@ -63,13 +63,12 @@ class Incoming:
 
 
 class StageLink:
-    def __init__(self, rank: int, world: int, device: torch.device, one_host: bool, over_host: bool = False):
+    def __init__(self, rank: int, world: int, device: torch.device, one_host: bool):
         """Collective: every stage constructs its link, in the same order (the groups are made here).
-        `one_host`: every stage on this host, so the senders' clocks are the receiver's.
-        `over_host`: GPU stages exchange through host memory and gloo instead of NCCL."""
+        `one_host`: every stage on this host, so the senders' clocks are the receiver's."""
         self.rank, self.world, self.device = rank, world, device
-        self.wire = torch.device("cpu") if over_host else device  # where messages travel from and to
-        backend = "gloo" if over_host else None
+        self.wire = torch.device("cpu")  # where messages travel from and to
+        backend = "gloo"
         self.prev = rank - 1 if rank > 0 else None
         self.next = rank + 1 if rank + 1 < world else None
         pairs = [dist.new_group([k, k + 1], backend=backend) for k in range(world - 1)]
@@ -93,7 +92,7 @@ class StageLink:
         return self.rank == self.world - 1
 
     def _empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        pinned = self.wire.type == "cpu" and self.device.type == "cuda"  # the copy to the GPU is asynchronous
+        pinned = self.device.type == "cuda"  # the copy to the GPU is asynchronous
         return torch.empty(shape, dtype=dtype, device=self.wire, pin_memory=pinned)
 
     def recv_hidden(self, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> Incoming:
@@ -132,16 +131,14 @@ class StageLink:
         try:
             for w in works:
                 w.wait()
-        except RuntimeError as e:  # gloo: connection closed; NCCL: the communicator was aborted
+        except RuntimeError as e:  # gloo: the connection was closed
             raise PeerLost(f"lost the connection to stage {peer} ({str(e).splitlines()[0][:200]}).") from None
-        if self.wire.type == "cuda":  # NCCL's wait only orders the streams: time the arrival itself
-            torch.cuda.current_stream(self.device).synchronize()
 
     def _send(self, tensors: list[torch.Tensor], peer: int, group=None) -> None:
         self.stats.sent_bytes += sum(t.numel() * t.element_size() for t in tensors)
         if self.device.type == "cuda":  # the stamp says when the data was ready, not when it was queued
             torch.cuda.current_stream(self.device).synchronize()
-        tensors = [t.to(self.wire) for t in tensors]  # over the host: a copy once the data is ready
+        tensors = [t.to(self.wire) for t in tensors]  # a copy once the data is ready
         tensors = tensors + [torch.tensor([time.perf_counter()], dtype=torch.float64, device=self.wire)]
         works = [self._call(dist.isend, t, peer, group) for t in tensors]
         self._sends.append((works, tensors, peer))  # the tensors stay alive until sent

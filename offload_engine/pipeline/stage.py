@@ -55,7 +55,6 @@ class PipelineJob:
     warmup: bool = True  # one short untimed pass first
     collect_logits: bool = False  # return each step's logits (N, V) from the last stage
     on_step: StepHook | None = None
-    stage_link: str = "host"  # GPU stages exchange over "host" memory (gloo) or "nccl"
 
     def __post_init__(self) -> None:
         n, batch = self.prompts.shape[0], self.policies[0].batch_size * self.blocks
@@ -66,8 +65,6 @@ class PipelineJob:
             raise EngineError("every stage must run the same gpu-batch-size and num-gpu-batches.")
         if self.attention_mask is not None and not bool(self.attention_mask[:, -1].all()):
             raise EngineError("prompts must be left-padded: the last token of every row must be real.")
-        if self.stage_link not in ("host", "nccl"):
-            raise EngineError(f"stage link '{self.stage_link}' is unknown.", "Use host or nccl.")
         if self.options.device not in (None, "cpu", "cuda"):
             raise EngineError(f"--device {self.options.device}: a pipeline puts each stage on its own GPU "
                               "(the process's local rank).", "Use --device cuda or cpu.")
@@ -120,9 +117,8 @@ def run_stage(job: PipelineJob) -> dict | None:
         cuda = device.startswith("cuda")
         if cuda:
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
-        link = StageLink(rank, world, torch.device(device), one_host=local_world == world,
-                         over_host=job.stage_link == "host")
+        dist.init_process_group("gloo")  # every message goes through host memory: see link.py
+        link = StageLink(rank, world, torch.device(device), one_host=local_world == world)
         slice_ = StageSlice(job.splits[rank], job.blocks)
         opts = stage_options(job, rank, local_world, device)
         with Engine(job.model, job.policies[rank], job.workload, opts, stage=slice_) as engine:
@@ -171,7 +167,7 @@ class StageRunner:
         link.stats = link.new_stats()
         eng.profiler.collect()
         splits = []
-        link.barrier()  # then the first receive: a receive posted before an NCCL barrier would block it
+        link.barrier()  # every stage starts its clock together
         post(0, 0)
         t0 = time.perf_counter()
         prefill_s = 0.0
@@ -241,7 +237,7 @@ class StageRunner:
         return nxt
 
     def _sync(self) -> None:
-        """This stage's compute (not the whole device: a posted NCCL receive would block it)."""
+        """This stage's compute (its stream: the copy threads' transfers are not its time)."""
         if self.engine.device.type == "cuda":
             torch.cuda.current_stream(self.engine.device).synchronize()
 

@@ -8,10 +8,11 @@ neighbours, and the last and first stage for the tokens, talk on a gloo group of
 middle stage's send to its successor never queues behind the receive it has posted from its
 predecessor; barriers and gathered reports go over another, never in line with the hidden states.
 GPU stages exchange through pinned host memory, not NCCL: a posted NCCL receive or send is a
-kernel spinning on the GPU until the peer arrives, and a stage that offloads waits for its whole
-device mid-step (page-locked allocations, cudaFree), so two stages could wait on each other
-forever. The hidden states are small beside the weights each stage streams (OPT-30B, 48
-sequences: 0.7 MiB a decode step), and the copies overlap compute like any other tier's.
+kernel spinning on the GPU until the peer arrives, and whatever waits for the whole device
+meanwhile (a page-locked allocation, freeing device memory, a kernel module loaded on first use)
+then waits for the peer, which may be waiting for this stage. Two GPU stages over NCCL stalled so
+(OPT-30B in its first step; a tiny all-GPU pipeline in the tests). The hidden states are small
+beside the weights each stage streams (OPT-30B, 48 sequences: 0.7 MiB a decode step).
 Each message carries the sender's clock when its data was ready: on one host (one clock) the
 receiver splits its wait into the bubble (the data was not ready yet) and the transfer.
 """

@@ -139,10 +139,17 @@ class StageLink:
         self.stats.sent_bytes += sum(t.numel() * t.element_size() for t in tensors)
         if self.device.type == "cuda":  # the stamp says when the data was ready, not when it was queued
             torch.cuda.current_stream(self.device).synchronize()
-        tensors = [t.to(self.wire) for t in tensors]  # a copy once the data is ready
+        tensors = [self._to_wire(t) for t in tensors]
         tensors = tensors + [torch.tensor([time.perf_counter()], dtype=torch.float64, device=self.wire)]
         works = [self._call(dist.isend, t, peer, group) for t in tensors]
         self._sends.append((works, tensors, peer))  # the tensors stay alive until sent
+
+    def _to_wire(self, t: torch.Tensor) -> torch.Tensor:
+        """A GPU tensor's copy in pinned host memory (its stream was synchronized: the data is there)."""
+        if t.device == self.wire:
+            return t
+        out = torch.empty(t.shape, dtype=t.dtype, device=self.wire, pin_memory=True)
+        return out.copy_(t)
 
     def _call(self, op, tensor: torch.Tensor, peer: int, group=None):
         try:

@@ -28,7 +28,8 @@ import torch
 from policies.hardware import HardwareProfile
 
 MiB = 1 << 20
-GPU_ONLY = ("gpu_mem_bytes", "h2d_bytes_s", "d2h_bytes_s", "gpu_mem_bytes_s", "gpu_attention_bytes_s")
+GPU_ONLY = ("gpu_mem_bytes", "h2d_bytes_s", "d2h_bytes_s", "gpu_mem_bytes_s", "gpu_attention_bytes_s",
+            "cpu_attention_dma_bytes_s", "h2d_cpu_attention_bytes_s")
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,44 @@ def cpu_attention_rate(shape: tuple[int, int, int, int], reps: int) -> tuple[flo
     seconds = median_s(lambda: cpu_decode_attention(q, k, v), reps)
     isa = cpp_backend() if os.environ.get("OFFLOAD_ENGINE_CPU_ATTENTION") != "torch" else None  # its switch
     return 2 * k.nbytes / seconds, f"cpp:{isa}" if isa else "torch"
+
+
+def contended_rates(device: torch.device, nbytes: int, shape: tuple[int, int, int, int],
+                    seconds: float) -> tuple[float, float]:
+    """(CPU attention K + V bytes/s, pinned host -> device bytes/s) with both running at once for
+    `seconds`: a decode step that streams weights from host memory while the cache is attended
+    there. Both read host memory, so each runs slower than alone (the cost model's host term)."""
+    import threading
+
+    from kernels.cpu_attention import cpu_decode_attention
+
+    b, h, t, d = shape
+    k, v = (torch.randn(b, h, t, d, dtype=torch.float16) for _ in range(2))
+    q = torch.randn(b, h, d, dtype=torch.float16) * d ** -0.5
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    stream, stop, copied = torch.cuda.Stream(device), threading.Event(), []
+
+    def copy_until_stopped() -> None:
+        t0, n = time.perf_counter(), 0
+        with torch.cuda.stream(stream):
+            while not stop.is_set():
+                dev.copy_(host, non_blocking=True)
+                stream.synchronize()
+                n += 1
+        copied.append(n * nbytes / (time.perf_counter() - t0))
+
+    cpu_decode_attention(q, k, v)  # warm: the C++ build and the first touch of the cache
+    copier = threading.Thread(target=copy_until_stopped, daemon=True)
+    copier.start()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        cpu_decode_attention(q, k, v)
+        n += 1
+    attention = n * 2 * k.nbytes / (time.perf_counter() - t0)
+    stop.set()
+    copier.join()
+    return attention, copied[0]
 
 
 def host_read_rate(nbytes: int, reps: int) -> float:
@@ -309,6 +348,12 @@ def profile_machine(device: torch.device, offload_dir: Path, sizes: Sizes,
     log("CPU decode attention")
     f["cpu_attention_bytes_s"], m["cpu_attention_backend"] = cpu_attention_rate(sizes.cpu_attention, n)
     m.update(cpu_decode_attention_GB_s=f["cpu_attention_bytes_s"] / 1e9, cpu_attention_shape_BHTD=sizes.cpu_attention)
+    if cuda:
+        log("CPU decode attention while pinned memory streams to the GPU")
+        f["cpu_attention_dma_bytes_s"], f["h2d_cpu_attention_bytes_s"] = contended_rates(
+            device, sizes.pinned_bytes, sizes.cpu_attention, 0.4 * sizes.reps)
+        m.update(cpu_attention_under_h2d_GB_s=f["cpu_attention_dma_bytes_s"] / 1e9,
+                 h2d_under_cpu_attention_GB_s=f["h2d_cpu_attention_bytes_s"] / 1e9)
     log("host memory read")
     f["cpu_mem_bytes_s"] = host_read_rate(sizes.host_read_bytes, n)
     m.update(cpu_read_GB_s=f["cpu_mem_bytes_s"] / 1e9, cpu_read_MiB=sizes.host_read_bytes / MiB)

@@ -9,7 +9,8 @@ over the rates of a `HardwareProfile`, and combines them the way the schedule ov
 
 weights and KV stream on their own streams and threads beside compute, so they overlap it; CPU
 attention runs on the host thread between a layer's GPU halves, so it adds to compute; the host's
-memory bandwidth is shared by weight DMA and CPU attention. Prefill = max(compute, weight I/O,
+memory is read by both weight DMA and CPU attention, each slower while the other runs
+(Terms.host_memory_s). Prefill = max(compute, weight I/O,
 KV write-back). Every term is linear in the placement fractions, which is what lets search.py
 solve for the percentages with a linear program (`Terms`).
 """
@@ -70,8 +71,29 @@ class Terms:
         disk = 1 / hw.disk_write_bytes_s + 1 / min(hw.disk_read_bytes_s, hw.h2d_bytes_s)
         return moved * (hc * cpu + hd * disk) / 2
 
+    def host_reads(self, wc: float, cc: float) -> tuple[float, float]:
+        """Host-memory bytes a decode step reads: (by CPU attention, by DMA to the GPU)."""
+        attended = self.KV_read * cc if self.cpu_attention else 0.0
+        return attended, self.W * wc + (0.0 if self.cpu_attention else self.KV_read * cc)
+
     def host_memory_s(self, hw: HardwareProfile, wc: float, cc: float) -> float:
-        return (self.W * wc + (self.KV_read * cc if self.cpu_attention else 0.0)) / hw.cpu_mem_bytes_s
+        """Both readers of host memory at once. Measured side by side (a' and d': each one's rate
+        while the other runs), A bytes attended and D copied take, whichever finishes first,
+        max(D/d + A (1 - d'/d) / a', A/a + D (1 - a'/a) / d'): exact when running both at once
+        beats running them in turn (a'/a + d'/d >= 1), else an upper bound. Unmeasured, they
+        share one read stream: (A + D) / cpu_mem."""
+        a_bytes, d_bytes = self.host_reads(wc, cc)
+        return max(c_a * a_bytes + c_d * d_bytes for c_a, c_d in host_coefficients(hw))
+
+
+def host_coefficients(hw: HardwareProfile) -> list[tuple[float, float]]:
+    """Seconds per byte (attended, copied) of each linear piece of Terms.host_memory_s (the step
+    is at least each piece: what the search's linear program takes as constraints)."""
+    if not hw.contention_measured:
+        return [(1 / hw.cpu_mem_bytes_s, 1 / hw.cpu_mem_bytes_s)]
+    a, d = hw.cpu_attention_bytes_s, hw.h2d_bytes_s
+    a2, d2 = min(hw.cpu_attention_dma_bytes_s, a), min(hw.h2d_cpu_attention_bytes_s, d)
+    return [((1 - d2 / d) / a2, 1 / d), (1 / a, (1 - a2 / a) / d2)]
 
 
 @dataclass

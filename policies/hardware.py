@@ -31,6 +31,9 @@ class HardwareProfile:
     gpu_attention_bytes_s: float = 500 * GB  # decode attention reading a GPU cache
     cpu_attention_bytes_s: float = 20 * GB  # decode attention reading a CPU cache, all cores
     cpu_mem_bytes_s: float = 40 * GB  # a host-memory read stream (shared by DMA and CPU attention)
+    # Both at once, each while the other runs (0: not measured; then the two share cpu_mem_bytes_s):
+    cpu_attention_dma_bytes_s: float = 0.0  # CPU attention while pinned memory streams to the GPU
+    h2d_cpu_attention_bytes_s: float = 0.0  # pinned host -> GPU while CPU attention runs
     layer_overhead_s: float = 20e-6  # host time per layer and GPU batch in an eager step (launches)
     measured: dict = field(default_factory=dict)  # the raw measurements behind the numbers
 
@@ -41,6 +44,10 @@ class HardwareProfile:
                 if not math.isfinite(value) or value < 0:
                     raise EngineError(f"hardware profile: {f.name} = {value} is not a finite non-negative number.",
                                       "Re-run `offload-engine profile`.")
+
+    @property
+    def contention_measured(self) -> bool:
+        return self.cpu_attention_dma_bytes_s > 0 and self.h2d_cpu_attention_bytes_s > 0
 
     def tiers_as_the_engine_sees_them(self) -> "HardwareProfile":
         """On a machine without a GPU the engine's "GPU" tier is host memory: the two tiers share it

@@ -20,7 +20,7 @@ from offload_engine.config import ModelConfig
 from offload_engine.io.tiers import Tier
 from offload_engine.models import build_layers
 
-from .cost_model import Estimate, estimate, fits, terms
+from .cost_model import Estimate, estimate, fits, host_coefficients, terms
 from .hardware import HardwareProfile
 from .kv_policy import Compression, KVSettings
 from .memory import MemoryPlan, Workload, plan_memory
@@ -105,8 +105,9 @@ def _solve(model: ModelConfig, base: Policy, work: Workload, hw: HardwareProfile
         row = [0, 0, 0, 0, -moved * disk_rt, moved * (cpu_rt - disk_rt), 0, 0]
         row[col] = -1
         le(row, -moved * disk_rt)
-    # host memory: (W wc + KV_read cc att) / cpu_mem <= step
-    le([0, W / hw.cpu_mem_bytes_s, 0, t.KV_read * cpu_att / hw.cpu_mem_bytes_s, 0, 0, -1, 0], 0)
+    # host memory, each piece: s_a (KV_read cc att) + s_d (W wc + KV_read cc (1 - att)) <= step
+    for s_a, s_d in host_coefficients(hw):
+        le([0, W * s_d, 0, t.KV_read * (cpu_att * s_a + (1 - cpu_att) * s_d), 0, 0, -1, 0], 0)
     # prefill compute; KV write-back: KV_prompt ((1 - cg) / d2h + (1 - cg - cc) / dw) <= prefill
     le([0, 0, 0, 0, 0, 0, 0, -1], -(t.prefill_compute_s + t.overhead_s))
     dw = hw.disk_write_bytes_s

@@ -84,16 +84,45 @@ def test_search_returns_policies_the_engine_accepts(tmp_path):
     assert [e.throughput for e in found] == sorted((e.throughput for e in found), reverse=True)
 
 
-def test_search_is_at_least_as_good_as_any_grid_point():
+def test_host_memory_term_between_perfect_overlap_and_taking_turns():
+    """CPU attention reading A bytes and DMA copying D bytes of host memory at once: with no
+    slowdown side by side the step takes the longer of the two; when each runs at a fraction of
+    its rate and the fractions sum to one, no better than one after the other; in between, in
+    between (each bound by its own rates, whichever finishes first)."""
+    model, work = MODEL_CONFIGS["opt-30b"], Workload(512, 32)
+    policy = opt30b(cpu_cache_compute=True, weight_gpu_percent=20, weight_cpu_percent=80, cache_gpu_percent=0,
+                    cache_cpu_percent=100)
+    a, d = H100.cpu_attention_bytes_s, H100.h2d_bytes_s
+    alone = estimate(model, policy, work, H100)
+    attended, copied = alone.parts["cpu_attention"] * a, alone.parts["weight_io"] * d
+    assert attended > 0 and copied > 0
+
+    def host_s(a2, d2):
+        return estimate(model, policy, work, replace(H100, cpu_attention_dma_bytes_s=a2,
+                                                     h2d_cpu_attention_bytes_s=d2)).parts["host_memory"]
+
+    assert host_s(a, d) == pytest.approx(max(attended / a, copied / d), rel=1e-9)
+    assert host_s(0.4 * a, 0.6 * d) == pytest.approx(attended / a + copied / d, rel=1e-9)
+    between = host_s(0.6 * a, 0.7 * d)
+    assert max(attended / a, copied / d) < between < attended / a + copied / d
+    # by hand, the CPU attention side finishing first at 0.6 a while DMA runs at 0.7 d:
+    first = attended / (0.6 * a)
+    assert first * 0.7 * d < copied
+    assert between == pytest.approx(first + (copied - first * 0.7 * d) / d, rel=1e-9)
+
+
+@pytest.mark.parametrize("hw", [H100, replace(H100, cpu_attention_dma_bytes_s=35 * GB, h2d_cpu_attention_bytes_s=38 * GB)],
+                         ids=["one-read-stream", "measured-side-by-side"])
+def test_search_is_at_least_as_good_as_any_grid_point(hw):
     """Under its own cost model, the LP-placed best beats every policy of a hand grid."""
     model, work = MODEL_CONFIGS["opt-30b"], Workload(512, 32)
-    best = search(model, work, H100, SearchSpace(gpu_batch_sizes=(8, 16, 24, 32, 48), num_gpu_batches=(1, 2, 3)),
+    best = search(model, work, hw, SearchSpace(gpu_batch_sizes=(8, 16, 24, 32, 48), num_gpu_batches=(1, 2, 3)),
                   top=1)[0]
     grid = [Policy.from_percent((g, 100 - g, c, 100 - c, 0, 100), gpu_batch_size=b, num_gpu_batches=k,
                                 cpu_cache_compute=att)
             for g in (0, 10, 20) for c in (0, 50) for b in (8, 16, 24, 32, 48) for k in (1, 2, 3) for att in (False, True)]
-    feasible = [e for e in (estimate(model, p, work, H100) for p in grid)
-                if all(e.memory[t] <= cap for t, cap in ((Tier.GPU, H100.gpu_mem_bytes), (Tier.CPU, H100.cpu_mem_bytes)))]
+    feasible = [e for e in (estimate(model, p, work, hw) for p in grid)
+                if all(e.memory[t] <= cap for t, cap in ((Tier.GPU, hw.gpu_mem_bytes), (Tier.CPU, hw.cpu_mem_bytes)))]
     assert feasible and best.throughput >= max(e.throughput for e in feasible) * 0.99
 
 

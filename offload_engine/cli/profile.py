@@ -25,6 +25,8 @@ FIELDS = (
     ("gpu_attention_bytes_s", "GB/s", 1e9, "decode attention over a GPU cache, K + V bytes read per second"),
     ("cpu_attention_bytes_s", "GB/s", 1e9, "decode attention over a CPU cache, all cores (--cpu-cache-compute)"),
     ("cpu_mem_bytes_s", "GB/s", 1e9, "host memory read, all cores: shared by PCIe DMA and CPU attention"),
+    ("cpu_attention_dma_bytes_s", "GB/s", 1e9, "CPU attention while pinned memory streams to the GPU (GPU only)"),
+    ("h2d_cpu_attention_bytes_s", "GB/s", 1e9, "pinned host -> GPU copy while CPU attention runs (GPU only)"),
     ("layer_overhead_s", "us", 1e-6, "host time per scheduled layer and GPU batch of an eager decode step"),
 )
 
@@ -36,7 +38,7 @@ smaller buffers, fewer repetitions). Raw numbers with units, sizes and anything 
 (the GPU fields on a CPU-only machine keep their defaults) are recorded under "measured".
 
 fields (what the cost model uses each one for):
-""" + "\n".join(f"  {name:<22} {unit:<8} {why}" for name, unit, _, why in FIELDS)
+""" + "\n".join(f"  {name:<26} {unit:<8} {why}" for name, unit, _, why in FIELDS)
 
 EXAMPLES = """\
 examples:

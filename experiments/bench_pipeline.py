@@ -9,9 +9,10 @@ FlexGen's own pipeline (`flexgen.dist_flex_opt`, through experiments/flexgen_pee
 runs named flexgen-*) runs on the same settings where it runs offline: carry `.whl` and install it
 as experiments/bench_suite.py says.
 
-Run on a machine with the GPUs a run names (`--runs opt30b-1gpu opt30b-2gpu opt66b-2gpu` on
-nvidia-h100-x2 / nvidia-h200-x2); NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1 are set
-here: NVLink multicast stays off. Each run is `offload-engine run` in its own process group with
+Run on a machine with the GPUs a run names (the default runs need two: nvidia-h100-x2 /
+nvidia-h200-x2; `--budget-s` keeps a call within its limit and a rerun resumes). The stages talk
+through host memory (gloo), not NCCL; NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1 are
+set all the same. Each run is `offload-engine run` in its own process group with
 a timeout; a run whose batch does not fit (the engine refuses before allocating) is retried with
 the next smaller batch. Every finished run is appended to DIR/runs.jsonl at once and skipped by a
 rerun at the same commit, so the runs can spread over several 10-minute calls.
@@ -74,6 +75,10 @@ FLEXGEN: dict[str, tuple[str, int, str, Batch]] = {
     "flexgen-opt66b-2gpu": ("opt-66b", 2, "10 90 0 100 0 100", (16, 2)),
     "flexgen-opt30b-4gpu": ("opt-30b", 4, "40 60 0 100 0 100", (24, 2)),
 }
+
+
+TWO_GPUS = ["opt30b-1gpu", "opt30b-2gpu", "opt30b-2gpu-4mb", "opt66b-2gpu", "flexgen-opt30b-2gpu",
+            "flexgen-opt66b-2gpu"]  # the default: what a two-GPU machine can run
 
 
 def flexgen_command(name: str, offload: Path) -> list[str]:
@@ -159,7 +164,7 @@ def run_one(name: str, out: Path, commit: str, timeout_s: float) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--runs", nargs="+", choices=[*RUNS, *FLEXGEN], default=list(RUNS)[:3])
+    parser.add_argument("--runs", nargs="+", choices=[*RUNS, *FLEXGEN], default=TWO_GPUS)
     parser.add_argument("--timeout-s", type=float, default=540, help="the most one run may take")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="the whole call's seconds: a run gets what is left (none under a minute)")

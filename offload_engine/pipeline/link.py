@@ -69,13 +69,12 @@ class StageLink:
         `one_host`: every stage on this host, so the senders' clocks are the receiver's."""
         self.rank, self.world, self.device = rank, world, device
         self.wire = torch.device("cpu")  # where messages travel from and to
-        backend = "gloo"
         self.prev = rank - 1 if rank > 0 else None
         self.next = rank + 1 if rank + 1 < world else None
-        pairs = [dist.new_group([k, k + 1], backend=backend) for k in range(world - 1)]
+        pairs = [dist.new_group([k, k + 1], backend="gloo") for k in range(world - 1)]
         self.from_prev = pairs[rank - 1] if self.prev is not None else None
         self.to_next = pairs[rank] if self.next is not None else None
-        self.token_group = dist.new_group([0, world - 1], backend=backend)
+        self.token_group = dist.new_group([0, world - 1], backend="gloo")
         self.control = dist.new_group(backend="gloo")  # barriers, reports
         self.one_host = one_host
         self.stats = self.new_stats()

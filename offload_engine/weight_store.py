@@ -56,7 +56,9 @@ class WeightStore:
             from kernels.quant.pack import quantize
             home.copy_(quantize(tensor.to(self.device, torch.float32), self.quant_spec))
         else:
-            home.copy_(tensor)
+            # Cast where the tensor is: a cross-device copy that also casts goes through a pageable
+            # temporary of the source dtype (an fp32 GPU tensor into pinned fp16 ran at ~1 GB/s).
+            home.copy_(tensor.to(home.dtype))
 
     def accepts_packed(self, key: str, bits: int, group_size: int) -> bool:
         s = self.quant_spec

@@ -119,7 +119,8 @@ class Engine:
         if policy.uses_disk:
             r = opts.disk_relay
             relay = DiskRelay(r.ring_bytes, r.chunk_bytes, r.threads, direct=r.direct, device=self.device)
-        self.mover = Mover(self.device, policy.overlap, self.profiler, relay=relay, disk=self.disk)
+        self.mover = Mover(self.device, policy.overlap, self.profiler, relay=relay, disk=self.disk,
+                           disk_store_budget=self.plan.disk_store_bytes)
         cpu = self.plan.tiers[Tier.CPU]
         pinned = self.plan.persistent_bytes(Tier.CPU) - (0 if policy.pin_weight else cpu.weights)
         self.storages = {Tier.GPU: DeviceStorage(self.device), Tier.CPU: HostStorage(True, pinned), Tier.DISK: self.disk}

@@ -130,6 +130,17 @@ def matmul_flops(device: torch.device, n: int, reps: int) -> float:
     return 2 * n ** 3 / median_s(lambda: torch.matmul(a, b, out=out), reps, device, warmup=2)
 
 
+def gemv_read_rate(device: torch.device, n: int, reps: int, rows: int = 16) -> float:
+    """Weight bytes/s of a decode matmul: `rows` sequences against an n x 4n weight (an MLP's
+    first matrix), which reads the weight once and does little with it (fp16 on a GPU, float32
+    on the CPU)."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    w = torch.randn(n, 4 * n, dtype=dtype, device=device)
+    x = torch.randn(rows, n, dtype=dtype, device=device)
+    out = torch.empty(rows, 4 * n, dtype=dtype, device=device)
+    return w.numel() * w.element_size() / median_s(lambda: torch.matmul(x, w, out=out), reps, device, warmup=2)
+
+
 def gpu_attention_rate(device: torch.device, shape: tuple[int, int, int, int], reps: int) -> float:
     """K + V bytes/s of kernels.decode_attention over a full (T, B, H, D) fp16 cache (the captured step's kernel)."""
     from kernels.decode_attention import decode_attention
@@ -343,6 +354,9 @@ def profile_machine(device: torch.device, offload_dir: Path, sizes: Sizes,
     f["gpu_flops"] = matmul_flops(device, sizes.matmul_n, n)
     m[("gpu_matmul_fp16" if cuda else "cpu_matmul_fp32") + "_TFLOP_s"] = f["gpu_flops"] / 1e12
     m["matmul_n"] = sizes.matmul_n
+    log("decode matmul")
+    f["gpu_gemv_bytes_s"] = gemv_read_rate(device, sizes.matmul_n, n)
+    m["decode_matmul_weight_read_GB_s"] = f["gpu_gemv_bytes_s"] / 1e9
     if not cuda:
         m["notes"]["gpu_flops"] = "float32 matmul on the CPU: the compute device of CPU-device runs"
     log("CPU decode attention")

@@ -4,15 +4,18 @@ Memory is the engine's own plan (memory.py): what the model predicts is what the
 allocate or refuse. Time adds up the bytes and FLOPs each part of the zig-zag schedule moves,
 over the rates of a `HardwareProfile`, and combines them the way the schedule overlaps them:
 
-  decode step = max(weight I/O, KV I/O, activation I/O, GPU compute + CPU attention + launches,
+  decode step = max(PCIe link, disk, activation I/O, GPU compute + CPU attention + launches,
                     host memory)
 
-weights and KV stream on their own streams and threads beside compute, so they overlap it; CPU
-attention runs on the host thread between a layer's GPU halves, so it adds to compute; the host's
-memory is read by both weight DMA and CPU attention, each slower while the other runs
-(Terms.host_memory_s). Prefill = max(compute, weight I/O,
-KV write-back). Every term is linear in the placement fractions, which is what lets search.py
-solve for the percentages with a linear program (`Terms`).
+weights and KV stream on their own streams and threads beside compute, so they overlap it, but
+they share the resources they cross: every streamed byte crosses the PCIe link, and weights and
+cache on disk share the disk, so each resource sums its users (taken as separate channels, an
+OPT-30B policy with both partly on disk was predicted at 2.7x its measured speed). CPU attention
+runs on the host thread between a layer's GPU halves, so it adds to compute; the host's memory
+is read by both weight DMA and CPU attention, each slower while the other runs
+(Terms.host_memory_s). Prefill = max(compute, weights in, cache out, disk). Every term is linear
+in the placement fractions, which is what lets search.py solve for the percentages with a linear
+program (`Terms`).
 """
 from __future__ import annotations
 
@@ -53,11 +56,25 @@ class Terms:
     batch: int
 
     def weight_io_s(self, hw: HardwareProfile, wc: float, wd: float) -> float:
-        return self.W * (wc / hw.h2d_bytes_s + wd / min(hw.disk_read_bytes_s, hw.h2d_bytes_s))
+        """Weights alone: over PCIe from host memory and disk, the disk's share also at its rate."""
+        dr = min(hw.disk_read_bytes_s, hw.h2d_bytes_s)
+        return self.W * max((wc + wd) / hw.h2d_bytes_s, wd / dr)
 
     def kv_io_s(self, hw: HardwareProfile, cc: float, cd: float) -> float:
+        """The KV cache alone: what is not attended on the CPU crosses PCIe; the disk's share also the disk."""
         streamed_cpu = 0.0 if self.cpu_attention else cc
-        return self.KV_read * (streamed_cpu / hw.h2d_bytes_s + cd / min(hw.disk_read_bytes_s, hw.h2d_bytes_s))
+        dr = min(hw.disk_read_bytes_s, hw.h2d_bytes_s)
+        return self.KV_read * max((streamed_cpu + cd) / hw.h2d_bytes_s, cd / dr)
+
+    def link_s(self, hw: HardwareProfile, wc: float, wd: float, cc: float, cd: float) -> float:
+        """PCIe host -> GPU, shared by every streamed byte: weights and cache from host memory and
+        from disk (whose reads land in host memory first)."""
+        streamed_cpu = 0.0 if self.cpu_attention else cc
+        return (self.W * (wc + wd) + self.KV_read * (streamed_cpu + cd)) / hw.h2d_bytes_s
+
+    def disk_s(self, hw: HardwareProfile, wd: float, cd: float) -> float:
+        """The disk, shared by the weights and the cache read from it."""
+        return (self.W * wd + self.KV_read * cd) / min(hw.disk_read_bytes_s, hw.h2d_bytes_s)
 
     def attention_s(self, hw: HardwareProfile, cg: float, cc: float, cd: float) -> tuple[float, float]:
         """(GPU attention, CPU attention) seconds of a decode step."""
@@ -152,18 +169,21 @@ def terms(model: ModelConfig, policy: Policy, work: Workload, hw: HardwareProfil
     # Decode matmuls: each GPU batch reads every weight (as stored, when the fused kernel reads it
     # packed) unless the batch is large enough to be compute-bound.
     read = stored if (policy.compress_weight is None or b <= FUSED_MAX_ROWS) else params * itemsize
-    gemm = k * max(read / hw.gpu_mem_bytes_s, 2.0 * params * b / hw.gpu_flops)
+    gemm = k * max(read / hw.weight_read_bytes_s, 2.0 * params * b / hw.gpu_flops)
     attn_flops = 2.0 * b * k * work.prompt_len ** 2 * model.hidden_size * len(attn)  # causal: half of 4 b s^2 h
     prefill = (2.0 * params * b * k * work.prompt_len + attn_flops) / hw.gpu_flops
     n_layers = len(layers)
-    overhead = 0.0 if _captured(policy) else n_layers * k * hw.layer_overhead_s
+    overhead = 0.0 if _captured(policy, hw) else n_layers * k * hw.layer_overhead_s
     act = 2.0 * n_layers * b * k * model.hidden_size * itemsize  # out and back, one token a sequence
     return Terms(stored, kv_read, kv_prompt, act, act * work.prompt_len, gemm, prefill, overhead,
                  policy.cpu_cache_compute, work.gen_len, b * k)
 
 
-def _captured(policy: Policy) -> bool:
-    """Whether the engine captures the decode step (decode_graph.graphs_apply, from the policy alone)."""
+def _captured(policy: Policy, hw: HardwareProfile) -> bool:
+    """Whether the engine captures the decode step (decode_graph.graphs_apply, from the policy and
+    whether there is a GPU)."""
+    if hw.cpu_device:
+        return False
     on_gpu = policy.weight_gpu_percent == 100 and policy.cache_gpu_percent == 100 and policy.act_gpu_percent == 100
     return policy.cuda_graphs and on_gpu and policy.kv.policy == "full" and policy.compress_cache is None
 
@@ -185,15 +205,65 @@ def estimate(model: ModelConfig, policy: Policy, work: Workload, hw: HardwarePro
     acts = max(1, plan.act_split.count)
     a_counts = plan.act_split.counts()
     hc, hd = a_counts[Tier.CPU] / acts, a_counts[Tier.DISK] / acts
-    parts = {"weight_io": t.weight_io_s(hw, wc, wd), "kv_io": t.kv_io_s(hw, cc, cd), "act_io": t.act_io_s(hw, hc, hd),
+    parts = {"link": t.link_s(hw, wc, wd, cc, cd), "disk": t.disk_s(hw, wd, cd), "act_io": t.act_io_s(hw, hc, hd),
              "compute": t.gemm_s + gpu_attn + cpu_attn + t.overhead_s, "host_memory": t.host_memory_s(hw, wc, cc),
+             "weight_io": t.weight_io_s(hw, wc, wd), "kv_io": t.kv_io_s(hw, cc, cd),
              "gpu_attention": gpu_attn, "cpu_attention": cpu_attn, "gemm": t.gemm_s, "launch": t.overhead_s}
-    step = max(parts["weight_io"], parts["kv_io"], parts["act_io"], parts["compute"], parts["host_memory"])
-    kv_write = t.KV_prompt * ((1 - cg) / hw.d2h_bytes_s + cd / hw.disk_write_bytes_s)
-    prefill = max(t.prefill_compute_s + t.overhead_s, parts["weight_io"], kv_write, t.act_io_s(hw, hc, hd, True))
+    parts["layer_by_layer"] = serial_step_s(model, policy, work, hw, plan, t, dtype)
+    step = max(parts[k] for k in ("link", "disk", "act_io", "compute", "host_memory", "layer_by_layer"))
+    # Prefill: weights in over PCIe (once per block), the prompt's cache out (the other direction),
+    # the disk reading weights and writing cache in turn.
+    dr = min(hw.disk_read_bytes_s, hw.h2d_bytes_s)
+    link_in = t.W * (wc + wd) / hw.h2d_bytes_s
+    cache_out = t.KV_prompt * (1 - cg) / hw.d2h_bytes_s
+    disk = t.W * wd / dr + t.KV_prompt * cd / hw.disk_write_bytes_s
+    prefill = max(t.prefill_compute_s + t.overhead_s, link_in, cache_out, disk, t.act_io_s(hw, hc, hd, True))
     memory = {tier: plan.tiers[tier].total for tier in Tier}
     persistent = {tier: plan.persistent_bytes(tier) for tier in Tier}
     return Estimate(policy, prefill, step, memory, persistent, parts, work.gen_len)
+
+
+def serial_step_s(model: ModelConfig, policy: Policy, work: Workload, hw: HardwareProfile, plan: MemoryPlan,
+                  t: Terms, dtype: torch.dtype) -> float:
+    """The decode step layer by layer: the sum over scheduled layers of the longest of its compute,
+    its bytes over PCIe and its bytes from disk, at the tiers the plan gives that layer.
+
+    The schedule fetches a layer or two ahead, so a layer's I/O overlaps only its neighbours'
+    compute, not the whole step's: the placement puts the last percents of the weights and cache
+    in the last layers, and a few layers with gigabytes on disk stall the step however idle the
+    disk is elsewhere. Always at least each resource's whole-step total."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    layers = build_layers(model, policy.sep_layer)
+    b, k = policy.gpu_batch_size, policy.num_gpu_batches
+    dr = min(hw.disk_read_bytes_s, hw.h2d_bytes_s)
+    gemv = hw.weight_read_bytes_s
+    n_attn = max(1, len(plan.kv_layers))
+    item_read = t.KV_read / (n_attn * plan.kv_batches)  # K + V one (layer, gpu batch) item reads a step
+    overhead = t.overhead_s / max(1, len(layers))
+    seen: set[str] = set()
+    total = 0.0
+    for i, layer in enumerate(layers):
+        specs = [s for s in layer.weight_specs() if s.key not in seen]
+        seen.update(s.key for s in specs)
+        by_tier = {tier: 0 for tier in Tier}
+        for spec in specs:
+            by_tier[plan.weight_tiers[spec.key]] += weight_bytes(spec, policy, itemsize)
+        stored, params = sum(by_tier.values()), sum(s.numel() for s in specs)
+        read = stored if (policy.compress_weight is None or b <= FUSED_MAX_ROWS) else params * itemsize
+        compute = k * max(read / gemv, 2.0 * params * b / hw.gpu_flops) + overhead
+        link = by_tier[Tier.CPU] + by_tier[Tier.DISK]
+        disk = by_tier[Tier.DISK]
+        if layer.kv_spec is not None:
+            for batch in range(k):
+                tier = plan.kv_tier(i, batch)
+                attended_on_cpu = tier == Tier.CPU and policy.cpu_cache_compute
+                compute += item_read / (hw.cpu_attention_bytes_s if attended_on_cpu else hw.gpu_attention_bytes_s)
+                if tier == Tier.DISK or (tier == Tier.CPU and not attended_on_cpu):
+                    link += item_read
+                if tier == Tier.DISK:
+                    disk += item_read
+        total += max(compute, link / hw.h2d_bytes_s, disk / dr)
+    return total
 
 
 def fits(estimate: Estimate, hw: HardwareProfile) -> bool:
@@ -225,7 +295,7 @@ def layer_seconds(model: ModelConfig, policy: Policy, work: Workload, hw: Hardwa
         if layer.kv_spec is not None:
             kv = 2 * read_len * b * k * kv_token_bytes(layer.kv_spec.num_heads, layer.kv_spec.head_dim, policy, itemsize)
         io = stored * (wc / hw.h2d_bytes_s + wd / disk) + kv * ((cc - on_cpu) / hw.h2d_bytes_s + cd / disk)
-        compute = k * max(stored / hw.gpu_mem_bytes_s, 2.0 * params * b / hw.gpu_flops) \
+        compute = k * max(stored / hw.weight_read_bytes_s, 2.0 * params * b / hw.gpu_flops) \
             + kv * (1 - on_cpu) / hw.gpu_attention_bytes_s + kv * on_cpu / hw.cpu_attention_bytes_s
         out.append(max(io, compute))
     return out

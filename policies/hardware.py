@@ -28,6 +28,9 @@ class HardwareProfile:
     disk_write_bytes_s: float = 0.5 * GB
     gpu_mem_bytes_s: float = 1000 * GB  # HBM: what memory-bound kernels (decode GEMVs, attention) reach
     gpu_flops: float = 100e12  # fp16 matmul rate at prefill shapes
+    # Weight bytes/s a decode matmul (a few rows against a weight matrix) reads: below the copy
+    # rate (0: not measured; then gpu_mem_bytes_s stands in).
+    gpu_gemv_bytes_s: float = 0.0
     gpu_attention_bytes_s: float = 500 * GB  # decode attention reading a GPU cache
     cpu_attention_bytes_s: float = 20 * GB  # decode attention reading a CPU cache, all cores
     cpu_mem_bytes_s: float = 40 * GB  # a host-memory read stream (shared by DMA and CPU attention)
@@ -44,6 +47,17 @@ class HardwareProfile:
                 if not math.isfinite(value) or value < 0:
                     raise EngineError(f"hardware profile: {f.name} = {value} is not a finite non-negative number.",
                                       "Re-run `offload-engine profile`.")
+
+    @property
+    def cpu_device(self) -> bool:
+        """A profile measured with the CPU as the compute device (no GPU: no CUDA graphs, and
+        weights are read from host memory)."""
+        return self.measured.get("device") == "cpu"
+
+    @property
+    def weight_read_bytes_s(self) -> float:
+        """The rate decode matmuls read weights at: measured where it was, else the memory's."""
+        return self.gpu_gemv_bytes_s or (self.cpu_mem_bytes_s if self.cpu_device else self.gpu_mem_bytes_s)
 
     @property
     def contention_measured(self) -> bool:

@@ -75,6 +75,7 @@ class MemoryPlan:
     compressed_weights: set[str] = field(default_factory=set)  # checkpoint keys stored packed
     tiers: dict[Tier, TierBudget] = field(default_factory=lambda: {t: TierBudget() for t in Tier})
     kv_blocks: int = 1  # a pipeline stage keeps KV cache for several blocks of gpu batches
+    disk_store_bytes: int = 0  # compute-device memory that queued disk writes may hold (transfer.Mover)
 
     @property
     def kv_batches(self) -> int:
@@ -214,6 +215,11 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
     mask = b * work.prompt_len * work.prompt_len
     gpu.working = layer_work + 3 * act_item + mask + act_item * act_counts[Tier.GPU] + LIBRARY_WORKSPACE
     gpu.working += pipeline_hidden * act_item
+    # Writes to disk hold their source until the disk takes it: one prompt's K and V (or one
+    # gpu batch's hidden states) may wait beside the next layer's working memory.
+    plan.disk_store_bytes = max(prompt_item if kv_counts[Tier.DISK] else 0,
+                                act_item if act_counts[Tier.DISK] else 0)
+    gpu.working += plan.disk_store_bytes
     if policy.cpu_cache_compute and attn:
         spec = attn[0][1]
         plan.tiers[Tier.CPU].working = 4 * b * spec.num_heads * (work.max_len + 2 * spec.head_dim) * 4

@@ -56,13 +56,18 @@ def _placed(model: ModelConfig, base: Policy, work: Workload, dtype, percent: tu
 
 def _lp(model: ModelConfig, base: Policy, work: Workload, hw: HardwareProfile, dtype) -> list[tuple[float, ...]]:
     """Placement percentages (wg, wc, cg, cc, hg, hc) minimising the estimated total time: one
-    solution with weights and cache kept on the GPU (no staging slots), one with anything streamed
-    (its GPU staging counted at the worst case); either may be infeasible."""
-    return [p for p in (_solve(model, base, work, hw, dtype, resident) for resident in (True, False)) if p is not None]
+    solution with weights and cache kept on the GPU (no staging slots), and with anything streamed
+    (its GPU staging counted at the worst case) one with and one without disk; any may be
+    infeasible. The LP sees whole-step totals; the layer-by-layer term (cost_model.serial_step_s)
+    that `estimate` adds can make a few percent on disk cost more than the LP thought, so the
+    placement without disk is always a candidate too."""
+    found = [_solve(model, base, work, hw, dtype, resident, disk)
+             for resident, disk in ((True, True), (False, True), (False, False))]
+    return list(dict.fromkeys(p for p in found if p is not None))
 
 
 def _solve(model: ModelConfig, base: Policy, work: Workload, hw: HardwareProfile, dtype,
-           resident: bool) -> tuple[float, ...] | None:
+           resident: bool, disk: bool = True) -> tuple[float, ...] | None:
     from scipy.optimize import linprog
 
     t = terms(model, base, work, hw, dtype)
@@ -88,13 +93,12 @@ def _solve(model: ModelConfig, base: Policy, work: Workload, hw: HardwareProfile
         b.append(rhs)
 
     cpu_att = 1.0 if base.cpu_cache_compute else 0.0
-    # weight I/O: W wc / h2d + W (1 - wg - wc) / dr <= step (and <= prefill)
-    for col in (6, 7):
-        row = [-W / dr, W / hw.h2d_bytes_s - W / dr, 0, 0, 0, 0, 0, 0]
-        row[col] = -1
-        le(row, -W / dr)
-    # KV I/O: KV_read (cc (1 - cpu_att) / h2d + (1 - cg - cc) / dr) <= step
-    le([0, 0, -t.KV_read / dr, t.KV_read * ((1 - cpu_att) / hw.h2d_bytes_s - 1 / dr), 0, 0, -1, 0], -t.KV_read / dr)
+    h2d = hw.h2d_bytes_s
+    # PCIe link, decode: (W (1 - wg) + KV_read (1 - cg - cc att)) / h2d <= step; prefill: W (1 - wg) / h2d
+    le([-W / h2d, 0, -t.KV_read / h2d, -t.KV_read * cpu_att / h2d, 0, 0, -1, 0], -(W + t.KV_read) / h2d)
+    le([-W / h2d, 0, 0, 0, 0, 0, 0, -1], -W / h2d)
+    # disk, decode: (W (1 - wg - wc) + KV_read (1 - cg - cc)) / dr <= step
+    le([-W / dr, -W / dr, -t.KV_read / dr, -t.KV_read / dr, 0, 0, -1, 0], -(W + t.KV_read) / dr)
     # compute: gemm + overhead + KV_read ((1 - cc att) / gpu_attn + cc att / cpu_attn) <= step
     ga, ca = 1 / hw.gpu_attention_bytes_s, 1 / hw.cpu_attention_bytes_s
     le([0, 0, 0, t.KV_read * cpu_att * (ca - ga), 0, 0, -1, 0], -(t.gemm_s + t.overhead_s + t.KV_read * ga))
@@ -108,24 +112,28 @@ def _solve(model: ModelConfig, base: Policy, work: Workload, hw: HardwareProfile
     # host memory, each piece: s_a (KV_read cc att) + s_d (W wc + KV_read cc (1 - att)) <= step
     for s_a, s_d in host_coefficients(hw):
         le([0, W * s_d, 0, t.KV_read * (cpu_att * s_a + (1 - cpu_att) * s_d), 0, 0, -1, 0], 0)
-    # prefill compute; KV write-back: KV_prompt ((1 - cg) / d2h + (1 - cg - cc) / dw) <= prefill
+    # prefill compute; the prompt's cache out: KV_prompt (1 - cg) / d2h <= prefill; the disk reading
+    # weights and writing cache: W (1 - wg - wc) / dr + KV_prompt (1 - cg - cc) / dw <= prefill
     le([0, 0, 0, 0, 0, 0, 0, -1], -(t.prefill_compute_s + t.overhead_s))
+    le([0, 0, -t.KV_prompt / hw.d2h_bytes_s, 0, 0, 0, 0, -1], -t.KV_prompt / hw.d2h_bytes_s)
     dw = hw.disk_write_bytes_s
-    le([0, 0, -t.KV_prompt * (1 / hw.d2h_bytes_s + 1 / dw), -t.KV_prompt / dw, 0, 0, 0, -1],
-       -t.KV_prompt * (1 / hw.d2h_bytes_s + 1 / dw))
+    le([-W / dr, -W / dr, -t.KV_prompt / dw, -t.KV_prompt / dw, 0, 0, 0, -1], -(W / dr + t.KV_prompt / dw))
     # memory caps
     le([W, 0, KV, 0, ACT, 0, 0, 0], hw.gpu_mem_bytes - gpu_fixed)
     le([0, W, 0, KV, 0, ACT, 0, 0], hw.cpu_mem_bytes - cpu_fixed)
     le([-W, -W, -KV, -KV, -ACT, -ACT, 0, 0], hw.disk_free_bytes - W - KV - ACT)
-    # each pair sums to at most 1
+    # each pair sums to at most 1 (exactly 1: nothing on disk)
+    pairs = []
     for i in (0, 2, 4):
         row = [0] * 8
         row[i] = row[i + 1] = 1
         le(row, 1)
+        pairs.append(row)
     bounds = [(0, 1)] * 6 + [(0, None), (0, None)]
     if resident:  # weights and KV cache stay on the GPU: nothing is staged
         bounds[0] = bounds[2] = (1, 1)
-    res = linprog(c, A_ub=np.array(A, dtype=float), b_ub=np.array(b, dtype=float), bounds=bounds, method="highs")
+    eq = {} if disk else {"A_eq": np.array(pairs, dtype=float), "b_eq": np.ones(len(pairs))}
+    res = linprog(c, A_ub=np.array(A, dtype=float), b_ub=np.array(b, dtype=float), bounds=bounds, method="highs", **eq)
     if res.status != 0:
         return None
     return tuple(float(v) * 100 for v in res.x[:6])

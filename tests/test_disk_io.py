@@ -426,3 +426,52 @@ def test_empty_tensor_is_a_no_op(relay, tmp_path):
     h.wait()
     h.synchronize()
     assert h.done() and not (tmp_path / "nothing.bin").exists()
+
+
+def test_queued_disk_writes_hold_at_most_the_budget():
+    """A write to disk holds its source until the disk has taken it; queued writes may hold no
+    more than the budget: a new one first waits for the oldest (a prefill outruns a disk)."""
+    from offload_engine.io.transfer import Mover
+    from offload_engine.profiler import Profiler
+
+    waited: list[int] = []
+
+    class Handle:
+        def __init__(self, n: int):
+            self.n = n
+
+        def wait(self) -> None:
+            self.synchronize()
+
+        def synchronize(self) -> None:
+            if self.n not in waited:
+                waited.append(self.n)
+
+    class Relay:
+        def __init__(self):
+            self.stores = 0
+
+        def store(self, src, path, offset):
+            self.stores += 1
+            return Handle(self.stores - 1)
+
+        def close(self):
+            pass
+
+    class Disk:
+        def locate(self, t):
+            return "file", 0
+
+    mover = Mover(torch.device("cpu"), overlap=False, profiler=Profiler(False), relay=Relay(), disk=Disk(),
+                  disk_store_budget=250)
+    src, dst = torch.randn(25), torch.empty(25)  # 100 bytes each
+    held = []
+    for _ in range(5):
+        mover.store(dst, src, "kv_io", to_disk=True)
+        held.append(mover.disk_store_bytes)
+    assert waited == [0, 1, 2]  # the third write waited for the first, and so on
+    assert held == [100, 200, 200, 200, 200]
+    mover.store(torch.empty(100), torch.randn(100), "kv_io", to_disk=True)  # 400 bytes: larger than the budget
+    assert waited == [0, 1, 2, 3, 4] and mover.disk_store_bytes == 400
+    mover.store(dst, src, "kv_io")  # a copy to host memory is not a disk write: not held back
+    assert waited == [0, 1, 2, 3, 4]

@@ -111,3 +111,30 @@ def test_policy_validation():
         Policy(weight_buffers=1)
     assert Policy.from_percent([20, 80, 0, 100, 0, 100]).uses_disk is False
     assert Policy.from_percent([20, 70, 0, 100, 0, 100]).uses_disk is True
+
+
+def test_disk_writes_in_flight_are_planned_on_the_gpu():
+    """A prompt's K and V written to disk wait on the compute device until the disk takes them:
+    the plan counts one prompt's worth (what the engine's Mover lets queue) where any cache or
+    activation lives on disk, and nothing otherwise."""
+    layers = build_layers(TINY)
+    work = Workload(16, 8)
+
+    def plan(percent):
+        policy = Policy.from_percent(percent, gpu_batch_size=3, num_gpu_batches=2)
+        return plan_memory(layers, policy, work, torch.float32, TINY.hidden_size)
+
+    on_cpu, kv_on_disk, act_on_disk = plan((0, 100, 0, 100, 0, 100)), plan((0, 100, 0, 50, 0, 100)), \
+        plan((0, 100, 0, 100, 0, 50))
+    prompt_kv = 2 * 16 * 3 * TINY.hidden_size * 4  # K and V of 16 tokens, batch 3, fp32
+    hidden = 3 * 16 * TINY.hidden_size * 4
+    assert on_cpu.disk_store_bytes == 0
+    assert kv_on_disk.disk_store_bytes == prompt_kv
+    assert act_on_disk.disk_store_bytes == hidden
+    assert kv_on_disk.tiers[Tier.GPU].working - on_cpu.tiers[Tier.GPU].working == prompt_kv
+
+
+def test_engine_bounds_its_disk_writes_by_the_plan(tmp_path):
+    policy = Policy.from_percent((0, 100, 0, 50, 0, 100), gpu_batch_size=3, num_gpu_batches=2)
+    with Engine(TINY, policy, Workload(16, 8), EngineOptions(offload_dir=tmp_path, progress=False)) as engine:
+        assert engine.mover.disk_store_budget == engine.plan.disk_store_bytes > 0

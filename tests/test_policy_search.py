@@ -134,3 +134,21 @@ def test_latency_objective_prefers_smaller_batches():
     assert fast.total_s <= many.total_s and many.throughput >= fast.throughput
     with pytest.raises(ValueError, match="objective"):
         search(model, work, H100, space, objective="speed")
+
+
+def test_weights_and_cache_share_the_disk_and_the_link():
+    """Streams run side by side but cross the same resources: the disk's time is the weights' and
+    the cache's disk bytes together, and the link carries every streamed byte."""
+    model, work = MODEL_CONFIGS["opt-30b"], Workload(512, 32)
+
+    def est(percent):
+        return estimate(model, Policy.from_percent(percent, gpu_batch_size=24, num_gpu_batches=2), work, H100)
+
+    weights_only, cache_only, both = est((10, 80, 0, 100, 0, 100)), est((10, 90, 0, 80, 0, 100)), \
+        est((10, 80, 0, 80, 0, 100))
+    assert weights_only.parts["disk"] > 0 and cache_only.parts["disk"] > 0
+    assert both.parts["disk"] == pytest.approx(weights_only.parts["disk"] + cache_only.parts["disk"], rel=1e-9)
+    assert both.parts["disk"] > max(both.parts["weight_io"], both.parts["kv_io"])
+    nothing = est((10, 90, 0, 100, 0, 100))  # the same bytes over PCIe, none from disk
+    assert both.parts["link"] == pytest.approx(nothing.parts["link"], rel=1e-9) and nothing.parts["disk"] == 0
+    assert both.step_s >= both.parts["disk"] and both.step_s > nothing.step_s

@@ -22,6 +22,7 @@ FIELDS = (
     ("disk_write_bytes_s", "GB/s", 1e9, "writing --offload-dir through the disk relay, until fsync returns"),
     ("gpu_mem_bytes_s", "GB/s", 1e9, "GPU memory (copy: read + write): memory-bound decode kernels"),
     ("gpu_flops", "TFLOP/s", 1e12, "fp16 matmul at 4096^3 (float32 on a CPU device): prefill, batched MLPs"),
+    ("gpu_gemv_bytes_s", "GB/s", 1e9, "weights read by a 16-row decode matmul (float32 on a CPU device)"),
     ("gpu_attention_bytes_s", "GB/s", 1e9, "decode attention over a GPU cache, K + V bytes read per second"),
     ("cpu_attention_bytes_s", "GB/s", 1e9, "decode attention over a CPU cache, all cores (--cpu-cache-compute)"),
     ("cpu_mem_bytes_s", "GB/s", 1e9, "host memory read, all cores: shared by PCIe DMA and CPU attention"),

@@ -8,9 +8,16 @@ threads when overlap is on so that it runs beside compute.
 Contiguous disk tensors go through the disk relay (disk_relay.py): large pread/pwrite on
 worker threads into a ring of pinned buffers and asynchronous copies from there, instead of a
 pageable, page-faulting copy from the memory mapping.
+
+A write to disk holds its source (on the compute device) until the disk has taken it, and a
+disk is slower than the compute that fills it (a prefill produces its KV cache faster than a
+disk writes it). `disk_store_budget` bounds the source bytes queued writes may hold: a store
+that would exceed it first waits for the oldest ones, so the device memory they pin is the
+plan's (`MemoryPlan.disk_store_bytes`), not whatever the disk has fallen behind by.
 """
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Sequence
@@ -63,8 +70,11 @@ DONE = Pending()
 
 class Mover:
     def __init__(self, device: torch.device, overlap: bool, profiler: Profiler, io_threads: int = 4,
-                 relay=None, disk=None):
+                 relay=None, disk=None, disk_store_budget: int | None = None):
         self.cuda = device.type == "cuda"
+        self.disk_store_budget = disk_store_budget  # source bytes queued disk writes may hold (None: no bound)
+        self._disk_stores: deque[tuple[Pending, int]] = deque()
+        self._disk_store_bytes = 0
         self.profiler = profiler
         self.relay, self.disk = relay, disk  # DiskRelay, and the DiskStorage that knows the files
         self.load_stream = torch.cuda.Stream(device) if self.cuda and overlap else None
@@ -81,12 +91,35 @@ class Mover:
 
     def store(self, dst: torch.Tensor, src: torch.Tensor, category: str, to_disk: bool = False) -> Pending:
         """dst (host or disk) <- src (compute device), after the compute that produced src."""
+        nbytes = src.numel() * src.element_size()
+        if to_disk:
+            self._make_room(nbytes)
         where = self._on_disk(dst, src) if to_disk else None
         if where is not None:  # the relay orders itself after the compute issued so far
-            return self._relay(lambda: self.relay.store(src, *where), category, ())
-        if self.store_stream is not None:
-            src.record_stream(self.store_stream)  # keep src's memory until the copy is done
-        return self._copy(dst, src, self.store_stream, category, to_disk, ())
+            pending = self._relay(lambda: self.relay.store(src, *where), category, ())
+        else:
+            if self.store_stream is not None:
+                src.record_stream(self.store_stream)  # keep src's memory until the copy is done
+            pending = self._copy(dst, src, self.store_stream, category, to_disk, ())
+        if to_disk and self.disk_store_budget is not None:
+            self._disk_stores.append((pending, nbytes))
+            self._disk_store_bytes += nbytes
+        return pending
+
+    def _make_room(self, nbytes: int) -> None:
+        """Wait for the oldest queued disk writes until this one fits the budget (one larger than
+        the whole budget waits for all of them, then goes alone)."""
+        if self.disk_store_budget is None:
+            return
+        while self._disk_stores and self._disk_store_bytes + nbytes > self.disk_store_budget:
+            pending, held = self._disk_stores.popleft()
+            pending.synchronize()
+            self._disk_store_bytes -= held
+
+    @property
+    def disk_store_bytes(self) -> int:
+        """Source bytes of the disk writes not yet known to be done (at most the budget, or one write)."""
+        return self._disk_store_bytes
 
     def _copy(self, dst, src, stream, category, disk, after: Sequence[Pending]) -> Pending:
         ready = None

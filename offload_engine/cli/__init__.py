@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         args = build_parser().parse_args(argv)
+        # What the result files record as their command: the arguments parsed, also when called in-process.
+        args.argv = ["offload-engine", *(sys.argv[1:] if argv is None else argv)]
         args.execute(args)
     except (EngineError, ArgumentError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -103,7 +103,7 @@ def execute(args: argparse.Namespace) -> dict:
         row["ppl_change_vs_full"] = row["ppl"] / full["ppl"] - 1 if full else None
     data = {"model": resolved.config.name, "weights": resolved.weights_label, "text": str(args.text),
             "context": args.context, "windows": args.windows, "rows": rows, "hardware": hardware(),
-            "commit": git_commit(), "command": sys.argv}
+            "commit": git_commit(), "command": args.argv}
     for row in rows:
         print(f"{row['kv_policy']}\t{row['mean_keys_attended']:.1f}\t{row['ppl']:.4f}")
     if args.json:

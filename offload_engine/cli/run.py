@@ -149,7 +149,7 @@ def execute(args: argparse.Namespace) -> dict:
             "total_throughput": predicted.throughput, "prefill_s": predicted.prefill_s, "step_s": predicted.step_s,
             "parts_s": predicted.parts},
         "hardware": hardware(), "commit": git_commit(),
-        "command": sys.argv,
+        "command": args.argv,
     }
     if args.json:
         write_json_atomic(args.json, data)

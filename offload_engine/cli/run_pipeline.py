@@ -126,7 +126,7 @@ def _report(args, resolved, job, result: dict, costs: list[float], unit: str) ->
         "cut_gen_len": args.cut_gen_len,
         "pipeline": {"stages": job.stages, "micro_batches": job.blocks, "split_by": unit, "stage_link": "host (gloo)",
                      "stage_policies": [asdict(p) for p in job.policies], "per_stage": result["stages"]},
-        "hardware": hardware(), "commit": git_commit(), "command": sys.argv,
+        "hardware": hardware(), "commit": git_commit(), "command": args.argv,
     }
     if args.json:
         write_json_atomic(args.json, data)

@@ -27,6 +27,10 @@ def add_pipeline_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--micro-batches", type=positive_int, default=None, metavar="M",
                    help="blocks of gpu-batch-size x num-gpu-batches sequences in flight through the pipeline; "
                         "the batch is M blocks (default: one per stage, which keeps every stage busy)")
+    g.add_argument("--stage-affinity", choices=["gpu-node", "none"], default="gpu-node",
+                   help="gpu-node: each GPU stage's threads on the cores local to its GPU (its NUMA node), shared "
+                        "evenly among the stages there, so its pinned memory and cache sit on that node; none: every "
+                        "stage on all cores, threads split by count (default: gpu-node)")
     g.add_argument("--stage-percent", nargs=7, type=finite_float, action="append", default=[],
                    metavar=("STAGE", "P", "P", "P", "P", "P", "P"),
                    help="one stage's placement instead of --percent, e.g. --stage-percent 1 0 100 100 0 100 0 "
@@ -75,7 +79,7 @@ def execute_pipeline(args: argparse.Namespace, resolved, policy: Policy, work: W
     policies = stage_policies(args, policy, stages)
     prompts = synthetic_prompts(model, policy.batch_size * blocks, work.prompt_len, args.seed)
     job = PipelineJob(model, policies, splits, blocks, work, engine_options(args, resolved.source), prompts,
-                      generation=gen)
+                      generation=gen, stage_affinity=args.stage_affinity == "gpu-node")
     torchrun = launched_by_torchrun()
     if not torchrun:
         if args.json is not None:
@@ -114,7 +118,7 @@ def _report(args, resolved, job, result: dict, costs: list[float], unit: str) ->
     for s, cost in zip(result["stages"], costs):
         s["cost"] = cost
         split = f" (bubble {s['bubble_s']:.3f}, transfer {s['transfer_s']:.3f})" if s["bubble_s"] is not None else ""
-        print(f"stage {s['stage']} (layers {s['layers'][0]}-{s['layers'][1] - 1}, {s['device']}): busy "
+        print(f"stage {s['stage']} (layers {s['layers'][0]}-{s['layers'][1] - 1}, {s['device']}, cores {s['cores']}): busy "
               f"{s['busy_s']:.3f} s, waiting for input {s['wait_input_s']:.3f} s{split}, for sends "
               f"{s['wait_send_s']:.3f} s, sent {s['sent_bytes'] / 2**20:.1f} MiB"
               + ("; decode step busy: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in sorted(s["decode_step_busy_s"].items()))

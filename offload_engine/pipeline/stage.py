@@ -34,6 +34,7 @@ from ..io.tiers import Tier
 from ..metrics import peak_memory
 from ..profiler import mean_split
 from ..sampling import GenerationConfig, sample
+from .affinity import compact_cpulist, gpu_local_cpus, stage_cores
 from .link import StageLink
 
 StepHook = Callable[[int, int], None]  # (stage, step): runs on every stage before each step
@@ -55,6 +56,7 @@ class PipelineJob:
     warmup: bool = True  # one short untimed pass first
     collect_logits: bool = False  # return each step's logits (N, V) from the last stage
     on_step: StepHook | None = None
+    stage_affinity: bool = True  # each GPU stage's threads on its GPU's NUMA node (affinity.py)
 
     def __post_init__(self) -> None:
         n, batch = self.prompts.shape[0], self.policies[0].batch_size * self.blocks
@@ -117,6 +119,11 @@ def run_stage(job: PipelineJob) -> dict | None:
         cuda = device.startswith("cuda")
         if cuda:
             torch.cuda.set_device(device)
+            if job.stage_affinity:  # before any host memory is touched: its pages land on this node
+                local = [gpu_local_cpus(i) for i in range(local_world)]
+                cores = stage_cores(local_rank, set(os.sched_getaffinity(0)), local)
+                os.sched_setaffinity(0, cores)
+                torch.set_num_threads(len(cores))
         dist.init_process_group("gloo")  # every message goes through host memory: see link.py
         link = StageLink(rank, world, torch.device(device), one_host=local_world == world)
         slice_ = StageSlice(job.splits[rank], job.blocks)
@@ -218,7 +225,8 @@ class StageRunner:
                   "wait_send_s": st.wait_send_s,
                   "busy_s": wall - st.wait_input_s - st.wait_send_s,
                   "sent_bytes": st.sent_bytes, "received_bytes": st.received_bytes,
-                  "decode_step_busy_s": busy, "peak_memory": peak_memory()}
+                  "decode_step_busy_s": busy, "peak_memory": peak_memory(),
+                  "cores": compact_cpulist(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
         if link.last:
             report["tokens"] = torch.cat([torch.stack([tokens[t][i] for t in range(steps)], 1)
                                           for i in range(blocks)]).cpu()

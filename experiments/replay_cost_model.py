@@ -18,13 +18,15 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from offload_engine.cli import build_parser  # noqa: E402
 from offload_engine.cli.options import policy_from_args  # noqa: E402
 from offload_engine.metrics import write_json_atomic  # noqa: E402
-from offload_engine.model_zoo import MODEL_CONFIGS  # noqa: E402
+from offload_engine.model_zoo import resolve_model  # noqa: E402
 from policies.cost_model import estimate  # noqa: E402
 from policies.hardware import HardwareProfile  # noqa: E402
 from policies.memory import Workload  # noqa: E402
@@ -45,13 +47,19 @@ def measured_runs(path: Path) -> list[tuple[list[str], float]]:
     return out
 
 
-def replay(argv: list[str], hw: HardwareProfile) -> dict:
+def replay(argv: list[str], hw: HardwareProfile) -> dict | None:
+    """The run's prediction now, or None for a run this model does not predict (a pipeline, or a
+    policy searched at run time, which the command line does not spell out)."""
     args = build_parser().parse_args(["run", *argv])
+    if args.pipeline > 1 or args.policy == "auto":
+        return None
     policy, work = policy_from_args(args), Workload(args.prompt_len, args.gen_len)
     if args.gpu_mem:
         hw = replace(hw, gpu_mem_bytes=args.gpu_mem)
-    est = estimate(MODEL_CONFIGS[args.model], policy, work, hw)
-    return {"model": args.model, "percent": " ".join(f"{p:g}" for p in policy.percent),
+    model = resolve_model(args.model, dummy=True).config
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.float16
+    est = estimate(model, policy, work, hw, dtype)
+    return {"model": model.name, "percent": " ".join(f"{p:g}" for p in policy.percent),
             "batch": f"{policy.gpu_batch_size}x{policy.num_gpu_batches}", "cpu_attention": policy.cpu_cache_compute,
             "predicted_token_s": est.throughput, "parts_s": est.parts}
 
@@ -66,7 +74,11 @@ def main() -> int:
     rows = []
     for path in args.runs:
         for argv, measured in measured_runs(path):
-            row = replay(argv, hw) | {"measured_token_s": measured, "source": str(path)}
+            row = replay(argv, hw)
+            if row is None:
+                print(f"skipped (a pipeline or --policy auto): {' '.join(argv)}", file=sys.stderr)
+                continue
+            row |= {"measured_token_s": measured, "source": str(path)}
             row["error"] = row["predicted_token_s"] / measured - 1
             rows.append(row)
     print("| model | placement | batch | CPU attention | measured | predicted | error |")

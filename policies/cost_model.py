@@ -240,11 +240,9 @@ def serial_step_s(model: ModelConfig, policy: Policy, work: Workload, hw: Hardwa
     n_attn = max(1, len(plan.kv_layers))
     item_read = t.KV_read / (n_attn * plan.kv_batches)  # K + V one (layer, gpu batch) item reads a step
     overhead = t.overhead_s / max(1, len(layers))
-    seen: set[str] = set()
     total = 0.0
-    for i, layer in enumerate(layers):
-        specs = [s for s in layer.weight_specs() if s.key not in seen]
-        seen.update(s.key for s in specs)
+    for i, layer in enumerate(layers):  # a tied weight is fetched by each layer that uses it
+        specs = list({s.key: s for s in layer.weight_specs()}.values())
         by_tier = {tier: 0 for tier in Tier}
         for spec in specs:
             by_tier[plan.weight_tiers[spec.key]] += weight_bytes(spec, policy, itemsize)

@@ -215,10 +215,9 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
     mask = b * work.prompt_len * work.prompt_len
     gpu.working = layer_work + 3 * act_item + mask + act_item * act_counts[Tier.GPU] + LIBRARY_WORKSPACE
     gpu.working += pipeline_hidden * act_item
-    # Writes to disk hold their source until the disk takes it: one prompt's K and V (or one
-    # gpu batch's hidden states) may wait beside the next layer's working memory.
-    plan.disk_store_bytes = max(prompt_item if kv_counts[Tier.DISK] else 0,
-                                act_item if act_counts[Tier.DISK] else 0)
+    # Writes to disk hold their source until the disk takes it: one prompt's K and V and one gpu
+    # batch's hidden states may wait beside the next layer's working memory.
+    plan.disk_store_bytes = (prompt_item if kv_counts[Tier.DISK] else 0) + (act_item if act_counts[Tier.DISK] else 0)
     gpu.working += plan.disk_store_bytes
     if policy.cpu_cache_compute and attn:
         spec = attn[0][1]

@@ -78,8 +78,9 @@ def _solve(model: ModelConfig, base: Policy, work: Workload, hw: HardwareProfile
     on_cpu = _placed(model, base, work, dtype, (0, 100, 0, 100, 0, 100))
     W, KV, ACT = (on_disk.tiers[Tier.DISK].weights, on_disk.tiers[Tier.DISK].kv_cache,
                   on_disk.tiers[Tier.DISK].activations)
+    streamed = on_disk if disk else on_cpu  # without disk, no disk writes wait on the GPU
     gpu_fixed = (_placed(model, base, work, dtype, (100, 0, 100, 0, 100, 0)).tiers[Tier.GPU].working if resident
-                 else on_disk.tiers[Tier.GPU].total)
+                 else streamed.tiers[Tier.GPU].total)
     cpu_fixed = on_cpu.tiers[Tier.CPU].total - on_cpu.tiers[Tier.CPU].weights - on_cpu.tiers[Tier.CPU].kv_cache \
         - on_cpu.tiers[Tier.CPU].activations
     dr = min(hw.disk_read_bytes_s, hw.h2d_bytes_s)

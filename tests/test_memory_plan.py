@@ -115,8 +115,8 @@ def test_policy_validation():
 
 def test_disk_writes_in_flight_are_planned_on_the_gpu():
     """A prompt's K and V written to disk wait on the compute device until the disk takes them:
-    the plan counts one prompt's worth (what the engine's Mover lets queue) where any cache or
-    activation lives on disk, and nothing otherwise."""
+    the plan counts one prompt's worth where any cache lives on disk, one gpu batch's hidden
+    states where activations do (what the engine's Mover lets queue), and nothing otherwise."""
     layers = build_layers(TINY)
     work = Workload(16, 8)
 
@@ -131,6 +131,7 @@ def test_disk_writes_in_flight_are_planned_on_the_gpu():
     assert on_cpu.disk_store_bytes == 0
     assert kv_on_disk.disk_store_bytes == prompt_kv
     assert act_on_disk.disk_store_bytes == hidden
+    assert plan((0, 100, 0, 50, 0, 50)).disk_store_bytes == prompt_kv + hidden  # both wait at once
     assert kv_on_disk.tiers[Tier.GPU].working - on_cpu.tiers[Tier.GPU].working == prompt_kv
 
 

@@ -101,7 +101,7 @@ def execute(args: argparse.Namespace):
                           "Lower --disk-mib or point --offload-dir at a disk with more space.")
     profile = profile_machine(device, args.offload_dir, sizes,
                               log=lambda what: print(f"measuring {what} ...", file=sys.stderr))
-    profile.measured.update(quick=args.quick, command=sys.argv)
+    profile.measured.update(quick=args.quick, command=args.argv)
     print(table(profile))
     profile.save(args.out)
     print(f"profile written to {args.out} ({profile.measured['elapsed_s']:.1f} s)", file=sys.stderr)

@@ -113,8 +113,8 @@ class Mover:
             return
         while self._disk_stores and self._disk_store_bytes + nbytes > self.disk_store_budget:
             pending, held = self._disk_stores.popleft()
+            self._disk_store_bytes -= held  # a failed write raises here, and no longer counts
             pending.synchronize()
-            self._disk_store_bytes -= held
 
     @property
     def disk_store_bytes(self) -> int:

@@ -5,8 +5,10 @@ memory it allocated itself, and Linux places a page on the NUMA node of the thre
 touches it. On a host with GPUs on two sockets, stages left to float over every core read part of
 their cache across the socket link and crowd each other's cores. Binding a stage to its GPU's
 node (the cores sysfs lists as local to the GPU's PCI device), shared evenly among the stages on
-that node, keeps its cache, its pinned weights and its DMA on one node. Where the information is
-missing (no sysfs entry, a CPU device), the stage keeps the cores it was given.
+that node with hyperthread siblings kept together, keeps its cache, its pinned weights and its
+DMA on one node. Where a GPU's cores are not known, the stages of unknown locality split the
+allowed cores evenly. A process already confined to part of the machine (a launcher's binding,
+numactl) keeps the cores it was given.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 SYSFS_PCI = Path("/sys/bus/pci/devices")
+SYSFS_CPU = Path("/sys/devices/system/cpu")
 
 
 def parse_cpulist(text: str) -> set[int]:
@@ -56,17 +59,39 @@ def local_cpus(pci_address: str, sysfs: Path = SYSFS_PCI) -> set[int] | None:
         return None
 
 
-def stage_cores(local_rank: int, allowed: set[int], local: list[set[int] | None]) -> set[int]:
-    """The cores of stage `local_rank` of this host: the allowed cores local to its GPU, split in
-    contiguous, equal shares among the stages whose GPUs share those cores (all allowed cores
-    where its GPU's are unknown or none of them is allowed)."""
-    def pool(rank: int) -> tuple[int, ...]:
-        near = allowed & local[rank] if local[rank] else set()
-        return tuple(sorted(near or allowed))
+def online_cpus(sysfs: Path = SYSFS_CPU) -> set[int]:
+    """Every core the kernel runs (what a process not confined by anyone may use)."""
+    try:
+        return parse_cpulist((sysfs / "online").read_text())
+    except (OSError, ValueError):
+        import os
+        return set(range(os.cpu_count() or 1))
 
-    mine = pool(local_rank)
-    peers = [r for r in range(len(local)) if pool(r) == mine]
-    if len(mine) < len(peers):
-        return set(mine)  # fewer cores than stages: they share
-    share, index = len(mine) // len(peers), peers.index(local_rank)
-    return set(mine[index * share:(index + 1) * share])
+
+def physical_core(cores: set[int], sysfs: Path = SYSFS_CPU) -> dict[int, int]:
+    """Core -> the first of its hyperthread siblings (itself where sysfs does not say)."""
+    out = {}
+    for c in cores:
+        try:
+            out[c] = min(parse_cpulist((sysfs / f"cpu{c}" / "topology" / "thread_siblings_list").read_text()))
+        except (OSError, ValueError):
+            out[c] = c
+    return out
+
+
+def stage_cores(local_rank: int, allowed: set[int], local: list[set[int] | None], online: set[int] | None = None,
+                physical: dict[int, int] | None = None) -> set[int]:
+    """The cores of stage `local_rank` of this host: the allowed cores local to its GPU, in equal
+    shares among the stages whose GPUs have the same local cores, siblings of one physical core in
+    the same share. All allowed cores where its GPU's are unknown or none of them is allowed; the
+    allowed cores untouched where the process is confined to part of the `online` ones."""
+    if online is not None and allowed != online:
+        return set(allowed)
+    near = allowed & local[local_rank] if local[local_rank] else set()
+    physical = physical or {}
+    pool = sorted(near or allowed, key=lambda c: (physical.get(c, c), c))
+    peers = [r for r in range(len(local)) if local[r] == local[local_rank]]
+    if len(pool) < len(peers):
+        return set(pool)  # fewer cores than stages: they share
+    share, index = len(pool) // len(peers), peers.index(local_rank)
+    return set(pool[index * share:(index + 1) * share])

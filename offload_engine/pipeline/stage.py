@@ -34,7 +34,7 @@ from ..io.tiers import Tier
 from ..metrics import peak_memory
 from ..profiler import mean_split
 from ..sampling import GenerationConfig, sample
-from .affinity import compact_cpulist, gpu_local_cpus, stage_cores
+from .affinity import compact_cpulist, gpu_local_cpus, online_cpus, physical_core, stage_cores
 from .link import StageLink
 
 StepHook = Callable[[int, int], None]  # (stage, step): runs on every stage before each step
@@ -120,8 +120,8 @@ def run_stage(job: PipelineJob) -> dict | None:
         if cuda:
             torch.cuda.set_device(device)
             if job.stage_affinity:  # before any host memory is touched: its pages land on this node
-                local = [gpu_local_cpus(i) for i in range(local_world)]
-                cores = stage_cores(local_rank, set(os.sched_getaffinity(0)), local)
+                allowed, local = set(os.sched_getaffinity(0)), [gpu_local_cpus(i) for i in range(local_world)]
+                cores = stage_cores(local_rank, allowed, local, online_cpus(), physical_core(allowed))
                 os.sched_setaffinity(0, cores)
                 torch.set_num_threads(len(cores))
         dist.init_process_group("gloo")  # every message goes through host memory: see link.py

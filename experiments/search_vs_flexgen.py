@@ -38,7 +38,8 @@ HAND_BATCHES = [(48, 2), (24, 2)]  # its 48x3 halved in GPU batches, then the ba
 def searched_flags(command: str) -> list[str]:
     """`offload-engine run` flags of a policy from `search --json` (its command line, less the program)."""
     words = shlex.split(command)
-    assert words[:2] == ["offload-engine", "run"], command
+    if words[:2] != ["offload-engine", "run"]:
+        raise ValueError(f"not an `offload-engine run` command line: {command!r}")
     return words[2:]
 
 

@@ -33,3 +33,20 @@ def test_a_recorded_run_is_predicted_from_its_own_command(tmp_path, capsys):
     expected = estimate(MODEL_CONFIGS["opt-125m"], policy, Workload(8, 3), HW).throughput
     assert row["predicted_token_s"] == pytest.approx(expected, rel=1e-12)
     assert row["percent"] == "60 40 100 0 100 0" and row["batch"] == "2x2"
+
+
+def test_the_searched_command_is_what_search_vs_flexgen_runs():
+    """search_vs_flexgen runs the search's printed command line; `run` must parse it back to the
+    very policy the search ranked."""
+    from experiments.search_vs_flexgen import searched_flags
+    from offload_engine.cli import build_parser
+    from offload_engine.cli.options import policy_from_args
+    from policies.search import SearchSpace, command_line, search
+
+    model, work = MODEL_CONFIGS["opt-1.3b"], Workload(64, 8)
+    hw = HardwareProfile(name="h100-like", gpu_mem_bytes=2 << 30, cpu_mem_bytes=16 << 30, disk_free_bytes=16 << 30)
+    best = search(model, work, hw, SearchSpace(gpu_batch_sizes=(8, 16), num_gpu_batches=(1, 2)), top=1)[0]
+    args = build_parser().parse_args(["run", *searched_flags(command_line("opt-1.3b", work, best))])
+    assert policy_from_args(args) == best.policy
+    with pytest.raises(ValueError, match="offload-engine run"):
+        searched_flags("python -m something else")

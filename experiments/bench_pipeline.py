@@ -61,7 +61,7 @@ RUNS: dict[str, tuple[list[str], list[Batch]]] = {
     "opt30b-4gpu-any-core": point("opt-30b", 4, "78 22 0 100 0 100", [(24, 2), (16, 2)], "--stage-affinity", "none"),
     "opt30b-8gpu": point("opt-30b", 8, "100 0 0 100 0 100", [(24, 2), (16, 2)]),
     "opt66b-1gpu": point("opt-66b", 1, "5 95 0 100 0 100", [(24, 2), (16, 2), (8, 2)], "--cut-gen-len", "8"),
-    "opt66b-4gpu": point("opt-66b", 4, "30 70 0 100 0 100", [(24, 2), (16, 2), (8, 2)], "--cut-gen-len", "8"),
+    "opt66b-4gpu": point("opt-66b", 4, "28 72 0 100 0 100", [(24, 2), (16, 2), (8, 2)], "--cut-gen-len", "8"),
     "opt66b-8gpu": point("opt-66b", 8, "70 30 0 100 0 100", [(16, 2), (8, 2)], "--cut-gen-len", "8"),
     # OPT-175B: each stage streams ~80 GiB of fp16 weights per micro-batch, so the batch is what
     # pays: 24x2 per micro-batch plans 442 of the host's 504 GiB (4-bit cache); with 4-bit weights
@@ -150,7 +150,7 @@ def run_one(name: str, out: Path, commit: str, timeout_s: float) -> dict:
     if name in FLEXGEN:
         return run_flexgen(name, out, timeout_s) | {"commit": commit}
     flags, batches = RUNS[name]
-    record = {"name": name, "commit": commit}
+    record = {"name": name, "commit": commit, "attempts": []}
     for batch in batches:
         json_path = out / f"{name}.json"
         cmd = command(flags, batch, json_path, out / "offload")
@@ -162,7 +162,11 @@ def run_one(name: str, out: Path, commit: str, timeout_s: float) -> dict:
             data = json.loads(json_path.read_text())
             record.update(status="ok", metrics=data["metrics"], pipeline=data.get("pipeline"))
             return record
-        if outcome.rc != 2 or "does not fit" not in outcome.text:
+        refused = outcome.rc == 2 and "does not fit" in outcome.text
+        out_of_memory = "OutOfMemoryError" in outcome.text  # beyond the plan: recorded, the next batch tried
+        record["attempts"].append({"batch": list(batch), "rc": outcome.rc,
+                                   "reason": "refused" if refused else "out of memory" if out_of_memory else "failed"})
+        if not (refused or out_of_memory):
             break
     record["status"] = "timeout" if record.get("timed_out") else "failed"
     return record

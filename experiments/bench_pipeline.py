@@ -64,9 +64,9 @@ RUNS: dict[str, tuple[list[str], list[Batch]]] = {
     "opt66b-4gpu": point("opt-66b", 4, "28 72 0 100 0 100", [(24, 2), (16, 2), (8, 2)], "--cut-gen-len", "8"),
     "opt66b-8gpu": point("opt-66b", 8, "70 30 0 100 0 100", [(16, 2), (8, 2)], "--cut-gen-len", "8"),
     # OPT-175B: each stage streams ~80 GiB of fp16 weights per micro-batch, so the batch is what
-    # pays: 24x2 per micro-batch plans 442 of the host's 504 GiB (4-bit cache); with 4-bit weights
-    # too, 64x2 plans 446.
-    "opt175b-4gpu": point("opt-175b", 4, "5 95 0 100 0 100", [(24, 2), (16, 2), (8, 2)], "--compress-cache",
+    # pays: 16x2 per micro-batch plans 398 of the host's 504 GiB (4-bit cache; 24x2's 442 leaves
+    # too little for four processes' own memory); with 4-bit weights too, 64x2 plans 446.
+    "opt175b-4gpu": point("opt-175b", 4, "5 95 0 100 0 100", [(16, 2), (8, 2)], "--compress-cache",
                           "--cut-gen-len", "5"),
     "opt175b-4gpu-4bit": point("opt-175b", 4, "0 100 0 100 0 100", [(64, 2), (48, 2), (32, 2)], "--compress-weight",
                                "--compress-cache", "--cut-gen-len", "5"),
@@ -97,8 +97,8 @@ def flexgen_command(name: str, offload: Path) -> list[str]:
     return cmd + (["--pipeline", str(gpus)] if gpus > 1 else [])
 
 
-def command(flags: list[str], batch: tuple[int, int], json_path: Path, offload: Path) -> list[str]:
-    return [sys.executable, "-m", "offload_engine", "run", "--quiet", *flags, "--gpu-batch-size", str(batch[0]),
+def command(flags: list[str], batch: tuple[int, int], json_path: Path, offload: Path, quiet: bool = True) -> list[str]:
+    return [sys.executable, "-m", "offload_engine", "run", *(["--quiet"] if quiet else []), *flags, "--gpu-batch-size", str(batch[0]),
             "--num-gpu-batches", str(batch[1]), "--offload-dir", str(offload), "--json", str(json_path)]
 
 
@@ -146,14 +146,14 @@ def run_flexgen(name: str, out: Path, timeout_s: float) -> dict:
     return record
 
 
-def run_one(name: str, out: Path, commit: str, timeout_s: float) -> dict:
+def run_one(name: str, out: Path, commit: str, timeout_s: float, quiet: bool = True) -> dict:
     if name in FLEXGEN:
         return run_flexgen(name, out, timeout_s) | {"commit": commit}
     flags, batches = RUNS[name]
     record = {"name": name, "commit": commit, "attempts": []}
     for batch in batches:
         json_path = out / f"{name}.json"
-        cmd = command(flags, batch, json_path, out / "offload")
+        cmd = command(flags, batch, json_path, out / "offload", quiet)
         outcome = run_process(cmd, timeout_s, out / f"{name}.log")
         shutil.rmtree(out / "offload", ignore_errors=True)
         record.update(command=cmd, rc=outcome.rc, wall_s=outcome.wall_s, timed_out=outcome.timed_out,
@@ -182,6 +182,8 @@ def main() -> int:
     parser.add_argument("--commit", default=None, help="this repository's commit (the device copy has no .git)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--copy-to", type=Path, default=None)
+    parser.add_argument("--progress", action="store_true",
+                        help="let the engine print its start-up progress into each run's log")
     args = parser.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -207,7 +209,7 @@ def main() -> int:
         if left < 60:
             print(f"{name}: skipped, {left:.0f} s of the budget left", flush=True)
             continue
-        record = run_one(name, args.out, commit, min(args.timeout_s, left))
+        record = run_one(name, args.out, commit, min(args.timeout_s, left), quiet=not args.progress)
         append_line(ledger, json.dumps(record))
         tput = record.get("metrics", {}).get("total_throughput")
         print(f"{name}: {record['status']}" + (f", {tput:.1f} token/s" if tput else ""), flush=True)

@@ -57,9 +57,9 @@ def run_ours(rank: int, choice: dict, out: Path, timeout_s: float) -> dict:
     return record
 
 
-def run_flexgen(out: Path, timeout_s: float) -> dict:
-    record: dict = {"system": "flexgen", "version": "0.1.8"}
-    for batch in HAND_BATCHES:
+def run_flexgen(out: Path, timeout_s: float, batches: list[tuple[int, int]]) -> dict:
+    record: dict = {"system": "flexgen", "version": "0.1.8", "attempts": []}
+    for batch in batches:
         cmd = [sys.executable, str(ROOT / "experiments" / "flexgen_peer.py"), "--model", "facebook/opt-30b",
                "--path", "_DUMMY_", *WORKLOAD, "--cut-gen-len", "5", "--percent", *HAND_PERCENT,
                "--gpu-batch-size", str(batch[0]), "--num-gpu-batches", str(batch[1]), "--cpu-cache-compute",
@@ -69,12 +69,20 @@ def run_flexgen(out: Path, timeout_s: float) -> dict:
         shutil.rmtree(out / "offload", ignore_errors=True)
         metrics = parse_report(outcome.text)
         record.update(command=cmd, rc=outcome.rc, wall_s=outcome.wall_s, batch=list(batch))
+        record["attempts"].append({"batch": list(batch), "rc": outcome.rc, "wall_s": outcome.wall_s,
+                                   "timed_out": outcome.timed_out})
         if outcome.rc == 0 and "total_throughput" in metrics:
             record["metrics"] = metrics
             return record
-        if outcome.timed_out:
-            break
     return record
+
+
+def batch_arg(text: str) -> tuple[int, int]:
+    try:
+        size, count = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a batch like 24x2 (GPU batch size x GPU batches)") from None
+    return size, count
 
 
 def main() -> int:
@@ -85,6 +93,8 @@ def main() -> int:
     parser.add_argument("--timeout-s", type=float, default=300, help="the most one run may take")
     parser.add_argument("--commit", default=None, help="this repository's commit (the device copy has no .git)")
     parser.add_argument("--copy-to", type=Path, default=None)
+    parser.add_argument("--flexgen-batches", type=batch_arg, nargs="+", default=HAND_BATCHES, metavar="BxN",
+                        help="FlexGen's batches, tried in turn until one runs (default: 48x2 24x2)")
     args = parser.parse_args()
     for folder in (args.out, args.copy_to):
         if folder is not None:
@@ -115,7 +125,7 @@ def main() -> int:
         record(run_ours(rank, choice, args.out, args.timeout_s))
         if "metrics" in runs[-1]:
             break
-    record(run_flexgen(args.out, args.timeout_s))
+    record(run_flexgen(args.out, args.timeout_s, args.flexgen_batches))
     for r in runs:
         tput = r.get("metrics", {}).get("total_throughput")
         print(f"{r['system']}: " + (f"{tput:.1f} token/s" if tput else f"failed (rc {r['rc']})"))

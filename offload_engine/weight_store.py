@@ -49,9 +49,12 @@ class WeightStore:
         self._expected = 0  # fetch sequence number of the next streamed layer to be used
         self._next_issue = 0
 
-    def store(self, key: str, tensor: torch.Tensor) -> None:
-        """Write a checkpoint tensor into its home (quantized on the compute device if stored packed)."""
+    def store(self, key: str, tensor: torch.Tensor, row_start: int = 0) -> None:
+        """Write a checkpoint tensor, or its rows from `row_start` on, into its home (quantized on
+        the compute device if stored packed: a packed home keeps the leading dimensions)."""
         home = self.homes[key][1]
+        if row_start or tensor.shape[0] != home.shape[0]:
+            home = home[row_start:row_start + tensor.shape[0]]
         if key in self.packed:
             from kernels.quant.pack import quantize
             home.copy_(quantize(tensor.to(self.device, torch.float32), self.quant_spec))

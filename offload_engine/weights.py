@@ -6,6 +6,7 @@ a missing tensor, a wrong shape or a tensor the config does not use is refused b
 """
 from __future__ import annotations
 
+import math
 import zlib
 from pathlib import Path
 from typing import Protocol
@@ -25,7 +26,7 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 class WeightTarget(Protocol):
     """Where loaded weights go (the engine's WeightStore)."""
 
-    def store(self, key: str, tensor: torch.Tensor) -> None: ...
+    def store(self, key: str, tensor: torch.Tensor, row_start: int = 0) -> None: ...
 
     def accepts_packed(self, key: str, bits: int, group_size: int) -> bool: ...
 
@@ -72,22 +73,30 @@ def load_checkpoint(path: Path, specs: dict[str, WeightSpec], target: WeightTarg
         target.store(key, tensor)
 
 
+DUMMY_CHUNK_ELEMENTS = 1 << 24  # 64 MiB of fp32 drawn at a time: the only memory dummy init takes beyond the plan
+
+
 def dummy_weights(specs: dict[str, WeightSpec], target: WeightTarget, seed: int, device: torch.device,
                   progress: bool = True) -> None:
     """Random weights of the right scale (never constants: they would make attention uniform).
 
-    Drawn on the compute device (fast on a GPU), then stored home. Each tensor has its own seed,
+    Drawn on the compute device (fast on a GPU) a block of rows at a time, then stored home: a
+    whole fp32 tensor (OPT-30B's embedding: 1.34 GiB) would not fit beside a GPU plan that is
+    nearly full before the cache and working buffers are allocated. Each tensor has its own seed,
     from `seed` and its key, so any subset of the model (a pipeline stage's) gets the same values.
     """
     gen = torch.Generator(device=device)
     for key, spec in tqdm(list(specs.items()), desc="init dummy weights", disable=not progress, unit="tensor"):
         gen.manual_seed(zlib.crc32(f"{seed}:{key}".encode()))  # 32 bits: what the CPU generator uses
-        x = torch.empty(spec.shape, dtype=torch.float32, device=device)
-        if spec.init == "norm_weight":
-            x.normal_(0.0, 0.1, generator=gen).add_(1.0)
-        elif spec.init == "bias":
-            x.normal_(0.0, 0.02, generator=gen)
-        else:
-            fan_in = spec.shape[-1]
-            x.normal_(0.0, fan_in ** -0.5, generator=gen)
-        target.store(key, x)
+        rows = spec.shape[0]
+        per_row = math.prod(spec.shape[1:])
+        step = rows if len(spec.shape) == 1 else max(1, DUMMY_CHUNK_ELEMENTS // per_row)
+        for start in range(0, rows, step):
+            x = torch.empty((min(step, rows - start), *spec.shape[1:]), dtype=torch.float32, device=device)
+            if spec.init == "norm_weight":
+                x.normal_(0.0, 0.1, generator=gen).add_(1.0)
+            elif spec.init == "bias":
+                x.normal_(0.0, 0.02, generator=gen)
+            else:
+                x.normal_(0.0, spec.shape[-1] ** -0.5, generator=gen)  # 1/sqrt(fan_in)
+            target.store(key, x, start)

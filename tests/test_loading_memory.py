@@ -9,6 +9,7 @@ from offload_engine.engine import Engine, EngineOptions
 from offload_engine.io.tiers import Tier
 from offload_engine.metrics import PeakHostMemory
 from offload_engine.checkpoints.hf import from_hf_config
+from policies import Compression
 from policies.memory import Workload
 from policies.placement import Policy
 
@@ -52,3 +53,54 @@ def test_peak_host_memory_sees_an_allocation():
         block.add_(1)
         del block
     assert peak.added_bytes >= 200 * MiB
+
+
+class _Rows:
+    """A weight target that keeps every block of rows it is handed."""
+
+    def __init__(self):
+        self.blocks: dict[str, list[tuple[int, torch.Tensor]]] = {}
+
+    def store(self, key, tensor, row_start=0):
+        self.blocks.setdefault(key, []).append((row_start, tensor.clone()))
+
+    def whole(self, key):
+        return torch.cat([t for _, t in sorted(self.blocks[key], key=lambda b: b[0])])
+
+
+TINY = dict(name="tiny", family="opt", num_layers=2, hidden_size=64, num_heads=4, ffn_dim=128, vocab_size=300,
+            max_positions=64)
+
+
+@pytest.mark.parametrize("compress", [None, Compression(4, 64)])
+def test_dummy_weights_are_drawn_in_bounded_blocks_of_rows(monkeypatch, tmp_path, compress):
+    """Dummy init draws at most DUMMY_CHUNK_ELEMENTS at a time (a whole fp32 embedding did not fit
+    beside a nearly full GPU plan), the blocks tile each tensor, and a home written block by block,
+    packed or not, holds what the whole tensor would give."""
+    from kernels.quant.pack import quantize
+    from offload_engine import weights
+    from offload_engine.model_zoo import OPT_CONFIGS
+
+    monkeypatch.setattr(weights, "DUMMY_CHUNK_ELEMENTS", 1000)
+    cfg = OPT_CONFIGS["opt-125m"].__class__(**TINY)
+    policy = Policy.from_percent((0, 100, 0, 100, 0, 100), compress_weight=compress)
+    opts = EngineOptions(offload_dir=tmp_path, progress=False, seed=3)
+    with Engine(cfg, policy, Workload(4, 2), opts) as engine:
+        rows = _Rows()
+        specs = {s.key: s for layer in engine.layers for s in layer.weight_specs()}
+        weights.dummy_weights(specs, rows, 3, engine.device, progress=False)
+        assert any(len(blocks) > 1 for blocks in rows.blocks.values())  # the embedding (300 x 64) is cut
+        for key, spec in specs.items():
+            starts = [(s, t.shape[0]) for s, t in rows.blocks[key]]
+            assert [s for s, _ in starts] == sorted(s for s, _ in starts)
+            assert all(s1 == s0 + n0 for (s0, n0), (s1, _) in zip(starts, starts[1:]))
+            whole = rows.whole(key)
+            assert whole.shape == spec.shape
+            assert all(t.numel() <= max(1000, spec.shape[-1] if len(spec.shape) > 1 else t.numel())
+                       for _, t in rows.blocks[key])
+            home = engine.weights.homes[key][1]
+            if key in engine.weights.packed:
+                expected = quantize(whole.float(), engine.weights.quant_spec)
+            else:
+                expected = whole.to(home.dtype)
+            assert torch.equal(home, expected), key

@@ -183,6 +183,8 @@ def _build_and_load(flag_sets=FLAG_SETS) -> ctypes.CDLL:
         lib.cpu_decode_attention.restype = ctypes.c_int
         lib.cpu_gather_attention.argtypes = [p] * 5 + [i64] * 13 + [ctypes.c_int, ctypes.c_int]
         lib.cpu_gather_attention.restype = ctypes.c_int
+        lib.cpu_packed_decode_attention.argtypes = [p] * 5 + [i64] * 12 + [ctypes.c_int, i64, ctypes.c_int]
+        lib.cpu_packed_decode_attention.restype = ctypes.c_int
         lib.cpu_decode_attention_isa.restype = ctypes.c_char_p
         return lib
     raise RuntimeError("; ".join(errors))
@@ -241,6 +243,37 @@ def cpu_decode_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         _DTYPE_CODE[k.dtype], threads)
     if rc:
         raise RuntimeError(f"cpu_decode_attention C++ kernel failed with code {rc}.")
+    return out.to(q.dtype)
+
+
+def cpu_packed_decode_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bits: int, group_size: int,
+                                    key_valid: torch.Tensor | None = None, num_threads: int | None = None) -> torch.Tensor:
+    """Decode attention over a 4/8-bit packed cache (kernels/quant's format): q (B, Hq, D) already
+    scaled; k, v (B, Hkv, T, G, R) uint8 views, each token's (G, R) records contiguous, e.g. the
+    head-major home[:, :, :t]. Out (B, Hq, D) in q.dtype, the float32 values kernels/quant's
+    paths give. The caller checks shapes (kernels.quant.attention); RuntimeError if the C++
+    kernel could not be built."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the C++ CPU attention kernel is not available here.")
+    b, hq, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != torch.uint8 or x.dim() != 5 or x.stride(4) != 1 or x.stride(3) != x.shape[4]:
+            raise ValueError(f"{name} must be a uint8 (B, Hkv, T, G, R) view with each token's records "
+                             f"contiguous, got {x.dtype} {tuple(x.shape)} strides {x.stride()}.")
+    qf = q.float().contiguous()
+    out = torch.empty(b, hq, d, dtype=torch.float32)
+    valid_ptr, valid_stride = None, 0
+    if key_valid is not None:
+        kv = (key_valid if key_valid.stride(-1) == 1 else key_valid.contiguous()).view(torch.uint8)
+        valid_ptr, valid_stride = kv.data_ptr(), kv.stride(0)
+    rc = lib.cpu_packed_decode_attention(
+        qf.data_ptr(), k.data_ptr(), v.data_ptr(), valid_ptr, out.data_ptr(), b, hq, hkv, t, d,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), valid_stride,
+        bits, group_size, num_threads or torch.get_num_threads())
+    if rc:
+        raise RuntimeError(f"cpu_packed_decode_attention C++ kernel failed with code {rc}.")
     return out.to(q.dtype)
 
 

@@ -165,6 +165,21 @@ def cpu_attention_rate(shape: tuple[int, int, int, int], reps: int) -> tuple[flo
     return 2 * k.nbytes / seconds, f"cpp:{isa}" if isa else "torch"
 
 
+def cpu_packed_attention_rate(shape: tuple[int, int, int, int], reps: int) -> float:
+    """fp16-equivalent K + V bytes/s (2 per cached element) of CPU decode attention over the same
+    cache packed to 4 bits in groups of 64 (--compress-cache's default): dequantizing costs compute."""
+    from kernels.quant.attention import quant_decode_attention
+    from kernels.quant.pack import quantize
+    from kernels.quant.spec import QuantSpec
+
+    b, h, t, d = shape
+    spec = QuantSpec(4, 64)
+    k, v = (quantize(torch.randn(b, h, t, d), spec).permute(2, 0, 1, 3, 4) for _ in range(2))  # head-major storage
+    q = torch.randn(b, h, d, dtype=torch.float16) * d ** -0.5
+    seconds = median_s(lambda: quant_decode_attention(q, k, v, spec, d, t), reps)
+    return 2 * 2 * b * h * t * d / seconds
+
+
 def contended_rates(device: torch.device, nbytes: int, shape: tuple[int, int, int, int],
                     seconds: float) -> tuple[float, float]:
     """(CPU attention K + V bytes/s, pinned host -> device bytes/s) with both running at once for
@@ -362,6 +377,9 @@ def profile_machine(device: torch.device, offload_dir: Path, sizes: Sizes,
     log("CPU decode attention")
     f["cpu_attention_bytes_s"], m["cpu_attention_backend"] = cpu_attention_rate(sizes.cpu_attention, n)
     m.update(cpu_decode_attention_GB_s=f["cpu_attention_bytes_s"] / 1e9, cpu_attention_shape_BHTD=sizes.cpu_attention)
+    log("CPU decode attention over a 4-bit cache")
+    f["cpu_packed_attention_bytes_s"] = cpu_packed_attention_rate(sizes.cpu_attention, n)
+    m["cpu_packed_decode_attention_fp16_GB_s"] = f["cpu_packed_attention_bytes_s"] / 1e9
     if cuda:
         log("CPU decode attention while pinned memory streams to the GPU")
         f["cpu_attention_dma_bytes_s"], f["h2d_cpu_attention_bytes_s"] = contended_rates(

@@ -54,6 +54,7 @@ class Terms:
     cpu_attention: bool
     gen_len: int
     batch: int
+    cpu_attention_bytes_s: float  # cache bytes, as stored, CPU attention reads per second (cpu_attention_rate)
 
     def weight_io_s(self, hw: HardwareProfile, wc: float, wd: float) -> float:
         """Weights alone: over PCIe from host memory and disk, the disk's share also at its rate."""
@@ -79,7 +80,7 @@ class Terms:
     def attention_s(self, hw: HardwareProfile, cg: float, cc: float, cd: float) -> tuple[float, float]:
         """(GPU attention, CPU attention) seconds of a decode step."""
         on_cpu = cc if self.cpu_attention else 0.0
-        return self.KV_read * (1.0 - on_cpu) / hw.gpu_attention_bytes_s, self.KV_read * on_cpu / hw.cpu_attention_bytes_s
+        return self.KV_read * (1.0 - on_cpu) / hw.gpu_attention_bytes_s, self.KV_read * on_cpu / self.cpu_attention_bytes_s
 
     def act_io_s(self, hw: HardwareProfile, hc: float, hd: float, prefill: bool = False) -> float:
         """Hidden states off the GPU go out and come back at every layer."""
@@ -133,6 +134,16 @@ class Estimate:
         return self.policy.batch_size * self.gen_len / self.total_s
 
 
+def cpu_attention_rate(policy: Policy, hw: HardwareProfile, num_heads: int, head_dim: int) -> float:
+    """Cache bytes, as stored, that CPU decode attention reads per second under the policy: a
+    packed cache at the profile's packed rate (given in fp16 bytes, so scaled to the packed size);
+    unmeasured, a packed element costs what an fp16 one does."""
+    if policy.compress_cache is None:
+        return hw.cpu_attention_bytes_s
+    packed_per_fp16 = kv_token_bytes(num_heads, head_dim, policy, 2) / (num_heads * head_dim * 2)
+    return (hw.cpu_packed_attention_bytes_s or hw.cpu_attention_bytes_s) * packed_per_fp16
+
+
 def _plan(model: ModelConfig, policy: Policy, work: Workload, dtype: torch.dtype, relay_bytes: int,
           hw: HardwareProfile) -> MemoryPlan:
     """The engine's plan: like Engine._plan, a third weight staging slot when it fits the caps."""
@@ -175,8 +186,9 @@ def terms(model: ModelConfig, policy: Policy, work: Workload, hw: HardwareProfil
     n_layers = len(layers)
     overhead = 0.0 if _captured(policy, hw) else n_layers * k * hw.layer_overhead_s
     act = 2.0 * n_layers * b * k * model.hidden_size * itemsize  # out and back, one token a sequence
+    cpu_rate = cpu_attention_rate(policy, hw, attn[0].num_heads, attn[0].head_dim) if attn else hw.cpu_attention_bytes_s
     return Terms(stored, kv_read, kv_prompt, act, act * work.prompt_len, gemm, prefill, overhead,
-                 policy.cpu_cache_compute, work.gen_len, b * k)
+                 policy.cpu_cache_compute, work.gen_len, b * k, cpu_rate)
 
 
 def _captured(policy: Policy, hw: HardwareProfile) -> bool:
@@ -255,7 +267,7 @@ def serial_step_s(model: ModelConfig, policy: Policy, work: Workload, hw: Hardwa
             for batch in range(k):
                 tier = plan.kv_tier(i, batch)
                 attended_on_cpu = tier == Tier.CPU and policy.cpu_cache_compute
-                compute += item_read / (hw.cpu_attention_bytes_s if attended_on_cpu else hw.gpu_attention_bytes_s)
+                compute += item_read / (t.cpu_attention_bytes_s if attended_on_cpu else hw.gpu_attention_bytes_s)
                 if tier == Tier.DISK or (tier == Tier.CPU and not attended_on_cpu):
                     link += item_read
                 if tier == Tier.DISK:
@@ -289,11 +301,13 @@ def layer_seconds(model: ModelConfig, policy: Policy, work: Workload, hw: Hardwa
         specs = {s.key: s for s in layer.weight_specs()}.values()
         stored = sum(weight_bytes(s, policy, itemsize) for s in specs)
         params = sum(s.numel() for s in specs)
-        kv = 0.0
+        kv, cpu_rate = 0.0, hw.cpu_attention_bytes_s
         if layer.kv_spec is not None:
-            kv = 2 * read_len * b * k * kv_token_bytes(layer.kv_spec.num_heads, layer.kv_spec.head_dim, policy, itemsize)
+            heads, head_dim = layer.kv_spec.num_heads, layer.kv_spec.head_dim
+            kv = 2 * read_len * b * k * kv_token_bytes(heads, head_dim, policy, itemsize)
+            cpu_rate = cpu_attention_rate(policy, hw, heads, head_dim)
         io = stored * (wc / hw.h2d_bytes_s + wd / disk) + kv * ((cc - on_cpu) / hw.h2d_bytes_s + cd / disk)
         compute = k * max(stored / hw.weight_read_bytes_s, 2.0 * params * b / hw.gpu_flops) \
-            + kv * (1 - on_cpu) / hw.gpu_attention_bytes_s + kv * on_cpu / hw.cpu_attention_bytes_s
+            + kv * (1 - on_cpu) / hw.gpu_attention_bytes_s + kv * on_cpu / cpu_rate
         out.append(max(io, compute))
     return out

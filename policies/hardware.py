@@ -33,6 +33,9 @@ class HardwareProfile:
     gpu_gemv_bytes_s: float = 0.0
     gpu_attention_bytes_s: float = 500 * GB  # decode attention reading a GPU cache
     cpu_attention_bytes_s: float = 20 * GB  # decode attention reading a CPU cache, all cores
+    # The same over a 4-bit packed cache, in fp16 bytes (2 per cached element): dequantizing makes
+    # it compute-bound (0: not measured; then a packed element costs what an fp16 one does).
+    cpu_packed_attention_bytes_s: float = 0.0
     cpu_mem_bytes_s: float = 40 * GB  # a host-memory read stream (shared by DMA and CPU attention)
     # Both at once, each while the other runs (0: not measured; then the two share cpu_mem_bytes_s):
     cpu_attention_dma_bytes_s: float = 0.0  # CPU attention while pinned memory streams to the GPU

@@ -68,7 +68,8 @@ def test_every_measured_number_is_positive_and_finite(profiled):
     skipped = profile.measured["not_measured"]
     measured = [f for f, *_ in FIELDS if f not in skipped]
     assert {"cpu_mem_bytes", "disk_free_bytes", "disk_read_bytes_s", "disk_write_bytes_s", "gpu_flops",
-            "cpu_attention_bytes_s", "cpu_mem_bytes_s", "layer_overhead_s"} <= set(measured)
+            "cpu_attention_bytes_s", "cpu_packed_attention_bytes_s", "cpu_mem_bytes_s",
+            "layer_overhead_s"} <= set(measured)
     for name in measured:
         value = getattr(profile, name)
         assert math.isfinite(value) and value > 0, (name, value)
@@ -79,6 +80,8 @@ def test_every_measured_number_is_positive_and_finite(profiled):
     # the derived fields are the raw numbers in bytes / FLOP per second
     assert profile.cpu_mem_bytes_s == pytest.approx(profile.measured["cpu_read_GB_s"] * 1e9)
     assert profile.layer_overhead_s == pytest.approx(profile.measured["layer_overhead_us"] * 1e-6)
+    assert profile.cpu_packed_attention_bytes_s == pytest.approx(
+        profile.measured["cpu_packed_decode_attention_fp16_GB_s"] * 1e9)
 
 
 @pytest.mark.skipif(not NO_GPU, reason="a CPU-only machine's profile")

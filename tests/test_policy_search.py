@@ -152,3 +152,21 @@ def test_weights_and_cache_share_the_disk_and_the_link():
     nothing = est((10, 90, 0, 100, 0, 100))  # the same bytes over PCIe, none from disk
     assert both.parts["link"] == pytest.approx(nothing.parts["link"], rel=1e-9) and nothing.parts["disk"] == 0
     assert both.step_s >= both.parts["disk"] and both.step_s > nothing.step_s
+
+
+def test_cpu_attention_over_a_packed_cache_costs_its_measured_rate():
+    """A 4-bit cache attended on the CPU is read at the profile's packed rate (fp16 bytes/s, so a
+    packed byte stands for 2 / (bits/8 + headers) fp16 bytes); unmeasured, an element costs what an
+    fp16 element does, whatever the packing saves in bytes."""
+    model, work = MODEL_CONFIGS["opt-30b"], Workload(512, 32)
+    policy = Policy.from_percent((20, 80, 0, 100, 0, 100), gpu_batch_size=24, num_gpu_batches=2,
+                                 cpu_cache_compute=True)
+    dense = estimate(model, policy, work, H100).parts["cpu_attention"]
+    packed_policy = replace(policy, compress_cache=Compression())
+    unmeasured = estimate(model, packed_policy, work, replace(H100, cpu_packed_attention_bytes_s=0.0))
+    assert unmeasured.parts["cpu_attention"] == pytest.approx(dense)
+    slow = replace(H100, cpu_packed_attention_bytes_s=H100.cpu_attention_bytes_s / 4)
+    measured = estimate(model, packed_policy, work, slow)
+    assert measured.parts["cpu_attention"] == pytest.approx(4 * dense)
+    assert measured.parts["layer_by_layer"] > unmeasured.parts["layer_by_layer"]
+    assert measured.throughput < unmeasured.throughput

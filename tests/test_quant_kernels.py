@@ -282,6 +282,37 @@ def test_quant_decode_attention_fp16_default_splits(path):
     assert out.dtype == torch.float16 and rel_err(out, ref_out) < 2e-3
 
 
+@pytest.mark.parametrize("bits,gs,d,hq,hkv,layout", CASES + [(8, 32, 40, 6, 2, "head")])  # 8-bit partial group
+@pytest.mark.parametrize("padded", [False, True])
+def test_quant_decode_attention_cpp(bits, gs, d, hq, hkv, layout, padded):
+    """The C++ kernel over a packed cache (what the CPU path runs when no probabilities are asked
+    for): float64 reference within fp32 rounding, never reading slots past `length` or under padding."""
+    from kernels.cpu_attention import cpu_packed_decode_attention_cpp, use_cpp
+    if not use_cpp():
+        pytest.skip("the C++ CPU attention kernel does not build here")
+    spec, b, t_max, length = QuantSpec(bits, gs), 3, 48, 41
+    k, v = packed_cache(spec, t_max, b, hkv, d, layout, seed=d + hq + bits)
+    k[length:] = 255
+    v[length:] = 255
+    q = torch.randn(b, hq, d, generator=gen(16)) * d ** -0.5 * 3
+    valid = None
+    if padded:
+        valid = torch.ones(b, length, dtype=torch.bool)
+        valid[1, :30] = False
+        k[:30, 1] = 255
+        v[:30, 1] = 255
+    ref_out, _ = quant_decode_attention_reference(q, k, v, spec, d, length, valid)
+    heads_first = (1, 2, 0, 3, 4)
+    out = cpu_packed_decode_attention_cpp(q, k[:length].permute(heads_first), v[:length].permute(heads_first),
+                                          bits, gs, valid)
+    assert out.shape == (b, hq, d) and out.dtype == q.dtype
+    assert rel_err(out, ref_out) < 1e-5
+    dispatched = quant_decode_attention(q, k, v, spec, d, length, valid)
+    assert torch.equal(dispatched, out)
+    torch_path = quant_decode_attention(q, k, v, spec, d, length, valid, block_tokens=7)
+    assert rel_err(torch_path, out) < 1e-5
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_input_raises_value_error():

@@ -5,12 +5,17 @@
 // cores with OpenMP; a task reads its keys once (scores for all query heads of the group),
 // runs an fp32 softmax over the (rep, T) score rows (they stay in L1/L2), then reads its
 // values once. Cache elements (fp16 / bf16 / fp32) are converted to fp32 in registers
-// (F16C / AVX-512 when the compiler targets them, a scalar loop otherwise).
+// (F16C / AVX-512 when the compiler targets them, a scalar loop otherwise). A 4/8-bit packed
+// cache (kernels/quant: per group of elements a float16 scale, a float16 minimum, the codes) is
+// dequantized a row at a time into an L1-resident fp32 row, with the same float32 values as
+// kernels/quant's PyTorch and Triton paths (code * scale is exact in fp32, so fused or not).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -169,14 +174,58 @@ inline void axpy_group(int nr, const float* p, const void* vr, int64_t D, float*
   }
 }
 
+// Where a task's cached rows come from: `row(t, buf)` points at token t's D elements, in
+// format DT. A dense cache is read in place; a packed one is dequantized into buf (D floats).
+template <int DT_>
+struct DenseRows {
+  static constexpr int DT = DT_;
+  const char* base;
+  int64_t stride;  // elements between tokens
+  const void* row(int64_t t, float*) const { return base + t * stride * (DT == F32 ? 4 : 2); }
+};
+
+template <int BITS>
+struct PackedRows {
+  static constexpr int DT = F32;
+  const char* base;
+  int64_t stride;  // bytes between tokens
+  int64_t D, gs;   // elements per row, per group
+  const void* row(int64_t t, float* buf) const {
+    const uint8_t* rec = reinterpret_cast<const uint8_t*>(base + t * stride);
+    const int64_t rec_bytes = 4 + gs * BITS / 8, half = gs / 2;
+    for (int64_t g0 = 0; g0 < D; g0 += gs, rec += rec_bytes) {
+      uint16_t sb, mb;
+      std::memcpy(&sb, rec, 2);
+      std::memcpy(&mb, rec + 2, 2);
+      const float scale = half_to_float(sb), mn = half_to_float(mb);
+      const uint8_t* c = rec + 4;
+      float* o = buf + g0;
+      if (g0 + gs <= D) {  // a whole group: branch-free, vectorisable
+        if constexpr (BITS == 4) {
+          for (int64_t i = 0; i < half; ++i) {  // byte i holds elements i (low nibble) and i + gs/2
+            o[i] = float(c[i] & 15) * scale + mn;
+            o[i + half] = float(c[i] >> 4) * scale + mn;
+          }
+        } else {
+          for (int64_t i = 0; i < gs; ++i) o[i] = float(c[i]) * scale + mn;
+        }
+      } else {  // the last, partial group: its padding codes are never read
+        for (int64_t i = 0; i < D - g0; ++i) {
+          const int code = BITS == 8 ? c[i] : (i < half ? c[i] & 15 : c[i - half] >> 4);
+          o[i] = float(code) * scale + mn;
+        }
+      }
+    }
+    return buf;
+  }
+};
+
 // One (sequence, KV head): q/out are its rep query rows (rep x D, fp32); scores is scratch
 // (T x rep, token-major so pass 2 reads one small contiguous group per token). With `idx`, the
 // j-th of T entries is cached token idx[j] (-1: none), for a list of selected tokens (HiP).
-template <int DT>
-void attend_task(const float* q, const char* kb, const char* vb, int64_t kst, int64_t vst,
-                 const uint8_t* valid, const int32_t* idx, int64_t T, int64_t D, int64_t rep, float* scores,
-                 float* mx, float* sum, float* out) {
-  constexpr int64_t es = DT == F32 ? 4 : 2;
+template <class KRows, class VRows>
+void attend_task(const float* q, const KRows& keys, const VRows& vals, const uint8_t* valid, const int32_t* idx,
+                 int64_t T, int64_t D, int64_t rep, float* scores, float* mx, float* sum, float* row, float* out) {
   auto token = [&](int64_t j) -> int64_t {
     const int64_t t = idx ? int64_t(idx[j]) : j;
     return (t < 0 || (valid && !valid[t])) ? -1 : t;  // padded slots are never read: they may hold anything
@@ -188,10 +237,10 @@ void attend_task(const float* q, const char* kb, const char* vb, int64_t kst, in
       for (int64_t r = 0; r < rep; ++r) st[r] = -INFINITY;
       continue;
     }
-    const char* kr = kb + t * kst * es;
+    const void* kr = keys.row(t, row);
     for (int64_t r0 = 0; r0 < rep; r0 += kMaxGroup) {
       int nr = int(rep - r0 < kMaxGroup ? rep - r0 : kMaxGroup);
-      dot_group<DT>(nr, q + r0 * D, D, kr, st + r0);
+      dot_group<KRows::DT>(nr, q + r0 * D, D, kr, st + r0);
     }
   }
   // Softmax in fp32; probabilities stay unnormalised until the end (one scale per output).
@@ -209,10 +258,10 @@ void attend_task(const float* q, const char* kb, const char* vb, int64_t kst, in
   for (int64_t j = 0; j < T; ++j) {
     const int64_t t = token(j);
     if (t < 0) continue;
-    const char* vr = vb + t * vst * es;
+    const void* vr = vals.row(t, row);
     for (int64_t r0 = 0; r0 < rep; r0 += kMaxGroup) {
       int nr = int(rep - r0 < kMaxGroup ? rep - r0 : kMaxGroup);
-      axpy_group<DT>(nr, scores + j * rep + r0, vr, D, out + r0 * D);
+      axpy_group<VRows::DT>(nr, scores + j * rep + r0, vr, D, out + r0 * D);
     }
   }
   for (int64_t r = 0; r < rep; ++r) {
@@ -221,12 +270,10 @@ void attend_task(const float* q, const char* kb, const char* vb, int64_t kst, in
   }
 }
 
-template <int DT>
-void run(const float* q, const char* k, const char* v, const uint8_t* valid, float* out,
-         int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t D,
-         int64_t ksb, int64_t ksh, int64_t kst, int64_t vsb, int64_t vsh, int64_t vst,
-         int64_t valid_sb, int nthreads) {
-  constexpr int64_t es = DT == F32 ? 4 : 2;
+// rows(b, h) -> (keys, values) row sources of sequence b, KV head h.
+template <class Rows>
+void run(const float* q, const Rows& rows, const uint8_t* valid, float* out, int64_t B, int64_t Hq, int64_t Hkv,
+         int64_t T, int64_t D, int64_t valid_sb, int nthreads) {
   const int64_t rep = Hq / Hkv, tasks = B * Hkv;
   // Waking a thread costs microseconds (milliseconds on a busy host): give each at least ~64K
   // cached values, and run small calls on the calling thread alone.
@@ -235,15 +282,15 @@ void run(const float* q, const char* k, const char* v, const uint8_t* valid, flo
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> scores(static_cast<size_t>(T * rep)), mx(static_cast<size_t>(rep)),
-        sum(static_cast<size_t>(rep));
+        sum(static_cast<size_t>(rep)), row(static_cast<size_t>(D));
     // Dynamic: tasks are equal, but a core also serving DMA or other work should not hold
     // back the whole call.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
-      attend_task<DT>(q + (b * Hq + h * rep) * D, k + (b * ksb + h * ksh) * es, v + (b * vsb + h * vsh) * es,
-                      kst, vst, valid ? valid + b * valid_sb : nullptr, nullptr, T, D, rep, scores.data(),
-                      mx.data(), sum.data(), out + (b * Hq + h * rep) * D);
+      const auto kv = rows(b, h);
+      attend_task(q + (b * Hq + h * rep) * D, kv.first, kv.second, valid ? valid + b * valid_sb : nullptr, nullptr,
+                  T, D, rep, scores.data(), mx.data(), sum.data(), row.data(), out + (b * Hq + h * rep) * D);
     }
   }
 }
@@ -264,9 +311,9 @@ void run_list(const float* q, const char* k, const char* v, const int32_t* token
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / Hq, h = task % Hq, kvh = h / group;
-      attend_task<DT>(q + task * D, k + (b * ksb + kvh * ksh) * es, v + (b * vsb + kvh * vsh) * es, kst, vst,
-                      nullptr, tokens + b * tsb + h * tsh, L, D, 1, scores.data(), mx.data(), sum.data(),
-                      out + task * D);
+      const DenseRows<DT> keys{k + (b * ksb + kvh * ksh) * es, kst}, vals{v + (b * vsb + kvh * vsh) * es, vst};
+      attend_task(q + task * D, keys, vals, nullptr, tokens + b * tsb + h * tsh, L, D, 1, scores.data(), mx.data(),
+                  sum.data(), nullptr, out + task * D);
     }
   }
 }
@@ -282,14 +329,45 @@ int cpu_decode_attention(const float* q, const void* k, const void* v, const uin
                          int64_t ksb, int64_t ksh, int64_t kst, int64_t vsb, int64_t vsh, int64_t vst,
                          int64_t valid_sb, int dtype, int nthreads) {
   auto kc = static_cast<const char*>(k), vc = static_cast<const char*>(v);
-  auto go = [&](auto kernel) {
-    kernel(q, kc, vc, valid, out, B, Hq, Hkv, T, D, ksb, ksh, kst, vsb, vsh, vst, valid_sb, nthreads);
+  auto go = [&](auto dt) {
+    constexpr int DT = decltype(dt)::value;
+    constexpr int64_t es = DT == F32 ? 4 : 2;
+    auto rows = [&](int64_t b, int64_t h) {
+      return std::make_pair(DenseRows<DT>{kc + (b * ksb + h * ksh) * es, kst},
+                            DenseRows<DT>{vc + (b * vsb + h * vsh) * es, vst});
+    };
+    run(q, rows, valid, out, B, Hq, Hkv, T, D, valid_sb, nthreads);
     return 0;
   };
   switch (dtype) {
-    case F32: return go(run<F32>);
-    case F16: return go(run<F16>);
-    case BF16: return go(run<BF16>);
+    case F32: return go(std::integral_constant<int, F32>{});
+    case F16: return go(std::integral_constant<int, F16>{});
+    case BF16: return go(std::integral_constant<int, BF16>{});
+    default: return 1;
+  }
+}
+
+// The same over a packed cache: k, v (B, Hkv, T, G, R) uint8 records with (G, R) contiguous per
+// token, strides in bytes; bits 4 or 8, group_size elements per record. Returns 0, or 1 for bad
+// bits / group size.
+int cpu_packed_decode_attention(const float* q, const void* k, const void* v, const uint8_t* valid, float* out,
+                                int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t D,
+                                int64_t ksb, int64_t ksh, int64_t kst, int64_t vsb, int64_t vsh, int64_t vst,
+                                int64_t valid_sb, int bits, int64_t group_size, int nthreads) {
+  if (group_size < 2 || group_size % 2) return 1;
+  auto kc = static_cast<const char*>(k), vc = static_cast<const char*>(v);
+  auto go = [&](auto nbits) {
+    constexpr int BITS = decltype(nbits)::value;
+    auto rows = [&](int64_t b, int64_t h) {
+      return std::make_pair(PackedRows<BITS>{kc + b * ksb + h * ksh, kst, D, group_size},
+                            PackedRows<BITS>{vc + b * vsb + h * vsh, vst, D, group_size});
+    };
+    run(q, rows, valid, out, B, Hq, Hkv, T, D, valid_sb, nthreads);
+    return 0;
+  };
+  switch (bits) {
+    case 4: return go(std::integral_constant<int, 4>{});
+    case 8: return go(std::integral_constant<int, 8>{});
     default: return 1;
   }
 }

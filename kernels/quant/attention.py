@@ -65,6 +65,11 @@ def quant_decode_attention_reference(q, k_packed, v_packed, spec: QuantSpec, hea
 
 # ----------------------------------------------------------------------------- CPU path
 
+def _records_contiguous(*packed: torch.Tensor) -> bool:
+    """Each token's (G, R) records side by side in memory: what the C++ kernel reads."""
+    return all(p.stride(4) == 1 and p.stride(3) == p.shape[4] for p in packed)
+
+
 def _attention_torch(q, k_packed, v_packed, spec, head_dim, length, key_valid, return_probs, block_tokens):
     b, hq, d = q.shape
     hkv = k_packed.shape[2]
@@ -252,4 +257,11 @@ def quant_decode_attention(q, k_packed, v_packed, spec: QuantSpec, head_dim: int
     _check(q, k_packed, v_packed, spec, head_dim, length, key_valid)
     if key_valid is not None and not bool(key_valid.any(-1).all()):
         raise ValueError("key_valid leaves a row without any valid key; every sequence needs at least one.")
+    if not return_probs and block_tokens is None and _records_contiguous(k_packed, v_packed):
+        from kernels.cpu_attention import cpu_packed_decode_attention_cpp, use_cpp
+        if use_cpp():  # one pass, dequantizing a row at a time in L1 (the PyTorch path writes fp32 blocks)
+            heads_first = (1, 2, 0, 3, 4)
+            return cpu_packed_decode_attention_cpp(q, k_packed[:length].permute(heads_first),
+                                                   v_packed[:length].permute(heads_first), spec.bits,
+                                                   spec.group_size, key_valid)
     return _attention_torch(q, k_packed, v_packed, spec, head_dim, length, key_valid, return_probs, block_tokens)

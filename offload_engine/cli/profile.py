@@ -25,6 +25,7 @@ FIELDS = (
     ("gpu_gemv_bytes_s", "GB/s", 1e9, "weights read by a 16-row decode matmul (float32 on a CPU device)"),
     ("gpu_attention_bytes_s", "GB/s", 1e9, "decode attention over a GPU cache, K + V bytes read per second"),
     ("cpu_attention_bytes_s", "GB/s", 1e9, "decode attention over a CPU cache, all cores (--cpu-cache-compute)"),
+    ("cpu_packed_attention_bytes_s", "GB/s", 1e9, "the same over a 4-bit cache (--compress-cache), in fp16 bytes"),
     ("cpu_mem_bytes_s", "GB/s", 1e9, "host memory read, all cores: shared by PCIe DMA and CPU attention"),
     ("cpu_attention_dma_bytes_s", "GB/s", 1e9, "CPU attention while pinned memory streams to the GPU (GPU only)"),
     ("h2d_cpu_attention_bytes_s", "GB/s", 1e9, "pinned host -> GPU copy while CPU attention runs (GPU only)"),

@@ -55,6 +55,7 @@ class Terms:
     gen_len: int
     batch: int
     cpu_attention_bytes_s: float  # cache bytes, as stored, CPU attention reads per second (cpu_attention_rate)
+    cpu_calls_s: float  # the round trips of a step that attends its whole cache on the CPU
 
     def weight_io_s(self, hw: HardwareProfile, wc: float, wd: float) -> float:
         """Weights alone: over PCIe from host memory and disk, the disk's share also at its rate."""
@@ -80,7 +81,8 @@ class Terms:
     def attention_s(self, hw: HardwareProfile, cg: float, cc: float, cd: float) -> tuple[float, float]:
         """(GPU attention, CPU attention) seconds of a decode step."""
         on_cpu = cc if self.cpu_attention else 0.0
-        return self.KV_read * (1.0 - on_cpu) / hw.gpu_attention_bytes_s, self.KV_read * on_cpu / self.cpu_attention_bytes_s
+        return (self.KV_read * (1.0 - on_cpu) / hw.gpu_attention_bytes_s,
+                on_cpu * (self.KV_read / self.cpu_attention_bytes_s + self.cpu_calls_s))
 
     def act_io_s(self, hw: HardwareProfile, hc: float, hd: float, prefill: bool = False) -> float:
         """Hidden states off the GPU go out and come back at every layer."""
@@ -187,8 +189,9 @@ def terms(model: ModelConfig, policy: Policy, work: Workload, hw: HardwareProfil
     overhead = 0.0 if _captured(policy, hw) else n_layers * k * hw.layer_overhead_s
     act = 2.0 * n_layers * b * k * model.hidden_size * itemsize  # out and back, one token a sequence
     cpu_rate = cpu_attention_rate(policy, hw, attn[0].num_heads, attn[0].head_dim) if attn else hw.cpu_attention_bytes_s
+    calls = len(attn) * k * hw.cpu_attention_call_s if policy.cpu_cache_compute else 0.0
     return Terms(stored, kv_read, kv_prompt, act, act * work.prompt_len, gemm, prefill, overhead,
-                 policy.cpu_cache_compute, work.gen_len, b * k, cpu_rate)
+                 policy.cpu_cache_compute, work.gen_len, b * k, cpu_rate, calls)
 
 
 def _captured(policy: Policy, hw: HardwareProfile) -> bool:
@@ -267,7 +270,8 @@ def serial_step_s(model: ModelConfig, policy: Policy, work: Workload, hw: Hardwa
             for batch in range(k):
                 tier = plan.kv_tier(i, batch)
                 attended_on_cpu = tier == Tier.CPU and policy.cpu_cache_compute
-                compute += item_read / (t.cpu_attention_bytes_s if attended_on_cpu else hw.gpu_attention_bytes_s)
+                compute += (item_read / t.cpu_attention_bytes_s + hw.cpu_attention_call_s if attended_on_cpu
+                            else item_read / hw.gpu_attention_bytes_s)
                 if tier == Tier.DISK or (tier == Tier.CPU and not attended_on_cpu):
                     link += item_read
                 if tier == Tier.DISK:
@@ -308,6 +312,7 @@ def layer_seconds(model: ModelConfig, policy: Policy, work: Workload, hw: Hardwa
             cpu_rate = cpu_attention_rate(policy, hw, heads, head_dim)
         io = stored * (wc / hw.h2d_bytes_s + wd / disk) + kv * ((cc - on_cpu) / hw.h2d_bytes_s + cd / disk)
         compute = k * max(stored / hw.weight_read_bytes_s, 2.0 * params * b / hw.gpu_flops) \
-            + kv * (1 - on_cpu) / hw.gpu_attention_bytes_s + kv * on_cpu / cpu_rate
+            + kv * (1 - on_cpu) / hw.gpu_attention_bytes_s + kv * on_cpu / cpu_rate \
+            + (on_cpu * k * hw.cpu_attention_call_s if layer.kv_spec is not None else 0.0)
         out.append(max(io, compute))
     return out

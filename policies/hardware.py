@@ -41,6 +41,9 @@ class HardwareProfile:
     cpu_attention_dma_bytes_s: float = 0.0  # CPU attention while pinned memory streams to the GPU
     h2d_cpu_attention_bytes_s: float = 0.0  # pinned host -> GPU while CPU attention runs
     layer_overhead_s: float = 20e-6  # host time per layer and GPU batch in an eager step (launches)
+    # What a CPU-attended (attention layer, GPU batch) adds beyond that: q/k/v out, the wait for
+    # them, the output back (0: not measured, or no GPU).
+    cpu_attention_call_s: float = 0.0
     measured: dict = field(default_factory=dict)  # the raw measurements behind the numbers
 
     def __post_init__(self) -> None:

@@ -100,9 +100,10 @@ def _solve(model: ModelConfig, base: Policy, work: Workload, hw: HardwareProfile
     le([-W / h2d, 0, 0, 0, 0, 0, 0, -1], -W / h2d)
     # disk, decode: (W (1 - wg - wc) + KV_read (1 - cg - cc)) / dr <= step
     le([-W / dr, -W / dr, -t.KV_read / dr, -t.KV_read / dr, 0, 0, -1, 0], -(W + t.KV_read) / dr)
-    # compute: gemm + overhead + KV_read ((1 - cc att) / gpu_attn + cc att / cpu_attn) <= step
+    # compute: gemm + overhead + KV_read ((1 - cc att) / gpu_attn + cc att / cpu_attn) + cc att calls <= step
     ga, ca = 1 / hw.gpu_attention_bytes_s, 1 / t.cpu_attention_bytes_s
-    le([0, 0, 0, t.KV_read * cpu_att * (ca - ga), 0, 0, -1, 0], -(t.gemm_s + t.overhead_s + t.KV_read * ga))
+    le([0, 0, 0, cpu_att * (t.KV_read * (ca - ga) + t.cpu_calls_s), 0, 0, -1, 0],
+       -(t.gemm_s + t.overhead_s + t.KV_read * ga))
     # activation I/O: ACT ((hc (1/d2h + 1/h2d) + (1 - hg - hc) (1/dw + 1/dr)) / 2 <= step (ACT_prompt: prefill)
     cpu_rt = (1 / hw.d2h_bytes_s + 1 / hw.h2d_bytes_s) / 2
     disk_rt = (1 / hw.disk_write_bytes_s + 1 / dr) / 2

@@ -114,6 +114,19 @@ def test_disk_read_coldness_is_checked(profiled, tmp_path):
     assert warm is None or warm > 0.9
 
 
+def test_cpu_attention_call_overhead_compares_two_real_engine_steps(tmp_path):
+    """The same tiny engine with its cache attended on the CPU, against the step already measured
+    with the cache on the device: the difference spread over its (attention layer, GPU batch) items."""
+    from offload_engine.hardware_probe import cpu_attention_call_overhead
+
+    on_device = {"step_s": 0.0}  # a free device step: every second of the CPU-cache step counts
+    calls = cpu_attention_call_overhead(torch.device("cpu"), tmp_path, steps=4, reps=2, on_device=on_device)
+    assert calls["step_s"] > 0 and calls["per_call_s"] == pytest.approx(calls["step_s"] / 2)  # 2 attention layers
+    slower = cpu_attention_call_overhead(torch.device("cpu"), tmp_path, steps=4, reps=2,
+                                         on_device={"step_s": 10.0})
+    assert slower["per_call_s"] == 0  # never negative
+
+
 def test_layer_overhead_comes_from_a_real_engine_step(tmp_path, monkeypatch):
     from offload_engine.engine import Engine
 

@@ -170,3 +170,19 @@ def test_cpu_attention_over_a_packed_cache_costs_its_measured_rate():
     assert measured.parts["cpu_attention"] == pytest.approx(4 * dense)
     assert measured.parts["layer_by_layer"] > unmeasured.parts["layer_by_layer"]
     assert measured.throughput < unmeasured.throughput
+
+
+def test_cpu_attention_round_trips_are_charged_per_attended_item():
+    """Each (attention layer, GPU batch) attended on the CPU costs the profile's measured round
+    trip once, in the compute term and in the layer-by-layer bound; a cache on the GPU none."""
+    model, work = MODEL_CONFIGS["opt-30b"], Workload(512, 32)
+    policy = Policy.from_percent((20, 80, 0, 100, 0, 100), gpu_batch_size=12, num_gpu_batches=8,
+                                 cpu_cache_compute=True)
+    call = 1e-3
+    base, charged = (estimate(model, policy, work, replace(H100, cpu_attention_call_s=c)) for c in (0.0, call))
+    items = model.num_layers * policy.num_gpu_batches
+    assert charged.parts["cpu_attention"] - base.parts["cpu_attention"] == pytest.approx(items * call)
+    assert charged.parts["layer_by_layer"] - base.parts["layer_by_layer"] == pytest.approx(items * call)
+    on_gpu = replace(policy, cpu_cache_compute=False)
+    a, b = (estimate(model, on_gpu, work, replace(H100, cpu_attention_call_s=c)) for c in (0.0, call))
+    assert a.parts == b.parts

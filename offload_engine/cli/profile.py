@@ -30,6 +30,7 @@ FIELDS = (
     ("cpu_attention_dma_bytes_s", "GB/s", 1e9, "CPU attention while pinned memory streams to the GPU (GPU only)"),
     ("h2d_cpu_attention_bytes_s", "GB/s", 1e9, "pinned host -> GPU copy while CPU attention runs (GPU only)"),
     ("layer_overhead_s", "us", 1e-6, "host time per scheduled layer and GPU batch of an eager decode step"),
+    ("cpu_attention_call_s", "us", 1e-6, "what attending a layer's GPU batch on the CPU adds: copies and a sync (GPU only)"),
 )
 
 DESCRIPTION = """\

@@ -198,7 +198,8 @@ def main() -> int:
             continue
         if args.dry_run:
             flags, batches = RUNS[name]
-            print(" ".join(command(flags, batches[0], args.out / f"{name}.json", args.out / "offload")))
+            print(" ".join(command(flags, batches[0], args.out / f"{name}.json", args.out / "offload",
+                                   quiet=not args.progress)))
             for batch in batches:
                 print(f"  {batch[0]}x{batch[1]}: {planned(flags, batch)}")
             continue

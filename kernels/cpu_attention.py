@@ -251,17 +251,29 @@ def cpu_packed_decode_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.T
     """Decode attention over a 4/8-bit packed cache (kernels/quant's format): q (B, Hq, D) already
     scaled; k, v (B, Hkv, T, G, R) uint8 views, each token's (G, R) records contiguous, e.g. the
     head-major home[:, :, :t]. Out (B, Hq, D) in q.dtype, the float32 values kernels/quant's
-    paths give. The caller checks shapes (kernels.quant.attention); RuntimeError if the C++
-    kernel could not be built."""
+    paths give. ValueError for shapes that do not match; RuntimeError if the C++ kernel could
+    not be built."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the C++ CPU attention kernel is not available here.")
+    if q.dim() != 3 or not q.is_floating_point() or bits not in (4, 8) or group_size < 2 or group_size % 2:
+        raise ValueError(f"q must be a float (B, Hq, D) tensor and bits 4 or 8 with an even group size, got q "
+                         f"{q.dtype} {tuple(q.shape)}, bits {bits}, group size {group_size}.")
     b, hq, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
+    records = (-(-d // group_size), 4 + group_size * bits // 8)  # (G, R) of a token's D elements
     for name, x in (("k", k), ("v", v)):
         if x.dtype != torch.uint8 or x.dim() != 5 or x.stride(4) != 1 or x.stride(3) != x.shape[4]:
             raise ValueError(f"{name} must be a uint8 (B, Hkv, T, G, R) view with each token's records "
                              f"contiguous, got {x.dtype} {tuple(x.shape)} strides {x.stride()}.")
+        if x.shape != (b, hkv, t, *records) or x.device.type != "cpu":
+            raise ValueError(f"{name} must be a CPU ({b}, {hkv}, {t}, {records[0]}, {records[1]}) packed cache for "
+                             f"q {tuple(q.shape)} at {bits} bits in groups of {group_size}, got {tuple(x.shape)} "
+                             f"on {x.device}.")
+    if hkv < 1 or hq % hkv:
+        raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}; grouped-query attention needs that.")
+    if key_valid is not None and (key_valid.dtype != torch.bool or tuple(key_valid.shape) != (b, t)):
+        raise ValueError(f"key_valid must be a bool ({b}, {t}) tensor, got {key_valid.dtype} {tuple(key_valid.shape)}.")
     qf = q.float().contiguous()
     out = torch.empty(b, hq, d, dtype=torch.float32)
     valid_ptr, valid_stride = None, 0

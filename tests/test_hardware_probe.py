@@ -72,7 +72,8 @@ def test_every_measured_number_is_positive_and_finite(profiled):
             "layer_overhead_s"} <= set(measured)
     for name in measured:
         value = getattr(profile, name)
-        assert math.isfinite(value) and value > 0, (name, value)
+        floor_ok = value >= 0 if name == "cpu_attention_call_s" else value > 0  # a difference of two steps
+        assert math.isfinite(value) and floor_ok, (name, value)
     raw = {k: v for k, v in profile.measured.items() if k.endswith(RATE_UNITS)}
     assert len(raw) >= 7, raw
     for key, value in raw.items():

@@ -313,6 +313,20 @@ def test_quant_decode_attention_cpp(bits, gs, d, hq, hkv, layout, padded):
     assert rel_err(torch_path, out) < 1e-5
 
 
+def test_quant_decode_attention_cpp_refuses_what_it_would_read_past():
+    from kernels.cpu_attention import cpu_packed_decode_attention_cpp, use_cpp
+    if not use_cpp():
+        pytest.skip("the C++ CPU attention kernel does not build here")
+    spec = QuantSpec(4, 64)
+    k, v = (quantize(torch.randn(1, 2, 16, 64, generator=gen(s)), spec) for s in (17, 18))
+    q = torch.randn(1, 2, 64, generator=gen(19))
+    for bad_q, bits, valid, needle in [(q, 8, None, "packed cache"), (torch.randn(4, 2, 64), 4, None, "packed cache"),
+                                       (q, 4, torch.ones(1, 15, dtype=torch.bool), "key_valid"),
+                                       (torch.randn(1, 3, 64), 4, None, "multiple of Hkv"), (q, 3, None, "bits 4 or 8")]:
+        with pytest.raises(ValueError, match=needle):
+            cpu_packed_decode_attention_cpp(bad_q, k, v, bits, 64, valid)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_input_raises_value_error():

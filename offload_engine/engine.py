@@ -230,6 +230,12 @@ class Engine:
             out[Tier.CPU] += self.weight_host.allocated_bytes
         return out
 
+    @property
+    def pin_seconds(self) -> float:
+        """Start-up seconds spent pinning host memory (faulting pages in and registering them)."""
+        hosts = {id(h): h for h in (self.storages[Tier.CPU], self.weight_host)}
+        return sum(h.pin_seconds for h in hosts.values())
+
     def _prepare_inputs(self, input_ids, attention_mask, cfg: GenerationConfig):
         """Check the prompts where they enter; fill a short batch with copies of row 0 (dropped later)."""
         p = self.policy

@@ -123,6 +123,8 @@ def test_default_command_and_json(capsys, tmp_path):
     assert m["total_throughput"] == pytest.approx(m["batch_size"] * m["gen_len"] / (m["prefill_s"] + m["decode_s"]))
     assert data["model"] == "opt-125m" and data["policy"]["gpu_batch_size"] == 4 and data["commit"]
     assert {"hardware", "workload", "peak_memory", "planned_gib"} <= set(data)
+    startup = data["startup_s"]  # the engine's construction, of which pinning host memory (none without a GPU)
+    assert startup["total"] > 0 and 0 <= startup["pinning"] <= startup["total"]
 
 
 def test_help_teaches(capsys):

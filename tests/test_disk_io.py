@@ -475,3 +475,17 @@ def test_queued_disk_writes_hold_at_most_the_budget():
     assert waited == [0, 1, 2, 3, 4] and mover.disk_store_bytes == 400
     mover.store(dst, src, "kv_io")  # a copy to host memory is not a disk write: not held back
     assert waited == [0, 1, 2, 3, 4]
+
+
+def test_prefault_touches_every_page_unless_switched_off(monkeypatch):
+    """A fresh arena is faulted in (filled) with every core before cudaHostRegister pins it;
+    OFFLOAD_ENGINE_PREFAULT=0 leaves it as allocated, for comparisons."""
+    from offload_engine.io.tiers import PREFAULT_ENV, prefault
+
+    arena = torch.full((3 << 20,), 7, dtype=torch.uint8)  # stands in for garbage in fresh memory
+    monkeypatch.setenv(PREFAULT_ENV, "0")
+    prefault(arena)
+    assert bool((arena == 7).all())
+    monkeypatch.delenv(PREFAULT_ENV)
+    prefault(arena)
+    assert not bool(arena.any())

@@ -208,6 +208,7 @@ def test_cli_pipeline_records_the_split_and_stage_times(tmp_path, capsys):
         assert s["busy_s"] > 0 and s["wait_send_s"] >= 0 and s["cost"] > 0
         assert s["bubble_s"] >= 0 and s["transfer_s"] >= 0  # one host: the wait splits in two
         assert s["bubble_s"] + s["transfer_s"] == pytest.approx(s["wait_input_s"])
+        assert s["startup_s"]["total"] > 0 and s["startup_s"]["pinning"] == 0  # nothing is pinned without a GPU
     assert stages[2]["bubble_s"] > 0  # the last stage waits for the first two at least in prefill
     costs = [s["cost"] for s in stages]
     assert max(costs) - min(costs) <= 41e6  # within one layer: the embedding's (50272 + 2050) x 768

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -105,8 +106,11 @@ def execute(args: argparse.Namespace) -> dict:
     print(f"{model.name} ({resolved.weights_label}), batch {policy.gpu_batch_size}x{policy.num_gpu_batches}, "
           f"{work.prompt_len}+{work.gen_len} tokens, --percent {' '.join(f'{p:g}' for p in policy.percent)}",
           file=sys.stderr)
+    started = time.perf_counter()
     with PeakHostMemory() as loading:
         engine = Engine(model, policy, work, engine_options(args, resolved.source))
+    startup = {"total": time.perf_counter() - started, "pinning": engine.pin_seconds}
+    print(f"start-up {startup['total']:.1f} s (pinning host memory {startup['pinning']:.1f} s)", file=sys.stderr)
     with engine:
         plan = engine.plan
         for tier in Tier:
@@ -142,6 +146,7 @@ def execute(args: argparse.Namespace) -> dict:
         "loading_host_gib": {"added_peak": loading.added_bytes / GiB,
                              "planned_cpu": plan.persistent_bytes(Tier.CPU) / GiB},
         "planned_gib": {t.value: plan.tiers[t].total / GiB for t in Tier},
+        "startup_s": startup,
         "decode_step_busy_s": result.decode_split_s, "hip_hot_cache_hit_rate": hit_rate,
         "cuda_graph": engine.decode_graph is not None, "cuda_graph_refusal": engine.graph_refusal,
         "cut_gen_len": args.cut_gen_len,

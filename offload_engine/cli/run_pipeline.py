@@ -120,7 +120,8 @@ def _report(args, resolved, job, result: dict, costs: list[float], unit: str) ->
         split = f" (bubble {s['bubble_s']:.3f}, transfer {s['transfer_s']:.3f})" if s["bubble_s"] is not None else ""
         print(f"stage {s['stage']} (layers {s['layers'][0]}-{s['layers'][1] - 1}, {s['device']}, cores {s['cores']}): busy "
               f"{s['busy_s']:.3f} s, waiting for input {s['wait_input_s']:.3f} s{split}, for sends "
-              f"{s['wait_send_s']:.3f} s, sent {s['sent_bytes'] / 2**20:.1f} MiB"
+              f"{s['wait_send_s']:.3f} s, sent {s['sent_bytes'] / 2**20:.1f} MiB, start-up {s['startup_s']['total']:.1f} s "
+              f"(pinning {s['startup_s']['pinning']:.1f} s)"
               + ("; decode step busy: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in sorted(s["decode_step_busy_s"].items()))
                  if s["decode_step_busy_s"] else ""))
     data = {

@@ -128,12 +128,15 @@ def run_stage(job: PipelineJob) -> dict | None:
         link = StageLink(rank, world, torch.device(device), one_host=local_world == world)
         slice_ = StageSlice(job.splits[rank], job.blocks)
         opts = stage_options(job, rank, local_world, device)
+        started = time.perf_counter()
         with Engine(job.model, job.policies[rank], job.workload, opts, stage=slice_) as engine:
+            startup = {"total": time.perf_counter() - started, "pinning": engine.pin_seconds}
             runner = StageRunner(job, rank, engine, link)
             if job.warmup:
                 s = min(32, job.prompts.shape[1])
                 runner.generate(job.prompts[:, -s:], None, GenerationConfig(max_new_tokens=1), warm=True)
             report = runner.generate(job.prompts, job.attention_mask, job.generation)
+            report["startup_s"] = startup
             reports = [None] * world if rank == 0 else None
             dist.gather_object(report, reports, dst=0, group=link.control)
         dist.destroy_process_group()

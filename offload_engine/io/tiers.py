@@ -75,8 +75,8 @@ PREFAULT_ENV = "OFFLOAD_ENGINE_PREFAULT"  # "0": leave faulting pages in to cuda
 
 def prefault(arena: torch.Tensor) -> None:
     """Fault a fresh arena's pages in with every core (a parallel fill) before it is registered:
-    cudaHostRegister faults in what is missing on one thread, about 1-2 GB/s, which made pinning
-    a 400 GiB plan take minutes."""
+    cudaHostRegister faults in what is missing on the calling thread: four pipeline stages pinned
+    400 GiB at about 3 GB/s together (over two minutes of start-up)."""
     if os.environ.get(PREFAULT_ENV, "1") != "0":
         arena.zero_()
 

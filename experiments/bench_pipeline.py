@@ -64,7 +64,7 @@ RUNS: dict[str, tuple[list[str], list[Batch]]] = {
     "opt30b-8gpu": point("opt-30b", 8, "100 0 0 100 0 100", [(24, 2), (16, 2)]),
     "opt66b-1gpu": point("opt-66b", 1, "5 95 0 100 0 100", [(24, 2), (16, 2), (8, 2)], "--cut-gen-len", "8"),
     "opt66b-4gpu": point("opt-66b", 4, "28 72 0 100 0 100", [(24, 2), (16, 2), (8, 2)], "--cut-gen-len", "8"),
-    "opt66b-8gpu": point("opt-66b", 8, "70 30 0 100 0 100", [(16, 2), (8, 2)], "--cut-gen-len", "8"),
+    "opt66b-8gpu": point("opt-66b", 8, "65 35 0 100 0 100", [(16, 2), (8, 2)], "--cut-gen-len", "8"),
     # OPT-175B: each stage streams ~80 GiB of fp16 weights per micro-batch, so the batch is what
     # pays: 16x2 per micro-batch plans 398 of the host's 504 GiB (4-bit cache; 24x2's 442 leaves
     # too little for four processes' own memory); with 4-bit weights too, 64x2 plans 446.
@@ -111,6 +111,15 @@ def command(flags: list[str], batch: tuple[int, int], json_path: Path, offload: 
 def planned(flags: list[str], batch: Batch) -> str:
     """Each stage's planned GPU and host GiB (fp16, as on the device) and the host's total: what a
     dry run prints, so batches that cannot fit are dropped before device time is spent."""
+    from policies.memory import GiB
+
+    stages = stage_plans(flags, batch)
+    parts = " ".join(f"{gpu / GiB:.1f}/{cpu / GiB:.1f}" for gpu, cpu in stages)
+    return f"stages GPU/CPU GiB {parts}; host {sum(cpu for _, cpu in stages) / GiB:.0f} GiB"
+
+
+def stage_plans(flags: list[str], batch: Batch) -> list[tuple[int, int]]:
+    """(GPU bytes, host bytes) each stage plans, in fp16 as on the device."""
     import torch
 
     from offload_engine.cli import build_parser
@@ -119,23 +128,21 @@ def planned(flags: list[str], batch: Batch) -> str:
     from offload_engine.model_zoo import MODEL_CONFIGS
     from offload_engine.models import build_layers
     from offload_engine.pipeline.split import stage_split
-    from policies.memory import GiB, Workload, plan_memory
+    from policies.memory import Workload, plan_memory
 
     args = build_parser().parse_args(["run", *flags, "--gpu-batch-size", str(batch[0]), "--num-gpu-batches",
                                       str(batch[1])])
     model, policy, work = MODEL_CONFIGS[args.model], policy_from_args(args), Workload(args.prompt_len, args.gen_len)
     layers = build_layers(model, policy.sep_layer)
     splits, _, _ = stage_split(model, policy, work, args.pipeline)
-    parts, host = [], 0.0
+    out = []
     for r, p in zip(splits, stage_policies(args, policy, args.pipeline)):
         hidden = 2 * p.num_gpu_batches * ((r.start > 0) + (r.stop < len(layers))) if args.pipeline > 1 else 0
         plan = plan_memory(layers[r.start:r.stop], p, work, torch.float16, model.hidden_size, 2,
                            kv_blocks=(args.micro_batches or args.pipeline) if args.pipeline > 1 else 1,
                            pipeline_hidden=hidden)
-        gpu, cpu = plan.tiers[Tier.GPU].total / GiB, plan.tiers[Tier.CPU].total / GiB
-        host += cpu
-        parts.append(f"{gpu:.1f}/{cpu:.1f}")
-    return f"stages GPU/CPU GiB {' '.join(parts)}; host {host:.0f} GiB"
+        out.append((plan.tiers[Tier.GPU].total, plan.tiers[Tier.CPU].total))
+    return out
 
 
 def run_flexgen(name: str, out: Path, timeout_s: float) -> dict:

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -194,7 +195,8 @@ def main() -> int:
                         help="the whole call's seconds: a run gets what is left (none under a minute)")
     parser.add_argument("--commit", default=None, help="this repository's commit (the device copy has no .git)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    parser.add_argument("--copy-to", type=Path, default=None)
+    parser.add_argument("--copy-to", type=Path, default=None,
+                        help="after each run, copy the ledger, the summary and a tarball of the logs here")
     parser.add_argument("--progress", action="store_true",
                         help="let the engine print its start-up progress into each run's log")
     args = parser.parse_args()
@@ -202,6 +204,8 @@ def main() -> int:
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     commit = args.commit or git_commit()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.copy_to is not None:
+        args.copy_to.mkdir(parents=True, exist_ok=True)
     ledger = args.out / "runs.jsonl"
     done = {r["name"] for r in read_records(ledger) if r.get("status") == "ok" and r.get("commit") == commit}
     deadline = time.monotonic() + (args.budget_s or float("inf"))
@@ -229,10 +233,12 @@ def main() -> int:
         print(f"{name}: {record['status']}" + (f", {tput:.1f} token/s" if tput else ""), flush=True)
         summary = {"hardware": hardware(), "commit": commit, "runs": read_records(ledger)}
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        if args.copy_to is not None:
-            for f in ("runs.jsonl", "summary.json", f"{name}.log"):
-                if (args.out / f).exists():
-                    shutil.copy(args.out / f, args.copy_to / f)
+        if args.copy_to is not None:  # three files, however many runs: the ledger, the summary, the logs
+            for f in ("runs.jsonl", "summary.json"):
+                shutil.copy(args.out / f, args.copy_to / f)
+            with tarfile.open(args.copy_to / "logs.tar.gz", "w:gz") as tar:
+                for log in sorted(args.out.glob("*.log")):
+                    tar.add(log, arcname=log.name)
     return 0
 
 

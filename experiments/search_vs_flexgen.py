@@ -20,6 +20,7 @@ import json
 import shlex
 import shutil
 import sys
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,10 +117,12 @@ def main() -> int:
         if ours and flex:
             summary["speedup"] = ours["metrics"]["total_throughput"] / flex["metrics"]["total_throughput"]
         write_json_atomic(args.out / "summary.json", summary)
-        if args.copy_to is not None:
-            for f in args.out.iterdir():
-                if f.is_file():
-                    shutil.copy(f, args.copy_to / f.name)
+        if args.copy_to is not None:  # the JSON files, and the logs in one tarball: few files, however many runs
+            for f in args.out.glob("*.json"):
+                shutil.copy(f, args.copy_to / f.name)
+            with tarfile.open(args.copy_to / "logs.tar.gz", "w:gz") as tar:
+                for log in sorted(args.out.glob("*.log")):
+                    tar.add(log, arcname=log.name)
 
     for rank, choice in enumerate(ranking, 1):
         record(run_ours(rank, choice, args.out, args.timeout_s))

@@ -211,6 +211,18 @@ def test_other_isa_builds(isa, flags, tmp_path, monkeypatch):
             out = torch.full(q.shape, float("nan"))
             cpu_decode_attention_cpp(q, k, v, key_valid, out=out)
             assert rel_err(out, cpu_decode_attention_reference(q, k, v, key_valid)) < 1e-5, (case, dtype)
+    from kernels.cpu_attention import cpu_packed_decode_attention_cpp
+    from kernels.quant.attention import quant_decode_attention_reference
+    from kernels.quant.pack import quantize
+    from kernels.quant.spec import QuantSpec
+    for bits, gs, d in [(4, 64, 128), (4, 32, 40), (8, 32, 40)]:  # packed rows, whole and partial groups
+        spec, g = QuantSpec(bits, gs), torch.Generator().manual_seed(bits + d)
+        k, v = (quantize(torch.randn(3, 2, 24, d, generator=g), spec) for _ in range(2))  # (B, H, T, G, R)
+        q = torch.randn(3, 4, d, generator=g) * d ** -0.5
+        out = cpu_packed_decode_attention_cpp(q, k, v, bits, gs)
+        heads_last = (2, 0, 1, 3, 4)
+        ref, _ = quant_decode_attention_reference(q, k.permute(heads_last), v.permute(heads_last), spec, d, 24)
+        assert rel_err(out, ref) < 1e-5, (bits, gs, d)
 
 
 def _bad_inputs():

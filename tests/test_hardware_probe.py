@@ -18,7 +18,8 @@ import torch
 from offload_engine.cli import main
 from offload_engine.cli.profile import FIELDS
 from offload_engine.config import ModelConfig
-from offload_engine.hardware_probe import GPU_ONLY, cached_fraction, eager_layer_overhead
+from offload_engine.hardware_probe import GPU_ONLY, cached_fraction
+from offload_engine.step_probe import eager_layer_overhead
 from offload_engine.models import build_layers
 from policies.hardware import HardwareProfile
 
@@ -118,7 +119,7 @@ def test_disk_read_coldness_is_checked(profiled, tmp_path):
 def test_cpu_attention_call_overhead_compares_two_real_engine_steps(tmp_path):
     """The same tiny engine with its cache attended on the CPU, against the step already measured
     with the cache on the device: the difference spread over its (attention layer, GPU batch) items."""
-    from offload_engine.hardware_probe import cpu_attention_call_overhead
+    from offload_engine.step_probe import cpu_attention_call_overhead
 
     on_device = {"step_s": 0.0}  # a free device step: every second of the CPU-cache step counts
     calls = cpu_attention_call_overhead(torch.device("cpu"), tmp_path, steps=4, reps=2, on_device=on_device)

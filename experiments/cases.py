@@ -240,6 +240,19 @@ _CASES += [
     Case("llama3.1-8b-32k-full", "llama-3.1-8b", 32000, 32, None,
          Ours(_KV_ON_CPU, 1, cpu_cache_compute=True, est_s=90), None),
     Case("llama3.1-8b-32k-hip", "llama-3.1-8b", 32000, 32, None, Ours(_KV_ON_CPU, 1, **HIP, est_s=90), None),
+    Case("llama3.1-8b-128k-full", "llama-3.1-8b", 128000, 32, None,
+         Ours(_KV_ON_CPU, 1, cpu_cache_compute=True, est_s=150), None,
+         note="16.8 GiB of KV cache read by CPU attention every step"),
+    Case("llama3.1-8b-128k-hip", "llama-3.1-8b", 128000, 32, None, Ours(_KV_ON_CPU, 1, **HIP, est_s=150), None),
+    # OPT-30B at its 2,048-token limit under the 16 GiB cap: FlexGen's OPT-30B placement, the cache
+    # (2.7 GiB a sequence) attended on the CPU, fully or through HiP's top-k blocks.
+    Case("opt30b-2048-full", "opt-30b", 1984, 64, 16,
+         Ours((20, 80, 0, 100, 0, 100), 8, 2, cpu_cache_compute=True, cut_gen_len=16, est_s=200),
+         FlexGen((20, 80, 0, 100, 0, 100), 8, 2, cpu_cache_compute=True, batch_candidates=((4, 2),), est_s=200),
+         note="both decode a few steps and extrapolate; 1984 + 64 keeps the full cache's growth to 3%"),
+    Case("opt30b-2048-hip", "opt-30b", 1984, 64, 16,
+         Ours((20, 80, 0, 100, 0, 100), 8, 2, cpu_cache_compute=True, cut_gen_len=16, **HIP, est_s=200), None,
+         peer="opt30b-2048-full"),
 ]
 # --- the cells of the papers' throughput tables (experiments/paper_tables.py) no case above fills --
 HIP_512 = dict(kv_policy="hip", extra=("--hip-k", "128"))  # the default k (512) covers a 512-token prompt: dense

@@ -179,3 +179,16 @@ def test_cut_gen_len_extrapolates_and_is_recorded(capsys, tmp_path):
     capsys.readouterr()
     code = main(["run", "--quiet", "--gen-len", "4", "--cut-gen-len", "9", "--json", str(out)])
     assert code == 2 and "--cut-gen-len 9" in capsys.readouterr().err
+
+
+def test_disk_relay_flags_reach_the_engine_and_the_json(capsys, tmp_path):
+    code, err, out = run_cli(capsys, tmp_path, "--percent", "0", "50", "0", "50", "100", "0",
+                             "--disk-threads", "3", "--disk-chunk-mib", "1", "--direct-io")
+    assert code == 0, err
+    relay = json.loads(out.read_text())["disk_relay"]
+    assert relay == {"ring_bytes": 12 << 20, "chunk_bytes": 1 << 20, "threads": 3, "direct": True}
+    code, err, out = run_cli(capsys, tmp_path)  # nothing on disk: no relay
+    assert code == 0 and json.loads(out.read_text())["disk_relay"] is None
+    out.unlink()
+    code, err, out = run_cli(capsys, tmp_path, "--disk-threads", "0")
+    assert_clean_error(code, err, out, "--disk-threads")

@@ -177,6 +177,16 @@ def add_resource_args(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--offload-dir", type=Path, default=Path("offload_dir"),
                    help="folder for disk-tier tensors, one file each (default: ./offload_dir)")
     r.add_argument("--device", default=None, help="compute device (default: cuda if present, else cpu)")
+    d = parser.add_argument_group("disk tier (how disk tensors are read and written)")
+    d.add_argument("--disk-threads", type=positive_int, default=4, metavar="N",
+                   help="worker threads reading and writing disk tensors in chunks; each chunk passes "
+                        "through a ring of pinned buffers (4 chunks a thread) to the GPU (default: 4)")
+    d.add_argument("--disk-chunk-mib", type=positive_int, default=8, metavar="MIB",
+                   help="bytes one worker reads or writes at a time, in MiB (default: 8)")
+    d.add_argument("--direct-io", action=argparse.BooleanOptionalAction, default=False,
+                   help="read and write with O_DIRECT where the file system allows it: for disk tensors "
+                        "bigger than host memory, where the page cache only doubles the reads; the default "
+                        "goes through the page cache, which serves files that fit in memory at memory speed")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -214,4 +224,13 @@ def engine_options(args: argparse.Namespace, source: Path | None):
     return EngineOptions(
         checkpoint=source, seed=args.seed, dtype=dtypes[args.dtype] if args.dtype else None, device=args.device,
         offload_dir=args.offload_dir, gpu_mem_bytes=args.gpu_mem, cpu_mem_bytes=args.cpu_mem,
-        profile=getattr(args, "profile", False), progress=not getattr(args, "quiet", False))
+        profile=getattr(args, "profile", False), progress=not getattr(args, "quiet", False),
+        disk_relay=disk_relay_settings(args))
+
+
+def disk_relay_settings(args: argparse.Namespace):
+    from ..io.disk_relay import DiskRelaySettings
+
+    threads, chunk = getattr(args, "disk_threads", 4), getattr(args, "disk_chunk_mib", 8) << 20
+    return DiskRelaySettings(ring_bytes=4 * threads * chunk, chunk_bytes=chunk, threads=threads,
+                             direct=getattr(args, "direct_io", False))

@@ -117,7 +117,7 @@ class Engine:
         self.disk = DiskStorage(Path(opts.offload_dir))
         relay = None
         if policy.uses_disk:
-            r = opts.disk_relay
+            r = self.relay_settings
             relay = DiskRelay(r.ring_bytes, r.chunk_bytes, r.threads, direct=r.direct, device=self.device)
         self.mover = Mover(self.device, policy.overlap, self.profiler, relay=relay, disk=self.disk,
                            disk_store_budget=self.plan.disk_store_bytes)
@@ -179,7 +179,12 @@ class Engine:
         """
         caps = self._caps(opts)
         error = None
-        relay = opts.disk_relay.host_bytes() if self.policy.uses_disk else 0
+        self.relay_settings, relay = None, 0
+        if self.policy.uses_disk:  # the disk tier's size does not depend on the ring or the slots
+            disk = plan_memory(self.layers, self.policy, self.workload, self.dtype, self.model.hidden_size,
+                               kv_blocks=self.stage.blocks, pipeline_hidden=self._pipeline_hidden())
+            self.relay_settings = opts.disk_relay.fitted(disk.tiers[Tier.DISK].total)
+            relay = self.relay_settings.host_bytes()
         for slots in [self.policy.weight_buffers] if self.policy.weight_buffers else [3, 2]:
             plan = plan_memory(self.layers, self.policy, self.workload, self.dtype, self.model.hidden_size, slots,
                                relay_bytes=relay, kv_blocks=self.stage.blocks, pipeline_hidden=self._pipeline_hidden())

@@ -281,7 +281,7 @@ def disk_rates(directory: Path, nbytes: int, device: torch.device, reps: int) ->
     from .errors import EngineError
     from .io.disk_relay import DiskRelay, DiskRelaySettings
 
-    r = DiskRelaySettings()
+    r = DiskRelaySettings().fitted(nbytes)  # the relay an engine with this much on disk builds
     src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).to(device)  # random: no compressing file system
     dst = torch.empty_like(src)
     fd, name = tempfile.mkstemp(dir=directory, prefix=".offload-engine-profile-", suffix=".bin")

@@ -60,14 +60,17 @@ def _lp(model: ModelConfig, base: Policy, work: Workload, hw: HardwareProfile, d
     (its GPU staging counted at the worst case) one with and one without disk; any may be
     infeasible. The LP sees whole-step totals; the layer-by-layer term (cost_model.serial_step_s)
     that `estimate` adds can make a few percent on disk cost more than the LP thought, so the
-    placement without disk is always a candidate too."""
-    found = [_solve(model, base, work, hw, dtype, resident, disk)
-             for resident, disk in ((True, True), (False, True), (False, False))]
+    placement without disk is always a candidate too. With CPU attention each is solved twice:
+    with CPU attention after the copies (as estimate counts it) and beside them (a relaxation that
+    may keep more of the cache on the CPU, which `estimate` then judges)."""
+    serial = (True, False) if base.cpu_cache_compute else (True,)
+    found = [_solve(model, base, work, hw, dtype, resident, disk, after)
+             for resident, disk in ((True, True), (False, True), (False, False)) for after in serial]
     return list(dict.fromkeys(p for p in found if p is not None))
 
 
 def _solve(model: ModelConfig, base: Policy, work: Workload, hw: HardwareProfile, dtype,
-           resident: bool, disk: bool = True) -> tuple[float, ...] | None:
+           resident: bool, disk: bool = True, serial: bool = True) -> tuple[float, ...] | None:
     from scipy.optimize import linprog
 
     t = terms(model, base, work, hw, dtype)
@@ -104,6 +107,11 @@ def _solve(model: ModelConfig, base: Policy, work: Workload, hw: HardwareProfile
     ga, ca = 1 / hw.gpu_attention_bytes_s, 1 / t.cpu_attention_bytes_s
     le([0, 0, 0, cpu_att * (t.KV_read * (ca - ga) + t.cpu_calls_s), 0, 0, -1, 0],
        -(t.gemm_s + t.overhead_s + t.KV_read * ga))
+    # CPU attention after the copies, not beside them (cost_model.serial_step_s):
+    # the link's bytes / h2d + cc att (KV_read / cpu_attn + calls) <= step
+    if cpu_att and serial:
+        le([-W / h2d, 0, -t.KV_read / h2d, t.KV_read * (ca - 1 / h2d) + t.cpu_calls_s, 0, 0, -1, 0],
+           -(W + t.KV_read) / h2d)
     # activation I/O: ACT ((hc (1/d2h + 1/h2d) + (1 - hg - hc) (1/dw + 1/dr)) / 2 <= step (ACT_prompt: prefill)
     cpu_rt = (1 / hw.d2h_bytes_s + 1 / hw.h2d_bytes_s) / 2
     disk_rt = (1 / hw.disk_write_bytes_s + 1 / dr) / 2
@@ -116,7 +124,9 @@ def _solve(model: ModelConfig, base: Policy, work: Workload, hw: HardwareProfile
         le([0, W * s_d, 0, t.KV_read * (cpu_att * s_a + (1 - cpu_att) * s_d), 0, 0, -1, 0], 0)
     # prefill compute; the prompt's cache out: KV_prompt (1 - cg) / d2h <= prefill; the disk reading
     # weights and writing cache: W (1 - wg - wc) / dr + KV_prompt (1 - cg - cc) / dw <= prefill
-    le([0, 0, 0, 0, 0, 0, 0, -1], -(t.prefill_compute_s + t.overhead_s))
+    # prefill compute, plus a CPU-attended cache's way out to its head-major home (cost_model.estimate)
+    head_major = t.KV_prompt * cpu_att * serial * (1 / hw.d2h_bytes_s + 1 / hw.cpu_mem_bytes_s)
+    le([0, 0, 0, head_major, 0, 0, 0, -1], -(t.prefill_compute_s + t.overhead_s))
     le([0, 0, -t.KV_prompt / hw.d2h_bytes_s, 0, 0, 0, 0, -1], -t.KV_prompt / hw.d2h_bytes_s)
     dw = hw.disk_write_bytes_s
     le([-W / dr, -W / dr, -t.KV_prompt / dw, -t.KV_prompt / dw, 0, 0, 0, -1], -(W / dr + t.KV_prompt / dw))

@@ -185,10 +185,22 @@ def test_disk_relay_flags_reach_the_engine_and_the_json(capsys, tmp_path):
     code, err, out = run_cli(capsys, tmp_path, "--percent", "0", "50", "0", "50", "100", "0",
                              "--disk-threads", "3", "--disk-chunk-mib", "1", "--direct-io")
     assert code == 0, err
-    relay = json.loads(out.read_text())["disk_relay"]
-    assert relay == {"ring_bytes": 12 << 20, "chunk_bytes": 1 << 20, "threads": 3, "direct": True}
+    data = json.loads(out.read_text())
+    relay, on_disk = data["disk_relay"], int(data["planned_gib"]["disk"] * (1 << 30))
+    assert relay["threads"] == 3 and relay["direct"] is True
+    # the ring is fitted to the few bytes on disk: at most the asked 4 chunks a thread, 12 MiB
+    assert relay["ring_bytes"] <= min(12 << 20, -(-on_disk // 4096) * 4096) and relay["chunk_bytes"] <= 1 << 20
     code, err, out = run_cli(capsys, tmp_path)  # nothing on disk: no relay
     assert code == 0 and json.loads(out.read_text())["disk_relay"] is None
     out.unlink()
     code, err, out = run_cli(capsys, tmp_path, "--disk-threads", "0")
     assert_clean_error(code, err, out, "--disk-threads")
+
+
+def test_disk_flag_defaults_are_the_engines():
+    from offload_engine.cli import build_parser
+    from offload_engine.cli.options import disk_relay_settings
+    from offload_engine.io.disk_relay import DiskRelaySettings
+
+    args = build_parser().parse_args(["run"])
+    assert disk_relay_settings(args) == DiskRelaySettings()

@@ -489,3 +489,20 @@ def test_prefault_touches_every_page_unless_switched_off(monkeypatch):
     monkeypatch.delenv(PREFAULT_ENV)
     prefault(arena)
     assert not bool(arena.any())
+
+
+@pytest.mark.parametrize("disk_bytes", [1, 5000, 3 << 20, 300 << 20, 64 << 30])
+def test_relay_settings_fit_the_disk_tier(disk_bytes):
+    from offload_engine.io.disk_relay import DiskRelaySettings
+
+    default = DiskRelaySettings()
+    fit = default.fitted(disk_bytes)
+    assert fit.threads == default.threads and fit.direct == default.direct
+    assert fit.chunk_bytes % ALIGN == 0 and ALIGN <= fit.chunk_bytes <= default.chunk_bytes
+    assert fit.ring_bytes % fit.chunk_bytes == 0 and fit.chunk_bytes <= fit.ring_bytes <= default.ring_bytes
+    assert fit.ring_bytes <= max(ALIGN, -(-disk_bytes // ALIGN) * ALIGN)  # never more than is on disk
+    if disk_bytes >= default.ring_bytes:
+        assert fit == default  # a large disk tier gets the measured settings unchanged
+    elif fit.chunk_bytes > ALIGN:
+        assert fit.ring_bytes // fit.chunk_bytes >= 4 * fit.threads  # 4 chunks a thread
+    DiskRelay(fit.ring_bytes, fit.chunk_bytes, fit.threads).close()  # the relay accepts them

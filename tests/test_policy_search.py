@@ -186,3 +186,18 @@ def test_cpu_attention_round_trips_are_charged_per_attended_item():
     on_gpu = replace(policy, cpu_cache_compute=False)
     a, b = (estimate(model, on_gpu, work, replace(H100, cpu_attention_call_s=c)) for c in (0.0, call))
     assert a.parts == b.parts
+
+
+def test_cpu_attention_follows_the_copies_in_the_step_and_the_cache_leaves_before_prefill_ends():
+    """Measured on OPT-30B: a step with CPU attention takes the weight copies plus the attention
+    (both read host memory), and a prefill its compute plus the cache's way to head-major homes."""
+    model, work = MODEL_CONFIGS["opt-30b"], Workload(512, 32)
+    on_cpu = Policy.from_percent((20, 80, 0, 100, 0, 100), gpu_batch_size=24, num_gpu_batches=2,
+                                 cpu_cache_compute=True)
+    e = estimate(model, on_cpu, work, H100)
+    assert e.parts["layer_by_layer"] >= e.parts["weight_io"] + e.parts["cpu_attention"]
+    assert e.step_s >= e.parts["weight_io"] + e.parts["cpu_attention"] > max(e.parts["link"], e.parts["compute"])
+    streamed = estimate(model, replace(on_cpu, cpu_cache_compute=False), work, H100)
+    kv_prompt = 2 * 512 * 48 * model.num_layers * model.hidden_size * 2  # K and V, fp16, 48 sequences
+    out = kv_prompt * (1 / H100.d2h_bytes_s + 1 / H100.cpu_mem_bytes_s)
+    assert e.prefill_s == pytest.approx(streamed.prefill_s + out, rel=1e-6)

@@ -178,11 +178,12 @@ def add_resource_args(parser: argparse.ArgumentParser) -> None:
                    help="folder for disk-tier tensors, one file each (default: ./offload_dir)")
     r.add_argument("--device", default=None, help="compute device (default: cuda if present, else cpu)")
     d = parser.add_argument_group("disk tier (how disk tensors are read and written)")
-    d.add_argument("--disk-threads", type=positive_int, default=4, metavar="N",
+    d.add_argument("--disk-threads", type=positive_int, default=16, metavar="N",
                    help="worker threads reading and writing disk tensors in chunks; each chunk passes "
-                        "through a ring of pinned buffers (4 chunks a thread) to the GPU (default: 4)")
-    d.add_argument("--disk-chunk-mib", type=positive_int, default=8, metavar="MIB",
-                   help="bytes one worker reads or writes at a time, in MiB (default: 8)")
+                        "through a ring of pinned buffers (4 chunks a thread) to the GPU. A read from the "
+                        "page cache runs at a few GB/s a thread, so threads set the rate (default: 16)")
+    d.add_argument("--disk-chunk-mib", type=positive_int, default=32, metavar="MIB",
+                   help="bytes one worker reads or writes at a time, in MiB (default: 32)")
     d.add_argument("--direct-io", action=argparse.BooleanOptionalAction, default=False,
                    help="read and write with O_DIRECT where the file system allows it: for disk tensors "
                         "bigger than host memory, where the page cache only doubles the reads; the default "
@@ -231,6 +232,8 @@ def engine_options(args: argparse.Namespace, source: Path | None):
 def disk_relay_settings(args: argparse.Namespace):
     from ..io.disk_relay import DiskRelaySettings
 
-    threads, chunk = getattr(args, "disk_threads", 4), getattr(args, "disk_chunk_mib", 8) << 20
+    default = DiskRelaySettings()
+    threads = getattr(args, "disk_threads", default.threads)
+    chunk = getattr(args, "disk_chunk_mib", default.chunk_bytes >> 20) << 20
     return DiskRelaySettings(ring_bytes=4 * threads * chunk, chunk_bytes=chunk, threads=threads,
-                             direct=getattr(args, "direct_io", False))
+                             direct=getattr(args, "direct_io", default.direct))

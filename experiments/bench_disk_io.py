@@ -142,6 +142,8 @@ def gbps(nbytes: int, seconds: list[float]) -> float | None:
 
 def run(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)  # a folder on the disk to measure, made if missing
     folder = Path(tempfile.mkdtemp(prefix="bench_disk_io_", dir=args.dir))
     total = int(args.total_gib * GiB)
     need = 2 * total + 64 * MiB  # read files and write files

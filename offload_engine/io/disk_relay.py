@@ -149,11 +149,9 @@ class DiskRelaySettings:
     reads at memory speed, which O_DIRECT would forgo; `direct` (--direct-io) is for models
     bigger than host memory, where the page cache only doubles the reads.
 
-    Sizes from the H100 machine (16 cores; OPT-6.7B 512+32 batch 32, half of the weights on
-    disk, files in the page cache): 4 threads x 8 MiB chunks 42 token/s, 8 x 32 MiB 59,
-    16 x 32 MiB 68-71 against FlexGen's 66-67 in the same calls; 64 MiB chunks were slower
-    (57-59). A page-cache read runs at a few GB/s per thread, so the threads set the rate.
-    The ring holds 4 chunks a thread (2 GiB; FlexGen's 4 copy threads pin 1 GiB each).
+    Sizes measured on an H100 machine (experiments/results/h100_2026-11-26_disk/relay): a read
+    from the page cache moves a few GB/s a thread, so threads set the rate; 16 x 32 MiB matched
+    FlexGen where 4 x 8 MiB ran at 0.67x. The ring holds 4 chunks a thread (`fitted` cuts it).
     """
 
     ring_bytes: int = 4 * 16 * (32 << 20)

@@ -163,8 +163,7 @@ class DiskRelaySettings:
         return DiskRelay.host_bytes(self.ring_bytes, self.chunk_bytes)
 
     def fitted(self, disk_bytes: int) -> "DiskRelaySettings":
-        """These settings for a disk tier of `disk_bytes`: a ring no larger than what is on disk
-        (more would only pin host memory), cut in chunks small enough for 4 a thread."""
+        """For a disk tier of `disk_bytes`: a ring no larger than it, in chunks small enough for 4 a thread."""
         ring = max(ALIGN, min(self.ring_bytes, _up(disk_bytes)))
         chunk = min(self.chunk_bytes, max(ALIGN, _down(ring // (4 * self.threads))))
         return replace(self, ring_bytes=max(chunk, ring - ring % chunk), chunk_bytes=chunk)

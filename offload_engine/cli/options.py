@@ -232,8 +232,5 @@ def engine_options(args: argparse.Namespace, source: Path | None):
 def disk_relay_settings(args: argparse.Namespace):
     from ..io.disk_relay import DiskRelaySettings
 
-    default = DiskRelaySettings()
-    threads = getattr(args, "disk_threads", default.threads)
-    chunk = getattr(args, "disk_chunk_mib", default.chunk_bytes >> 20) << 20
-    return DiskRelaySettings(ring_bytes=4 * threads * chunk, chunk_bytes=chunk, threads=threads,
-                             direct=getattr(args, "direct_io", default.direct))
+    threads, chunk = args.disk_threads, args.disk_chunk_mib << 20
+    return DiskRelaySettings(ring_bytes=4 * threads * chunk, chunk_bytes=chunk, threads=threads, direct=args.direct_io)

@@ -25,7 +25,6 @@ from typing import Sequence
 import torch
 
 from ..profiler import Profiler
-from .mapped import MappedReturn
 
 
 class Pending:
@@ -81,7 +80,6 @@ class Mover:
         self.load_stream = torch.cuda.Stream(device) if self.cuda and overlap else None
         self.store_stream = torch.cuda.Stream(device) if self.cuda and overlap else None
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="disk-io") if overlap else None
-        self._returns = MappedReturn(device)
 
     def load(self, dst: torch.Tensor, src: torch.Tensor, category: str, from_disk: bool = False,
              after: Sequence[Pending] = ()) -> Pending:
@@ -90,11 +88,6 @@ class Mover:
         if where is not None:
             return self._relay(lambda: self.relay.load(dst, *where), category, after)
         return self._copy(dst, src, self.load_stream, category, from_disk, after)
-
-    def deliver(self, x: torch.Tensor) -> torch.Tensor:
-        """A small host result (e.g. CPU attention's output) on the compute device, ordered on the
-        compute stream but not queued behind the weight and cache loads (mapped.py)."""
-        return self._returns.to_device(x)
 
     def store(self, dst: torch.Tensor, src: torch.Tensor, category: str, to_disk: bool = False) -> Pending:
         """dst (host or disk) <- src (compute device), after the compute that produced src."""

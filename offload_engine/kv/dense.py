@@ -26,7 +26,7 @@ class DenseKV:
 
     def access(self, store: KVCacheStore, item: Item, state: BatchState, where: CacheLocation):
         if where.kind == "cpu":
-            return CpuCacheAccess(self.codec, self.profiler, store.mover, state, where.k, where.v)
+            return CpuCacheAccess(self.codec, self.profiler, state, where.k, where.v)
         return CacheAccess(self.codec, store, item, state, where)
 
 
@@ -74,10 +74,8 @@ class CpuCacheAccess:
     """Decode attention on the CPU over a head-major cache there: only q/k/v of the new tokens and
     the attention output cross PCIe, instead of the whole cache."""
 
-    def __init__(self, codec, profiler: Profiler, mover, state: BatchState, k_home: torch.Tensor,
-                 v_home: torch.Tensor):
-        self.codec, self.profiler, self.mover, self.state = codec, profiler, mover, state
-        self.k_home, self.v_home = k_home, v_home
+    def __init__(self, codec, profiler: Profiler, state: BatchState, k_home: torch.Tensor, v_home: torch.Tensor):
+        self.codec, self.profiler, self.state, self.k_home, self.v_home = codec, profiler, state, k_home, v_home
 
     def attend(self, q, k, v):
         t, s = self.state.length, q.shape[1]
@@ -97,4 +95,4 @@ class CpuCacheAccess:
                                            self.state.valid_on(cpu))[:, None]
             else:
                 out = self.codec.attend(q_c, keys, values, t + s, self.state.mask(s, cpu))
-        return self.mover.deliver(out)
+        return out.to(q.device)

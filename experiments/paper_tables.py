@@ -184,6 +184,13 @@ def header(shown: list[dict]) -> str:
     return text
 
 
+def _label(folder: Path) -> str:
+    """A runs folder as named in the tables: its path under experiments/results when it is there."""
+    resolved = folder.resolve()
+    results = (ROOT / "experiments" / "results").resolve()
+    return str(resolved.relative_to(results)) if resolved.is_relative_to(results) else folder.name
+
+
 def markdown(table: Table, cells: list[list[dict | None]], head: str, folders: list[str], name_gpu: bool) -> str:
     lines = [f"# {table.title}", "", head, "",
              "| system | " + " | ".join(c.label for c in table.columns) + " |",
@@ -250,7 +257,7 @@ def write_tables(dirs: list[Path], out: Path) -> list[Path]:
     paths = []
     for table in TABLES:
         paths.append(out / f"{table.name}_table.md")
-        paths[-1].write_text(markdown(table, filled[table.name], head, [d.name for d in dirs], name_gpu))
+        paths[-1].write_text(markdown(table, filled[table.name], head, [_label(d) for d in dirs], name_gpu))
     paths.append(out / "tables.png")
     plot(filled, paths[-1], head)
     return paths

@@ -9,7 +9,7 @@ import torch
 from offload_engine.checkpoints.hf import from_hf_config
 from offload_engine.engine import Engine, EngineOptions
 from offload_engine.sampling import GenerationConfig
-from policies import KVSettings
+from policies import H2OConfig, KVSettings
 from policies.memory import Workload
 from policies.placement import Policy
 
@@ -66,7 +66,8 @@ def test_a_new_batch_reuses_the_graph(models, tmp_path):
 @pytest.mark.parametrize("percent,kv,reason", [
     ((50, 50, 100, 0, 100, 0), KVSettings(), "weights are streamed"),
     ((100, 0, 50, 50, 100, 0), KVSettings(), "leave the GPU"),
-    ((100, 0, 100, 0, 100, 0), KVSettings("h2o"), "KV policy"),
+    ((100, 0, 100, 0, 100, 0), KVSettings("h2o", H2OConfig(simulate=True)), "masked simulation"),
+    ((100, 0, 100, 0, 100, 0), KVSettings("hip"), "hip KV policy"),
 ])
 def test_where_graphs_do_not_apply(models, tmp_path, percent, kv, reason):
     _, folder = models["opt"]

@@ -30,15 +30,20 @@ def checkpoints(tmp_path_factory):
     return {"opt": opt, "llama": llama}
 
 
-def generate(folder, tmp_path, tier, kv, batches=2, compress=None, collect=True):
+def generate(folder, tmp_path, tier, kv, batches=2, compress=None, collect=True, static=False, runs=1):
+    """`static`: the graph-capturable decode step (captured on a GPU, run eagerly on the CPU).
+    `runs` > 1 generates again from fresh prompts with the same engine; returns the last run."""
     percent, cpu_compute = TIERS[tier]
     policy = Policy.from_percent(percent, gpu_batch_size=2, num_gpu_batches=batches, cpu_cache_compute=cpu_compute,
-                                 kv=kv, compress_cache=compress)
-    ids, mask = random_prompts(2 * batches, PROMPT, seed=batches)
-    opts = EngineOptions(checkpoint=folder, offload_dir=tmp_path, progress=False, dtype=torch.float32)
+                                 kv=kv, compress_cache=compress, cuda_graphs=static)
+    opts = EngineOptions(checkpoint=folder, offload_dir=tmp_path, progress=False, dtype=torch.float32,
+                         eager_static_decode=static and not torch.cuda.is_available())
     engine = Engine(from_hf_config(folder), policy, Workload(PROMPT, GEN), opts)
     with engine:
-        result = engine.generate(ids, mask, GenerationConfig(max_new_tokens=GEN), collect_logits=collect)
+        assert (engine.decode_graph is not None) == static
+        for run in range(runs):
+            ids, mask = random_prompts(2 * batches, PROMPT, seed=batches + 10 * run)
+            result = engine.generate(ids, mask, GenerationConfig(max_new_tokens=GEN), collect_logits=collect)
     return result, engine
 
 
@@ -69,6 +74,20 @@ def test_real_eviction_equals_masked_simulation(checkpoints, tmp_path, family, t
     assert_same(real, sim)
     full, _ = generate(checkpoints[family], tmp_path, tier, KVSettings(), batches)
     assert not torch.equal(full.tokens, real.tokens) or rel_err(full.step_logits[-1], real.step_logits[-1]) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("kind", ["h2o", "sink"])
+@pytest.mark.parametrize("batches", [1, 2])
+def test_captured_step_equals_masked_simulation(checkpoints, tmp_path, family, kind, batches):
+    """The static decode step (device-side length, every slot attended) evicts as the eager one;
+    the second generation refills the same slot tensors the first one's graph holds."""
+    sizes = dict(hh_size=3, recent_size=2)
+    static, _ = generate(checkpoints[family], tmp_path, "gpu", KVSettings(kind, H2OConfig(**sizes)), batches,
+                         static=True, runs=2)
+    sim, _ = generate(checkpoints[family], tmp_path, "gpu", KVSettings(kind, H2OConfig(**sizes, simulate=True)),
+                      batches, runs=2)
+    assert_same(static, sim)
 
 
 def test_eviction_keeps_budget_and_recent_window(checkpoints, tmp_path):

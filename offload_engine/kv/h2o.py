@@ -85,12 +85,12 @@ class H2OKV:
         ordered = kept.masked_fill(kept < 0, s).sort(-1).values  # ascending, placeholders (-1) last
         return ordered.masked_fill(ordered >= s, NO_POSITION)
 
-    def evict(self, slots: SlotState, length: int) -> None:
-        """Above the budget, free the lowest-scoring occupied slot outside the recent window."""
+    def evict(self, slots: SlotState, length: "int | torch.Tensor") -> None:
+        """Above the budget, free the lowest-scoring occupied slot outside the recent window.
+        No host sync (no early exit when nothing is over): `length` may be a device tensor, so a
+        captured decode step can run it."""
         occupied = slots.position >= 0
         over = occupied.sum(-1) > self.budget  # (B, Hkv)
-        if not bool(over.any()):
-            return
         candidate = occupied & (slots.position < length - self.recent)
         score = slots.score.masked_fill(~candidate, float("inf"))
         lowest = score.min(-1, keepdim=True).values
@@ -162,7 +162,14 @@ class H2OAccess:
         pad = capacity - position.shape[-1]
         slots = SlotState(torch.nn.functional.pad(position, (0, pad), value=NO_POSITION).to(home),
                           torch.nn.functional.pad(score, (0, pad)).to(home))
-        p.slots[self.item] = slots
+        earlier = p.slots.get(self.item)
+        if earlier is not None and earlier.position.shape == slots.position.shape \
+                and earlier.position.device == slots.position.device:
+            # Refill in place: a captured decode step holds the addresses of the slot tensors.
+            earlier.position.copy_(slots.position)
+            earlier.score.copy_(slots.score)
+        else:
+            p.slots[self.item] = slots
         if self.where.kind == "gpu":
             self.codec.encode(k_keep, self.where.k[:n])
             self.codec.encode(v_keep, self.where.v[:n])
@@ -172,6 +179,8 @@ class H2OAccess:
 
     def _decode(self, q, k, v):
         """One new token: into a free slot, attend, accumulate, evict. Runs where the slots live."""
+        if self.state.static:
+            return self._decode_static(q, k, v)
         p, t = self.policy, self.state.length
         slots = p.slots[self.item]
         k_new, v_new = k[:, 0], v[:, 0]  # (B, Hkv, D)
@@ -199,6 +208,30 @@ class H2OAccess:
         p.evict(slots, t + 1)
         if self.where.kind == "slot":
             self.store.scatter(self.item, free, k_enc, v_enc)
+        return out[:, None]
+
+    def _decode_static(self, q, k, v):
+        """`_decode` for a captured step (a GPU-resident, uncompressed cache with real eviction):
+        the position comes from the device copy of the length and every slot is attended (the
+        unused ones hold zeros from the prefill and are masked), so no shape or value depends on
+        the host's length and one graph serves every step."""
+        p, slots = self.policy, self.policy.slots[self.item]
+        k_new, v_new = k[:, 0], v[:, 0]  # (B, Hkv, D)
+        b, h = k_new.shape[:2]
+        t = self.state.length_t
+        free = (slots.position < 0).to(torch.int32).argmax(-1)
+        rows = torch.arange(b, device=k_new.device)[:, None].expand(b, h)
+        heads = torch.arange(h, device=k_new.device)[None, :].expand(b, h)
+        self.where.k[free, rows, heads] = self.codec.encoded(k_new)
+        self.where.v[free, rows, heads] = self.codec.encoded(v_new)
+        slots.position[rows, heads, free] = t.expand(b, h)
+        fresh = -t.to(slots.score.dtype) if p.sinks else t.new_zeros((), dtype=slots.score.dtype)
+        slots.score[rows, heads, free] = fresh.expand(b, h)
+        keys, values = self._views(self.where.k, self.where.v, False, self.store.capacity)
+        out, probs = attend_slots(q[:, 0], keys, values, slots.position >= 0)
+        if not p.sinks:
+            slots.score += probs
+        p.evict(slots, t + 1)
         return out[:, None]
 
     def _views(self, cache_k, cache_v, head_major: bool, used: int):

@@ -34,9 +34,9 @@ def graphs_apply(policy, plan, device: torch.device, profiling: bool) -> str | N
         return "the KV cache or hidden states leave the GPU"
     if policy.compress_cache is not None:
         return "a compressed cache is decoded per step"
-    if policy.kv.evicts and policy.kv.h2o.simulate:
-        return "H2O's masked simulation attends a growing prefix"
-    if policy.kv.policy != "full" and not policy.kv.evicts:
+    if not policy.kv.capturable:
+        if policy.kv.evicts:
+            return "H2O's masked simulation attends a growing prefix"
         return f"the {policy.kv.policy} KV policy changes its selection per step"
     return None
 

@@ -200,7 +200,7 @@ def _captured(policy: Policy, hw: HardwareProfile) -> bool:
     if hw.cpu_device:
         return False
     on_gpu = policy.weight_gpu_percent == 100 and policy.cache_gpu_percent == 100 and policy.act_gpu_percent == 100
-    return policy.cuda_graphs and on_gpu and policy.kv.policy == "full" and policy.compress_cache is None
+    return policy.cuda_graphs and on_gpu and policy.kv.capturable and policy.compress_cache is None
 
 
 def estimate(model: ModelConfig, policy: Policy, work: Workload, hw: HardwareProfile,

@@ -163,6 +163,12 @@ class KVSettings:
         """H2O and the sink baseline keep a budget of tokens and free the rest."""
         return self.policy in ("h2o", "sink")
 
+    @property
+    def capturable(self) -> bool:
+        """Whether a decode step with this policy can be captured in a CUDA graph: a fixed set of
+        slots (everything, or H2O's budget with real eviction), not a per-step selection."""
+        return self.policy == "full" or (self.evicts and not self.h2o.simulate)
+
     def cache_len(self, prompt_len: int, max_len: int) -> int:
         """Token slots the cache of one sequence holds.
 

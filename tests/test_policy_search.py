@@ -201,3 +201,19 @@ def test_cpu_attention_follows_the_copies_in_the_step_and_the_cache_leaves_befor
     kv_prompt = 2 * 512 * 48 * model.num_layers * model.hidden_size * 2  # K and V, fp16, 48 sequences
     out = kv_prompt * (1 / H100.d2h_bytes_s + 1 / H100.cpu_mem_bytes_s)
     assert e.prefill_s == pytest.approx(streamed.prefill_s + out, rel=1e-6)
+
+
+@pytest.mark.parametrize("kv,captured", [(KVSettings(), True), (KVSettings("h2o"), True),
+                                         (KVSettings("h2o", H2OConfig(simulate=True)), False),
+                                         (KVSettings("hip"), False)])
+def test_launch_overhead_only_where_the_engine_runs_the_step_eagerly(tmp_path, kv, captured):
+    """The cost model charges per-layer launch overhead exactly where the engine refuses to capture."""
+    model, work = MODEL_CONFIGS["opt-6.7b"], Workload(512, 32)
+    policy = Policy(gpu_batch_size=8, kv=kv)
+    hw = replace(H100, gpu_mem_bytes=80 << 30, layer_overhead_s=2e-4)
+    assert (estimate(model, policy, work, hw).parts["launch"] == 0) == captured
+    from offload_engine.decode_graph import graphs_apply
+    opts = EngineOptions(checkpoint=None, offload_dir=tmp_path, progress=False, device="cpu")
+    with Engine(TINY, replace(policy, gpu_batch_size=2), Workload(16, 4), opts) as engine:
+        plan = engine.plan
+    assert (graphs_apply(policy, plan, torch.device("cuda"), profiling=False) is None) == captured

@@ -44,7 +44,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from experiments.disk_setup import drop_cache, fs_type, make_files, resident_fraction  # noqa: E402
+from experiments.disk_setup import drop_cache, fs_type, make_files  # noqa: E402
+from offload_engine.io.page_cache import resident_fraction  # noqa: E402
 from offload_engine.io.disk_relay import ALIGN, DiskRelay  # noqa: E402
 from offload_engine.metrics import git_commit, hardware, write_json_atomic  # noqa: E402
 

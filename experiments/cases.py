@@ -165,6 +165,12 @@ _CASES = [
          Ours((0, 50, 100, 0, 100, 0), 32, est_s=180), FlexGen((0, 50, 100, 0, 100, 0), 32, est_s=180),
          note="half of the weights (6.2 GiB) read from disk every step, the rest streamed from CPU; "
               "ours reads with O_DIRECT, FlexGen through numpy memmaps (page cache)"),
+    Case("opt6.7b-disk-weights-cold", "opt-6.7b", 512, 32, None,
+         Ours((0, 50, 100, 0, 100, 0), 32, extra=("--cold-disk",), cut_gen_len=8, est_s=120), None,
+         peer="opt6.7b-disk-weights",
+         note="ours only: the disk tier evicted from the page cache before every step, so each step reads "
+              "6.2 GiB from the disk itself (FlexGen has no such switch); compare its weight I/O per step "
+              "with the bytes over bench_disk_io's cold read rate"),
     Case("opt6.7b-disk-weights-kv", "opt-6.7b", 512, 32, None,
          Ours((0, 50, 0, 50, 100, 0), 32, est_s=260), FlexGen((0, 50, 0, 50, 100, 0), 32, est_s=240),
          note="weights and KV cache half on CPU, half on disk (10.5 GiB on disk)"),

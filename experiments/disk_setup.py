@@ -11,12 +11,15 @@ bytes and O_DIRECT's unaligned file ends are exercised.
 """
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from offload_engine.io.page_cache import drop_files  # noqa: E402
 
 
 def make_files(folder: Path, total: int, lo: int, hi: int, seed: int) -> tuple[list[Path], list[np.ndarray]]:
@@ -35,24 +38,6 @@ def make_files(folder: Path, total: int, lo: int, hi: int, seed: int) -> tuple[l
         left -= n
         i += 1
     return paths, data
-
-
-def resident_fraction(path: Path) -> float | None:
-    """Fraction of the file's pages in the page cache (mincore), None where that cannot be asked."""
-    try:
-        size = path.stat().st_size
-        libc = ctypes.CDLL(None, use_errno=True)
-        with open(path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
-        view = np.frombuffer(mm, dtype=np.uint8)
-        pages = -(-size // mmap.PAGESIZE)
-        vec = (ctypes.c_ubyte * pages)()
-        rc = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), vec)
-        del view
-        mm.close()
-        return None if rc != 0 else sum(b & 1 for b in vec) / pages
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def fs_type(path: Path) -> str | None:
@@ -79,8 +64,5 @@ def drop_cache(paths: list[Path], system_wide: bool) -> str:
             f.write("1")
         return "drop_caches"
     except OSError:
-        for p in paths:
-            fd = os.open(p, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
+        drop_files(paths)
         return "fadvise_dontneed"

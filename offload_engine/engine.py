@@ -54,6 +54,7 @@ class EngineOptions:
     profile: bool = False
     progress: bool = True
     eager_static_decode: bool = False  # run the graph-capturable decode step without capturing (tests)
+    cold_disk: bool = False  # evict the disk tier from the page cache before every step (benchmarks)
     disk_relay: DiskRelaySettings = field(default_factory=lambda: DiskRelaySettings())
 
 
@@ -115,6 +116,7 @@ class Engine:
 
         self.profiler = Profiler(opts.profile)
         self.disk = DiskStorage(Path(opts.offload_dir))
+        self.cold_disk_resident: list[float | None] = []  # with cold_disk: the disk tier resident after each eviction
         relay = None
         if policy.uses_disk:
             r = self.relay_settings
@@ -293,6 +295,7 @@ class Engine:
         finished = torch.zeros(p.batch_size, dtype=torch.bool, device=self.device)
         tokens, step_logits, prompt_logits, splits = [], [], None, []
         self.profiler.collect()
+        evicted_s = self._evict_disk_pages(reset=True)
         t0 = time.perf_counter()
         prefill_s = 0.0
         bar = tqdm(total=n * cfg.max_new_tokens, desc="generate", disable=not self.options.progress, unit="tok")
@@ -323,12 +326,26 @@ class Engine:
                 splits.append(split)
             if cfg.stop_token_id is not None and bool(finished[:n].all()):
                 break
+            if self.options.cold_disk and step + 1 < cfg.max_new_tokens:
+                self._sync()
+                evicted_s += self._evict_disk_pages()
         self._sync()
         bar.close()
         total_s = time.perf_counter() - t0
         avg = mean_split(splits)
-        return GenerationResult(torch.stack(tokens, 1)[:n].cpu(), prefill_s, total_s - prefill_s, step_logits,
-                                prompt_logits, avg)
+        return GenerationResult(torch.stack(tokens, 1)[:n].cpu(), prefill_s, total_s - prefill_s - evicted_s,
+                                step_logits, prompt_logits, avg)
+
+    def _evict_disk_pages(self, reset: bool = False) -> float:
+        """With `cold_disk`: drop the disk tier from the page cache (between steps, after the
+        step's work is done) and return the seconds that took, which the timings leave out."""
+        if reset:
+            self.cold_disk_resident = []  # fraction of the disk tier still resident after each eviction
+        if not self.options.cold_disk or not self.policy.uses_disk:
+            return 0.0
+        t = time.perf_counter()
+        self.cold_disk_resident.append(self.disk.evict_page_cache())
+        return time.perf_counter() - t
 
     def _check_forced(self, forced: torch.Tensor, n: int, cfg: GenerationConfig) -> torch.Tensor:
         if tuple(forced.shape) != (n, cfg.max_new_tokens) or forced.is_floating_point():

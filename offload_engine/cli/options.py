@@ -188,6 +188,11 @@ def add_resource_args(parser: argparse.ArgumentParser) -> None:
                    help="read and write with O_DIRECT where the file system allows it: for disk tensors "
                         "bigger than host memory, where the page cache only doubles the reads; the default "
                         "goes through the page cache, which serves files that fit in memory at memory speed")
+    d.add_argument("--cold-disk", action="store_true",
+                   help="benchmarking: before every step, write back and drop the disk tier's files from the "
+                        "page cache, as on a host with less free memory than the disk tier, so each step reads "
+                        "the disk itself; the eviction's own time is left out of the timings and the JSON "
+                        "records what stayed resident")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -226,7 +231,7 @@ def engine_options(args: argparse.Namespace, source: Path | None):
         checkpoint=source, seed=args.seed, dtype=dtypes[args.dtype] if args.dtype else None, device=args.device,
         offload_dir=args.offload_dir, gpu_mem_bytes=args.gpu_mem, cpu_mem_bytes=args.cpu_mem,
         profile=getattr(args, "profile", False), progress=not getattr(args, "quiet", False),
-        disk_relay=disk_relay_settings(args))
+        disk_relay=disk_relay_settings(args), cold_disk=getattr(args, "cold_disk", False))
 
 
 def disk_relay_settings(args: argparse.Namespace):

@@ -148,6 +148,7 @@ def execute(args: argparse.Namespace) -> dict:
         "planned_gib": {t.value: plan.tiers[t].total / GiB for t in Tier},
         "startup_s": startup,
         "disk_relay": asdict(engine.relay_settings) if engine.relay_settings else None,
+        "cold_disk": {"resident_after_eviction": engine.cold_disk_resident} if engine.options.cold_disk else None,
         "decode_step_busy_s": result.decode_split_s, "hip_hot_cache_hit_rate": hit_rate,
         "cuda_graph": engine.decode_graph is not None, "cuda_graph_refusal": engine.graph_refusal,
         "cut_gen_len": args.cut_gen_len,

@@ -8,6 +8,7 @@ power of two, which can nearly double the host memory an offloaded model takes.
 from __future__ import annotations
 
 import enum
+import mmap
 import os
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ import psutil
 import torch
 
 from ..errors import EngineError
+from . import page_cache
 
 ALIGN = 256
 
@@ -148,6 +150,7 @@ class DiskStorage(Storage):
         self.offload_dir = Path(offload_dir)
         self.directory: Path | None = None
         self._files: list[Path] = []
+        self._maps: list[np.memmap] = []
         self._spans: list[tuple[int, int, Path]] = []  # (first byte address, end address, file) per mapping
 
     def _allocate(self, shape, dtype, name):
@@ -159,6 +162,7 @@ class DiskStorage(Storage):
         nbytes = max(tensor_bytes(shape, dtype), 1)
         mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(nbytes,))
         self._files.append(path)
+        self._maps.append(mm)
         tensor = torch.from_numpy(mm)
         self._spans.append((tensor.data_ptr(), tensor.data_ptr() + nbytes, path))
         return tensor.view(dtype)[: int(np.prod(shape))].view(shape)
@@ -174,6 +178,11 @@ class DiskStorage(Storage):
                 return path, start - first
         return None
 
+    def evict_page_cache(self) -> float | None:
+        """Drop this tier's files from the page cache (page_cache.py); returns the fraction of
+        their bytes still resident, None where that cannot be asked."""
+        return page_cache.evict(self._files, [m.base for m in self._maps if isinstance(m.base, mmap.mmap)])
+
     def file_bytes(self) -> int:
         return sum(p.stat().st_size for p in self._files if p.exists())
 
@@ -184,6 +193,7 @@ class DiskStorage(Storage):
             except FileNotFoundError:
                 pass
         self._files.clear()
+        self._maps.clear()
         self._spans.clear()
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_attention.cpp"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}   # enum Dtype in the .cpp
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}   # enum Dtype in the .cpp
 _BACKEND_ENV = "OFFLOAD_ENGINE_CPU_ATTENTION"                           # "torch" forces the fallback
 
 
@@ -188,12 +188,14 @@ def _build_and_load(flag_sets=FLAG_SETS) -> ctypes.CDLL:
         lib.cpu_gather_attention.restype = ctypes.c_int
         lib.cpu_packed_decode_attention.argtypes = [p] * 5 + [i64] * 12 + [ctypes.c_int, i64, ctypes.c_int]
         lib.cpu_packed_decode_attention.restype = ctypes.c_int
+        lib.cpu_slot_attention.argtypes = [p] * 6 + [i64] * 13 + [ctypes.c_int, ctypes.c_int]
+        lib.cpu_slot_attention.restype = ctypes.c_int
         lib.cpu_decode_attention_isa.restype = ctypes.c_char_p
         return lib
     raise RuntimeError("; ".join(errors))
 
 
-def _library() -> ctypes.CDLL | None:
+def library() -> ctypes.CDLL | None:
     """The built kernel, or None (after one warning) when it cannot be built here."""
     global _lib, _tried
     if not _tried:
@@ -211,7 +213,7 @@ def _library() -> ctypes.CDLL | None:
 
 def cpp_backend() -> str | None:
     """What the C++ kernel was built with ("avx512+openmp", "avx2+openmp", "scalar", ...), or None."""
-    lib = _library()
+    lib = library()
     return lib.cpu_decode_attention_isa().decode() if lib is not None else None
 
 
@@ -221,7 +223,7 @@ def cpu_decode_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """The C++ kernel (RuntimeError if it could not be built). `out`: an optional contiguous
     (B, Hq, D) float32 buffer it writes; num_threads defaults to torch.get_num_threads()."""
     _check(q, k, v, key_valid)
-    lib = _library()
+    lib = library()
     if lib is None:
         raise RuntimeError("the C++ CPU attention kernel is not available here; use cpu_decode_attention, "
                            "which falls back to PyTorch.")
@@ -243,7 +245,7 @@ def cpu_decode_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     rc = lib.cpu_decode_attention(
         qf.data_ptr(), k.data_ptr(), v.data_ptr(), valid_ptr, out.data_ptr(), b, hq, hkv, t, d,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), valid_stride,
-        _DTYPE_CODE[k.dtype], threads)
+        DTYPE_CODE[k.dtype], threads)
     if rc:
         raise RuntimeError(f"cpu_decode_attention C++ kernel failed with code {rc}.")
     return out.to(q.dtype)
@@ -256,7 +258,7 @@ def cpu_packed_decode_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.T
     head-major home[:, :, :t]. Out (B, Hq, D) in q.dtype, the float32 values kernels/quant's
     paths give. ValueError for shapes that do not match; RuntimeError if the C++ kernel could
     not be built."""
-    lib = _library()
+    lib = library()
     if lib is None:
         raise RuntimeError("the C++ CPU attention kernel is not available here.")
     if q.dim() != 3 or not q.is_floating_point() or bits not in (4, 8) or group_size < 2 or group_size % 2:
@@ -299,7 +301,7 @@ def cpu_gather_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     indices, -1 for none (a row with none gives 0). Out (B, Hq, D) in q.dtype. RuntimeError if the
     C++ kernel could not be built; the caller falls back to its PyTorch path."""
     _check(q, k, v, None)
-    lib = _library()
+    lib = library()
     if lib is None:
         raise RuntimeError("the C++ CPU attention kernel is not available here.")
     b, hq, d = q.shape
@@ -313,7 +315,7 @@ def cpu_gather_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     rc = lib.cpu_gather_attention(
         qf.data_ptr(), k.data_ptr(), v.data_ptr(), tok.data_ptr(), out.data_ptr(), b, hq, k.shape[1], tok.shape[2], d,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), tok.stride(0), tok.stride(1),
-        _DTYPE_CODE[k.dtype], num_threads or torch.get_num_threads())
+        DTYPE_CODE[k.dtype], num_threads or torch.get_num_threads())
     if rc:
         raise RuntimeError(f"cpu_gather_attention C++ kernel failed with code {rc}.")
     return out.to(q.dtype)
@@ -321,7 +323,7 @@ def cpu_gather_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 def use_cpp() -> bool:
     """Whether the C++ kernels serve CPU attention (built, and not forced off by the env)."""
-    return os.environ.get(_BACKEND_ENV) != "torch" and _library() is not None
+    return os.environ.get(_BACKEND_ENV) != "torch" and library() is not None
 
 
 # ----------------------------------------------------------------------------- entry point

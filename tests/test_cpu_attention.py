@@ -148,7 +148,7 @@ def test_dispatch_uses_cpp_then_forced_fallback(monkeypatch):
     monkeypatch.setattr(ca, "cpu_decode_attention_torch", lambda *a: calls.append("torch") or real_torch(*a))
     assert rel_err(cpu_decode_attention(q, k, v, key_valid), ref) < TOL[torch.float16]
     assert calls == (["cpp"] if HAVE_CPP else ["torch"])
-    monkeypatch.setattr(ca, "_library", lambda: None)     # as when the build failed
+    monkeypatch.setattr(ca, "library", lambda: None)     # as when the build failed
     calls.clear()
     assert rel_err(cpu_decode_attention(q, k, v, key_valid), ref) < TOL[torch.float16]
     assert calls == ["torch"]

@@ -223,9 +223,11 @@ struct PackedRows {
 // One (sequence, KV head): q/out are its rep query rows (rep x D, fp32); scores is scratch
 // (T x rep, token-major so pass 2 reads one small contiguous group per token). With `idx`, the
 // j-th of T entries is cached token idx[j] (-1: none), for a list of selected tokens (HiP).
+// With `probs`, probs[t] = the attention token t received, summed over the rep query rows (H2O).
 template <class KRows, class VRows>
 void attend_task(const float* q, const KRows& keys, const VRows& vals, const uint8_t* valid, const int32_t* idx,
-                 int64_t T, int64_t D, int64_t rep, float* scores, float* mx, float* sum, float* row, float* out) {
+                 int64_t T, int64_t D, int64_t rep, float* scores, float* mx, float* sum, float* row, float* out,
+                 float* probs = nullptr) {
   auto token = [&](int64_t j) -> int64_t {
     const int64_t t = idx ? int64_t(idx[j]) : j;
     return (t < 0 || (valid && !valid[t])) ? -1 : t;  // padded slots are never read: they may hold anything
@@ -265,15 +267,23 @@ void attend_task(const float* q, const KRows& keys, const VRows& vals, const uin
     }
   }
   for (int64_t r = 0; r < rep; ++r) {
-    const float inv = sum[r] > 0.0f ? 1.0f / sum[r] : 0.0f;
-    for (int64_t d = 0; d < D; ++d) out[r * D + d] *= inv;
+    sum[r] = sum[r] > 0.0f ? 1.0f / sum[r] : 0.0f;  // from here on: the normaliser
+    for (int64_t d = 0; d < D; ++d) out[r * D + d] *= sum[r];
+  }
+  if (probs) {
+    for (int64_t t = 0; t < T; ++t) {
+      float p = 0.0f;
+      for (int64_t r = 0; r < rep; ++r) p += scores[t * rep + r] * sum[r];
+      probs[t] = p;
+    }
   }
 }
 
 // rows(b, h) -> (keys, values) row sources of sequence b, KV head h.
+// valid: (B, T) bytes (valid_sh = 0) or (B, Hkv, T); probs: null or contiguous (B, Hkv, T).
 template <class Rows>
 void run(const float* q, const Rows& rows, const uint8_t* valid, float* out, int64_t B, int64_t Hq, int64_t Hkv,
-         int64_t T, int64_t D, int64_t valid_sb, int nthreads) {
+         int64_t T, int64_t D, int64_t valid_sb, int nthreads, int64_t valid_sh = 0, float* probs = nullptr) {
   const int64_t rep = Hq / Hkv, tasks = B * Hkv;
   // Waking a thread costs microseconds (milliseconds on a busy host): give each at least ~64K
   // cached values, and run small calls on the calling thread alone.
@@ -289,8 +299,9 @@ void run(const float* q, const Rows& rows, const uint8_t* valid, float* out, int
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
       const auto kv = rows(b, h);
-      attend_task(q + (b * Hq + h * rep) * D, kv.first, kv.second, valid ? valid + b * valid_sb : nullptr, nullptr,
-                  T, D, rep, scores.data(), mx.data(), sum.data(), row.data(), out + (b * Hq + h * rep) * D);
+      attend_task(q + (b * Hq + h * rep) * D, kv.first, kv.second,
+                  valid ? valid + b * valid_sb + h * valid_sh : nullptr, nullptr, T, D, rep, scores.data(), mx.data(),
+                  sum.data(), row.data(), out + (b * Hq + h * rep) * D, probs ? probs + task * T : nullptr);
     }
   }
 }
@@ -337,6 +348,32 @@ int cpu_decode_attention(const float* q, const void* k, const void* v, const uin
                             DenseRows<DT>{vc + (b * vsb + h * vsh) * es, vst});
     };
     run(q, rows, valid, out, B, Hq, Hkv, T, D, valid_sb, nthreads);
+    return 0;
+  };
+  switch (dtype) {
+    case F32: return go(std::integral_constant<int, F32>{});
+    case F16: return go(std::integral_constant<int, F16>{});
+    case BF16: return go(std::integral_constant<int, BF16>{});
+    default: return 1;
+  }
+}
+
+// H2O's decode over its slots: valid (B, Hkv, T) bytes with strides valid_sb, valid_sh (a slot
+// holds a token or not, per KV head); probs (B, Hkv, T) contiguous fp32 receives the attention
+// each slot got, summed over the KV head's query heads. Other arguments as above.
+int cpu_slot_attention(const float* q, const void* k, const void* v, const uint8_t* valid, float* out, float* probs,
+                       int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t D,
+                       int64_t ksb, int64_t ksh, int64_t kst, int64_t vsb, int64_t vsh, int64_t vst,
+                       int64_t valid_sb, int64_t valid_sh, int dtype, int nthreads) {
+  auto kc = static_cast<const char*>(k), vc = static_cast<const char*>(v);
+  auto go = [&](auto dt) {
+    constexpr int DT = decltype(dt)::value;
+    constexpr int64_t es = DT == F32 ? 4 : 2;
+    auto rows = [&](int64_t b, int64_t h) {
+      return std::make_pair(DenseRows<DT>{kc + (b * ksb + h * ksh) * es, kst},
+                            DenseRows<DT>{vc + (b * vsb + h * vsh) * es, vst});
+    };
+    run(q, rows, valid, out, B, Hq, Hkv, T, D, valid_sb, nthreads, valid_sh, probs);
     return 0;
   };
   switch (dtype) {

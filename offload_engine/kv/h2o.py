@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from kernels.attention_scores import attention_with_column_sums
+from kernels.cpu_attention import use_cpp
+from kernels.cpu_slot_attention import cpu_slot_attention
 
 from ..batch import BatchState
 from ..profiler import Profiler
@@ -202,7 +204,11 @@ class H2OAccess:
         # Slots beyond t + 1 were never written in this generation (and may hold anything).
         used = min(self.store.capacity, t + 1)
         keys, values = self._views(cache_k, cache_v, head_major, used)
-        out, probs = attend_slots(q[:, 0], keys, values, slots.position[..., :used] >= 0)
+        valid = slots.position[..., :used] >= 0
+        if head_major and isinstance(self.codec, PlainCodec) and use_cpp():  # on the CPU, beside its cache
+            out, probs = cpu_slot_attention(q[:, 0], keys, values, valid)
+        else:
+            out, probs = attend_slots(q[:, 0], keys, values, valid)
         if not p.sinks:
             slots.score[..., :used] += probs
         p.evict(slots, t + 1)

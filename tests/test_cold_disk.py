@@ -2,6 +2,8 @@
 (io/page_cache.py), without changing a single result."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -58,3 +60,18 @@ def test_cold_steps_give_the_same_tokens_and_logits(checkpoint, tmp_path):
     assert torch.equal(warm.tokens, cold.tokens)
     for a, b in zip(warm.step_logits, cold.step_logits):
         assert rel_err(a, b) < 1e-6
+
+
+def test_the_eviction_itself_is_left_out_of_the_timings(checkpoint, tmp_path, monkeypatch):
+    from offload_engine.io.tiers import DiskStorage
+
+    pause = 0.4
+
+    def slow_evict(self):
+        time.sleep(pause)
+        return 0.0
+
+    monkeypatch.setattr(DiskStorage, "evict_page_cache", slow_evict)
+    result, resident = run(checkpoint, tmp_path, cold=True)
+    assert resident == [0.0] * GEN
+    assert result.prefill_s < pause and result.decode_s < (GEN - 1) * pause

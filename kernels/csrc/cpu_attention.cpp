@@ -333,34 +333,10 @@ void run_list(const float* q, const char* k, const char* v, const int32_t* token
 
 extern "C" {
 
-// q, out: contiguous (B, Hq, D) fp32. k, v: (B, Hkv, T, D) with unit stride along D; strides in
-// elements. valid: (B, T) bytes (row stride valid_sb) or null. Returns 0, or 1 for a bad dtype.
-int cpu_decode_attention(const float* q, const void* k, const void* v, const uint8_t* valid, float* out,
-                         int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t D,
-                         int64_t ksb, int64_t ksh, int64_t kst, int64_t vsb, int64_t vsh, int64_t vst,
-                         int64_t valid_sb, int dtype, int nthreads) {
-  auto kc = static_cast<const char*>(k), vc = static_cast<const char*>(v);
-  auto go = [&](auto dt) {
-    constexpr int DT = decltype(dt)::value;
-    constexpr int64_t es = DT == F32 ? 4 : 2;
-    auto rows = [&](int64_t b, int64_t h) {
-      return std::make_pair(DenseRows<DT>{kc + (b * ksb + h * ksh) * es, kst},
-                            DenseRows<DT>{vc + (b * vsb + h * vsh) * es, vst});
-    };
-    run(q, rows, valid, out, B, Hq, Hkv, T, D, valid_sb, nthreads);
-    return 0;
-  };
-  switch (dtype) {
-    case F32: return go(std::integral_constant<int, F32>{});
-    case F16: return go(std::integral_constant<int, F16>{});
-    case BF16: return go(std::integral_constant<int, BF16>{});
-    default: return 1;
-  }
-}
-
 // H2O's decode over its slots: valid (B, Hkv, T) bytes with strides valid_sb, valid_sh (a slot
-// holds a token or not, per KV head); probs (B, Hkv, T) contiguous fp32 receives the attention
-// each slot got, summed over the KV head's query heads. Other arguments as above.
+// holds a token or not, per KV head), or null; probs (B, Hkv, T) contiguous fp32, or null,
+// receives the attention each slot got, summed over the KV head's query heads. q, out, k, v as
+// in cpu_decode_attention below. Returns 0, or 1 for a bad dtype.
 int cpu_slot_attention(const float* q, const void* k, const void* v, const uint8_t* valid, float* out, float* probs,
                        int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t D,
                        int64_t ksb, int64_t ksh, int64_t kst, int64_t vsb, int64_t vsh, int64_t vst,
@@ -382,6 +358,16 @@ int cpu_slot_attention(const float* q, const void* k, const void* v, const uint8
     case BF16: return go(std::integral_constant<int, BF16>{});
     default: return 1;
   }
+}
+
+// q, out: contiguous (B, Hq, D) fp32. k, v: (B, Hkv, T, D) with unit stride along D; strides in
+// elements. valid: (B, T) bytes (row stride valid_sb) or null. Returns 0, or 1 for a bad dtype.
+int cpu_decode_attention(const float* q, const void* k, const void* v, const uint8_t* valid, float* out,
+                         int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t D,
+                         int64_t ksb, int64_t ksh, int64_t kst, int64_t vsb, int64_t vsh, int64_t vst,
+                         int64_t valid_sb, int dtype, int nthreads) {
+  return cpu_slot_attention(q, k, v, valid, out, nullptr, B, Hq, Hkv, T, D, ksb, ksh, kst, vsb, vsh, vst, valid_sb, 0,
+                            dtype, nthreads);
 }
 
 // The same over a packed cache: k, v (B, Hkv, T, G, R) uint8 records with (G, R) contiguous per

@@ -328,7 +328,7 @@ class Engine:
             if cfg.stop_token_id is not None and bool(finished[:n].all()):
                 break
             if self.options.cold_disk and step + 1 < cfg.max_new_tokens:
-                self._sync()
+                self._sync()  # the step's reads and writes are done before its pages are dropped (counted)
                 evicted_s += self._evict_disk_pages()
         self._sync()
         bar.close()

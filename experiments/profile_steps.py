@@ -1,7 +1,9 @@
 """Profile prefill and decode steps of the engine with torch.profiler (device machine).
 
   PYTHONPATH=. python experiments/profile_steps.py --model opt-6.7b --layers 8 --batch 32 --out DIR
-Prints the top kernels and host ops by time, and writes a Chrome trace.
+Prints the top kernels and host ops by time, then the decode step alone: kernels of a whole
+generate minus those of a prefill-only generate (one new token), per decode step. Writes a
+Chrome trace.
 """
 from __future__ import annotations
 
@@ -53,6 +55,32 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
     args.out.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(args.out / "trace.json"))
+    with profile(activities=[ProfilerActivity.CUDA]) as prefill_only:
+        engine.generate(prompts, None, GenerationConfig(max_new_tokens=1))
+        torch.cuda.synchronize()
+    print(decode_table(kernel_totals(prof), kernel_totals(prefill_only), args.gen_len - 1, args.layers))
+
+
+def kernel_totals(prof) -> dict[str, tuple[float, int]]:
+    """name -> (self device us, calls) of every event that ran on the GPU."""
+    out = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+        if us > 0:
+            out[e.key] = (us, e.count)
+    return out
+
+
+def decode_table(full: dict, prefill: dict, steps: int, layers: int, rows: int = 25) -> str:
+    """Per decode step: each kernel's us and calls, the whole generate minus the prefill-only one."""
+    diff = {k: ((us - prefill.get(k, (0.0, 0))[0]) / steps, (n - prefill.get(k, (0.0, 0))[1]) / steps)
+            for k, (us, n) in full.items()}
+    total = sum(us for us, _ in diff.values())
+    lines = [f"decode step, {steps} steps: {total:.0f} us of kernels a step ({total / layers:.1f} us a layer)",
+             f"{'us/step':>9} {'calls/step':>10} {'us/call':>8}  kernel"]
+    for name, (us, n) in sorted(diff.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"{us:9.1f} {n:10.1f} {us / n if n > 0 else 0.0:8.2f}  {name[:90]}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

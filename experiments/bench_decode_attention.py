@@ -93,8 +93,9 @@ def run_case(name: str, b: int, hq: int, hkv: int, d: int, t_max: int, length: i
     key_start = torch.randint(0, length // 8 + 1, (b,), generator=g, device=device)
     key_start[0] = length // 8
     block = dict(block_t=16) if args.smoke else {}
-    bt = block.get("block_t") or _config(dtype, d)[0]
-    splits = default_num_splits(b * hkv, t_max, bt, _sm_count(q.device))
+    cfg = _config(dtype, d, hq // hkv)
+    bt = block.get("block_t") or cfg.block_t
+    splits = default_num_splits(b * hkv, t_max, bt, _sm_count(q.device), cfg.programs_per_sm)
     row = dict(model=name, batch=b, q_heads=hq, kv_heads=hkv, head_dim=d, t_max=t_max, length=length,
                block_t=bt, num_splits=splits, kv_bytes=2 * length * b * hkv * d * q.element_size(),
                pad_tokens=int(key_start.sum()))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from offload_engine.config import replace
@@ -62,9 +63,12 @@ def main() -> None:
 
 
 def kernel_totals(prof) -> dict[str, tuple[float, int]]:
-    """name -> (self device us, calls) of every event that ran on the GPU."""
+    """name -> (self device us, calls) of the kernels and copies (host ops, which carry their
+    kernels' time too, left out)."""
     out = {}
     for e in prof.key_averages():
+        if e.device_type != DeviceType.CUDA:
+            continue
         us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
         if us > 0:
             out[e.key] = (us, e.count)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -37,8 +38,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
-# Split programs we count as resident per SM (registers allow about 5 at fp16, D = 128: see
-# _config); the benchmark's num_splits sweep checks the guess. The interpreter has no SMs; an H100's count stands in.
+# Split programs counted as resident per SM when no launch config says (see _config); the
+# benchmark's grid checks the guesses. The interpreter has no SMs; an H100's count stands in.
 _PROGRAMS_PER_SM = 4
 _INTERPRETER_SMS = 132
 
@@ -232,21 +233,36 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _config(dtype: torch.dtype, d: int) -> tuple[int, int, int]:
-    """(block_t, num_warps, num_stages). At fp16, D = 128 (ptxas for sm_90, Triton 3.9): the
-    single-query path needs 96 registers a thread, about 5 programs per SM with 32 KiB of K+V tiles
-    each; the group path 90 registers and 38 KiB of shared memory with stages=2 (its K/V loads feed
-    tl.dot and are pipelined; the single-query loads are not, occupancy hides their latency)."""
+class LaunchConfig(NamedTuple):
+    block_t: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int  # resident split programs per SM, for the split rule's wave count
+
+
+def _config(dtype: torch.dtype, d: int, group: int) -> LaunchConfig:
+    """Tile, warps and stages by path, from the num_splits x num_warps x block_t grid of
+    experiments/bench_decode_attention.py on an H100 (fp16, D = 128, padded rows):
+    - single query (MHA), fp16/bf16: one warp over 32-key tiles. Its loads are not pipelined, so
+      what hides their latency is programs in flight: at one warp an SM holds about 16 of them
+      (registers; 32 is the hardware's block limit) against about 5 at four warps. 20-35% faster
+      than four warps over 64 keys at OPT-6.7B B = 32 and 128 and OPT-30B B = 64.
+    - grouped queries (tl.dot, pipelined loads): four warps over 64-key tiles, two stages
+      (90 registers, 38 KiB of shared memory: about 4 programs an SM); the grid found no better.
+    - fp32 or D > 128: 32-key tiles, four warps (registers)."""
     if dtype == torch.float32 or d > 128:
-        return 32, 4, 2
-    return 64, 4, 2
+        return LaunchConfig(32, 4, 2, 4)
+    if group == 1:
+        return LaunchConfig(32, 1, 2, 16)
+    return LaunchConfig(64, 4, 2, 4)
 
 
-def default_num_splits(programs: int, t_max: int, block_t: int, sm_count: int) -> int:
+def default_num_splits(programs: int, t_max: int, block_t: int, sm_count: int,
+                       programs_per_sm: int = _PROGRAMS_PER_SM) -> int:
     """Splits per (row, KV head) for `programs` = B x Hkv: 1 when they already fill the GPU, else
     flash-attention's wave-efficiency rule (the fewest splits within 85% of the best fill of the
-    last wave), counting _PROGRAMS_PER_SM slots per SM. Static: depends on shapes only."""
-    slots = sm_count * _PROGRAMS_PER_SM
+    last wave), counting programs_per_sm slots per SM. Static: depends on shapes only."""
+    slots = sm_count * programs_per_sm
     if programs >= 0.8 * slots:
         return 1
     max_splits = max(1, min(_MAX_SPLITS, triton.cdiv(t_max, block_t)))
@@ -275,13 +291,13 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     t_max, b, hkv, d = k_cache.shape
     hq = q.shape[1]
     group = hq // hkv
-    bt, warps, stages = _config(q.dtype, d)
+    bt, warps, stages, per_sm = _config(q.dtype, d, group)
     bt, warps, stages = block_t or bt, num_warps or warps, num_stages or stages
     if bt < 16 or bt & (bt - 1):
         raise ValueError(f"block_t must be a power of two >= 16, got {bt}; pick 16, 32, 64 or 128.")
     if hkv > 65535:
         raise ValueError(f"{hkv} KV heads exceed CUDA's 65535 grid limit; split the heads.")
-    splits = num_splits or default_num_splits(b * hkv, t_max, bt, _sm_count(q.device))
+    splits = num_splits or default_num_splits(b * hkv, t_max, bt, _sm_count(q.device), per_sm)
     if not 1 <= splits <= 2 * _MAX_SPLITS:  # the merge kernel holds all splits of a row in registers
         raise ValueError(f"num_splits must be 1..{2 * _MAX_SPLITS}, got {splits}; leave it None for the default.")
     if out is None:

@@ -179,6 +179,8 @@ def test_launch_depends_on_shapes_only(monkeypatch):
 
 def test_default_num_splits():
     assert default_num_splits(32 * 32, 544, 64, 132) == 1  # OPT-6.7B at B=32 already fills the GPU
+    assert default_num_splits(32 * 32, 544, 32, 132, programs_per_sm=16) == 2  # ... unless an SM holds 16
+    assert default_num_splits(128 * 32, 544, 32, 132, programs_per_sm=16) == 1
     s = default_num_splits(16 * 8, 8192, 64, 132)  # Llama-8B-like GQA at B=16: splits fill it
     assert 2 <= s <= 64 and 16 * 8 * s >= 0.8 * 132 * 4
     assert default_num_splits(1, 40, 64, 132) == 1  # never more splits than tiles at T_max
@@ -205,6 +207,7 @@ def test_bad_input_raises():
 
 
 _COMPILE_SCRIPT = r"""
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -223,7 +226,8 @@ for dt, group, splits, ks in (("fp16", 1, 1, True), ("fp16", 4, 4, False), ("bf1
                               ("fp32", 3, 2, True)):
     ptrs = {n: "*" + dt for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr")}
     ptrs.update(length_ptr="*i64", key_start_ptr="*i32", part_ptr="*fp32", lse_ptr="*fp32")
-    bt, warps, stages = (32, 4, 2) if dt == "fp32" else (64, 4, 2)
+    bt, warps, stages, _ = da._config(getattr(torch, dict(fp16="float16", bf16="bfloat16", fp32="float32")[dt]), 128,
+                                      group)
     const = dict(sqd=1, skd=1, svd=1, sod=1, GROUP=group, HAS_KEY_START=ks, HEAD_DIM=128, BLOCK_D=128,
                  BLOCK_G=16, BLOCK_T=bt, NUM_SPLITS=splits, USE_DOT=group >= 2,
                  DOT_PRECISION="ieee" if dt == "fp32" else "tf32")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .base import KVSpec, Layer, LayerContext, WeightSpec
-from .ops import embedding, layer_norm as _layer_norm, linear as _linear, linear_specs as _linear_specs, lm_head
+from .ops import (embedding, layer_norm as _layer_norm, linear as _linear, linear_relu, linear_specs as _linear_specs,
+                  lm_head)
 
 POSITION_OFFSET = 2  # OPT's learned position table starts two rows in
 
@@ -94,7 +94,7 @@ class MLP(Layer):
     def forward(self, x, w, ctx):
         c = self.cfg
         h = _layer_norm(x, w, "mlp_norm", c.layer_norm_eps) if c.layer_norm_before else x
-        h = F.relu(_linear(h, w, "fc1"), inplace=True)
+        h = linear_relu(h, w, "fc1")
         x = x + _linear(h, w, "fc2")
         return x if c.layer_norm_before else _layer_norm(x, w, "mlp_norm", c.layer_norm_eps)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from ..config import ModelConfig
 from .base import KVSpec, Layer, LayerContext, WeightSpec
 from .ops import (embedding, layer_norm as _layer_norm, linear as _linear, linear_relu, linear_specs as _linear_specs,

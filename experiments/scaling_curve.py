@@ -129,7 +129,7 @@ def plot(points: list[Point], path: Path) -> bool:
 def write(points: list[Point], out: Path) -> list[Path]:
     """The four files, each written whole to a temporary name and renamed: no half-written result."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = [{k: asdict(p)[k] for k in FIELDS} for p in points]
+    rows = [{k: row[k] for k in FIELDS} for row in map(asdict, points)]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, FIELDS)
     writer.writeheader()

@@ -375,6 +375,11 @@ class Engine:
 
 def _release(mover: Mover, disk: DiskStorage, hosts: tuple[HostStorage, ...],
              capped: torch.device | None) -> None:
+    if mover.cuda:  # host functions queued on a stream (CPU attention) may still write host memory
+        try:
+            torch.cuda.synchronize()
+        except RuntimeError:  # a failed device: nothing runs any more, and the files must still go
+            pass
     mover.close()
     disk.cleanup()
     for storage in hosts:

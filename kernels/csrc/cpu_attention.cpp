@@ -414,6 +414,47 @@ int cpu_gather_attention(const float* q, const void* k, const void* v, const int
   }
 }
 
+// One decode item of a CPU-attended cache, laid out as kernels/cpu_attention.py's DecodeJob:
+// the new token's keys and values are written into the head-major homes at position t, then
+// the new queries attend positions 0..t. cpu_decode_job has the signature of a CUDA host
+// function (cuLaunchHostFunc), so the compute stream runs it in order between the copy of
+// q/k/v to the host and the copy of `out` back, with no Python in between.
+struct DecodeJob {
+  const void* qkv;        // (B, Hq + 2 Hkv, D) contiguous, cache dtype: q (already scaled), k, v
+  void* k_home;           // (B, Hkv, capacity, D) with element strides ksb, ksh, kst
+  void* v_home;
+  const uint8_t* valid;   // (B, t + 1) bytes with row stride valid_sb, or null
+  float* out;             // (B, Hq, D) contiguous fp32
+  int64_t B, Hq, Hkv, D, t;
+  int64_t ksb, ksh, kst, vsb, vsh, vst, valid_sb;
+  int32_t dtype, nthreads;
+  int32_t rc;             // 0, or 1 for a bad dtype
+};
+
+void cpu_decode_job(void* arg) {
+  DecodeJob& j = *static_cast<DecodeJob*>(arg);
+  if (j.dtype != F32 && j.dtype != F16 && j.dtype != BF16) {
+    j.rc = 1;
+    return;
+  }
+  const int64_t es = j.dtype == F32 ? 4 : 2, row = j.Hq + 2 * j.Hkv;
+  const char* src = static_cast<const char*>(j.qkv);
+  char *kh = static_cast<char*>(j.k_home), *vh = static_cast<char*>(j.v_home);
+  std::vector<float> q(static_cast<size_t>(j.B * j.Hq * j.D));
+  for (int64_t b = 0; b < j.B; ++b) {
+    const char* r = src + b * row * j.D * es;
+    for (int64_t h = 0; h < j.Hkv; ++h) {
+      std::memcpy(kh + (b * j.ksb + h * j.ksh + j.t * j.kst) * es, r + (j.Hq + h) * j.D * es, j.D * es);
+      std::memcpy(vh + (b * j.vsb + h * j.vsh + j.t * j.vst) * es, r + (j.Hq + j.Hkv + h) * j.D * es, j.D * es);
+    }
+    float* qb = q.data() + b * j.Hq * j.D;
+    for (int64_t i = 0; i < j.Hq * j.D; ++i)
+      qb[i] = j.dtype == F32 ? load1<F32>(r, i) : j.dtype == F16 ? load1<F16>(r, i) : load1<BF16>(r, i);
+  }
+  j.rc = cpu_decode_attention(q.data(), kh, vh, j.valid, j.out, j.B, j.Hq, j.Hkv, j.t + 1, j.D, j.ksb, j.ksh, j.kst,
+                              j.vsb, j.vsh, j.vst, j.valid_sb, j.dtype, j.nthreads);
+}
+
 // "avx512+openmp" etc.: what this build vectorises with, for reports.
 const char* cpu_decode_attention_isa() {
 #ifdef _OPENMP

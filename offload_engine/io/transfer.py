@@ -77,8 +77,14 @@ class Mover:
         self._disk_store_bytes = 0
         self.profiler = profiler
         self.relay, self.disk = relay, disk  # DiskRelay, and the DiskStorage that knows the files
-        self.load_stream = torch.cuda.Stream(device) if self.cuda and overlap else None
-        self.store_stream = torch.cuda.Stream(device) if self.cuda and overlap else None
+        streams = self.cuda and overlap
+        # Weights get a load stream of their own: a layer's weights take milliseconds to copy,
+        # and a stream runs its copies in order, so a GPU batch's hidden states or KV cache
+        # queued behind the next layers' weights would hold its compute (and its CPU attention)
+        # until those weights had arrived.
+        self.weight_stream = torch.cuda.Stream(device) if streams else None
+        self.load_stream = torch.cuda.Stream(device) if streams else None
+        self.store_stream = torch.cuda.Stream(device) if streams else None
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="disk-io") if overlap else None
 
     def load(self, dst: torch.Tensor, src: torch.Tensor, category: str, from_disk: bool = False,
@@ -87,7 +93,8 @@ class Mover:
         where = self._on_disk(src, dst) if from_disk else None
         if where is not None:
             return self._relay(lambda: self.relay.load(dst, *where), category, after)
-        return self._copy(dst, src, self.load_stream, category, from_disk, after)
+        stream = self.weight_stream if category == "weight_io" else self.load_stream
+        return self._copy(dst, src, stream, category, from_disk, after)
 
     def store(self, dst: torch.Tensor, src: torch.Tensor, category: str, to_disk: bool = False) -> Pending:
         """dst (host or disk) <- src (compute device), after the compute that produced src."""

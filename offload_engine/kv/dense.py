@@ -10,6 +10,7 @@ from kernels.decode_attention import decode_attention
 from kernels.cpu_attention import cpu_decode_attention
 
 from .codec import token_major_attention
+from .cpu_queue import CpuAttentionQueue, queue_supported
 from .store import CacheLocation, Item, KVCacheStore
 
 
@@ -18,6 +19,13 @@ class DenseKV:
 
     def __init__(self, codec, profiler: Profiler):
         self.codec, self.profiler = codec, profiler
+        self._queue: CpuAttentionQueue | None = None
+
+    def cpu_queue(self, device: torch.device) -> CpuAttentionQueue | None:
+        """The queue that runs decode attention over CPU homes in stream order, where it can."""
+        if self._queue is None and queue_supported(device):
+            self._queue = CpuAttentionQueue()
+        return self._queue
 
     streams_cache = True  # an off-GPU cache is copied whole into a GPU slot each step
 
@@ -26,7 +34,7 @@ class DenseKV:
 
     def access(self, store: KVCacheStore, item: Item, state: BatchState, where: CacheLocation):
         if where.kind == "cpu":
-            return CpuCacheAccess(self.codec, self.profiler, state, where.k, where.v)
+            return CpuCacheAccess(self.codec, self.profiler, state, where.k, where.v, self)
         return CacheAccess(self.codec, store, item, state, where)
 
 
@@ -72,13 +80,20 @@ class CacheAccess:
 
 class CpuCacheAccess:
     """Decode attention on the CPU over a head-major cache there: only q/k/v of the new tokens and
-    the attention output cross PCIe, instead of the whole cache."""
+    the attention output cross PCIe, instead of the whole cache. A decode step over an unpacked
+    cache is queued on the compute stream (cpu_queue.py) where CUDA allows it, else run inline."""
 
-    def __init__(self, codec, profiler: Profiler, state: BatchState, k_home: torch.Tensor, v_home: torch.Tensor):
+    def __init__(self, codec, profiler: Profiler, state: BatchState, k_home: torch.Tensor, v_home: torch.Tensor,
+                 policy: DenseKV | None = None):
         self.codec, self.profiler, self.state, self.k_home, self.v_home = codec, profiler, state, k_home, v_home
+        self.policy = policy
 
     def attend(self, q, k, v):
         t, s = self.state.length, q.shape[1]
+        queue = self.policy.cpu_queue(q.device) if self.policy is not None and s == 1 else None
+        if queue is not None and not self.codec.packed and self.k_home.dtype == q.dtype:
+            with self.profiler.span("cpu_attention", torch.cuda.current_stream(q.device)):
+                return queue.attend(q, k, v, self.k_home, self.v_home, t, self.state.valid_on(torch.device("cpu")))
         with self.profiler.span("cpu_attention", None, host=True):
             hq, hkv = q.shape[2], k.shape[2]
             qkv = torch.cat([q, k, v], dim=2).to("cpu")  # one device-to-host copy: (B, s, H, D)

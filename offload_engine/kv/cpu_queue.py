@@ -1,0 +1,103 @@
+"""CPU decode attention queued on the compute stream.
+
+Attended inline (dense.py's CpuCacheAccess), each (layer, GPU batch) item copies q/k/v to the
+host, blocks the Python thread on that copy, runs the C++ kernel and copies the output back:
+between two kernel runs sit the GPU work queued before the next item's q/k/v and Python's own
+launch overhead, and the CPU attention, the bound of such a placement, idles meanwhile.
+
+Queued, an item is three operations on the compute stream: an asynchronous copy of q/k/v into
+pinned memory, the C++ kernel as a CUDA host function (cuLaunchHostFunc: the driver calls it
+when the stream reaches it and holds the stream's later work until it returns), and an
+asynchronous copy of the output back. The Python thread runs ahead through the step; the host
+functions run in stream order, one at a time, each with every core. Results are bit-identical
+to the inline path (the same kernel on the same bytes; fp32 -> fp16 rounds the same on both sides).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import weakref
+from collections import deque
+
+import torch
+
+from kernels.cpu_attention import decode_job, decode_job_function, use_cpp
+
+MODE_ENV = "OFFLOAD_ENGINE_CPU_ATTENTION"  # "inline" (or "torch") keeps CPU attention off the stream
+
+_driver_launch = None
+_driver_tried = False
+
+
+def _launch_host_func():
+    """libcuda's cuLaunchHostFunc, or None where the driver library is not there."""
+    global _driver_launch, _driver_tried
+    if not _driver_tried:
+        _driver_tried = True
+        try:
+            fn = ctypes.CDLL("libcuda.so.1").cuLaunchHostFunc
+        except (OSError, AttributeError):
+            return None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        _driver_launch = fn
+    return _driver_launch
+
+
+def queue_supported(device: torch.device) -> bool:
+    """Whether decode attention over a CPU cache can be queued on `device`'s streams here."""
+    return (device.type == "cuda" and os.environ.get(MODE_ENV) not in ("inline", "torch") and use_cpp()
+            and _launch_host_func() is not None)
+
+
+def _drain(inflight: deque) -> None:
+    """Wait for every queued job: their structs and tensors must outlive the host functions."""
+    while inflight:
+        inflight.popleft()[0].synchronize()
+
+
+class CpuAttentionQueue:
+    """Queues decode items on the current CUDA stream; one pinned staging pair per stream and shape
+    (stream order keeps an item's copies and job apart from the next item's)."""
+
+    def __init__(self):
+        self._inflight: deque = deque()  # (done event, job, tensors the job points at)
+        self._staging: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._finalizer = weakref.finalize(self, _drain, self._inflight)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_home: torch.Tensor, v_home: torch.Tensor,
+               t: int, key_valid: torch.Tensor | None) -> torch.Tensor:
+        """q (B, 1, Hq, D) already scaled, k/v (B, 1, Hkv, D) of the new token, on the GPU; homes
+        (B, Hkv, capacity, D) in host memory, written at position t. Returns (B, 1, Hq, D) on the
+        GPU in q's dtype, valid in the current stream's order."""
+        self._retire()
+        stream = torch.cuda.current_stream(q.device)
+        b, _, hq, d = q.shape
+        hkv = k.shape[2]
+        key = (stream.cuda_stream, b, hq, hkv, d, q.dtype)
+        if key not in self._staging:
+            self._staging[key] = (torch.empty(b, hq + 2 * hkv, d, dtype=q.dtype, pin_memory=True),
+                                  torch.empty(b, hq, d, dtype=torch.float32, pin_memory=True))
+        qkv_host, out_host = self._staging[key]
+        qkv_host.copy_(torch.cat([q, k, v], dim=2).view(qkv_host.shape), non_blocking=True)
+        job = decode_job(qkv_host, k_home, v_home, t, key_valid, out_host)
+        rc = _launch_host_func()(stream.cuda_stream, decode_job_function(), ctypes.addressof(job))
+        if rc:
+            raise RuntimeError(f"cuLaunchHostFunc failed with CUDA error {rc}.")
+        out = out_host.to(q.device, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+        self._inflight.append((done, job, (key_valid, k_home, v_home)))
+        return out.to(q.dtype)[:, None]
+
+    def _retire(self) -> None:
+        while self._inflight and self._inflight[0][0].query():
+            _, job, _ = self._inflight.popleft()
+            if job.rc:
+                raise RuntimeError(f"a queued CPU attention job failed with code {job.rc}.")
+
+    def drain(self) -> None:
+        """Block until every queued item has run (RuntimeError if one failed)."""
+        while self._inflight:
+            self._inflight[0][0].synchronize()
+            self._retire()

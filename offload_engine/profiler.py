@@ -14,8 +14,10 @@ import torch
 
 
 class Profiler:
-    def __init__(self, enabled: bool = False):
-        self.enabled = enabled
+    def __init__(self, enabled: bool = False, timeline: bool = False):
+        self.enabled = enabled or timeline
+        self.timeline = timeline  # also keep each collect()'s GPU spans: (category, start ms, end ms)
+        self.timelines: list[list[tuple[str, float, float]]] = []
         self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self._host: dict[str, float] = defaultdict(float)
         self._lock = threading.Lock()
@@ -54,6 +56,10 @@ class Profiler:
         for cat, start, end in events:
             end.synchronize()  # only the timed work: a whole-device sync would also wait for whatever
             out[cat] += start.elapsed_time(end) / 1e3  # else is queued (a pipeline stage's posted receive)
+        if self.timeline and events:  # offsets from the first span issued, in issue order
+            base = events[0][1]
+            self.timelines.append([(cat, base.elapsed_time(start), base.elapsed_time(end))
+                                   for cat, start, end in events])
         return dict(out)
 
 

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
-import torch
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the CLI runs it
 
-from offload_engine.cli.run import synthetic_prompts
-from offload_engine.engine import Engine, EngineOptions
-from offload_engine.model_zoo import resolve_model
-from offload_engine.sampling import GenerationConfig
-from policies.memory import Workload
-from policies.placement import Policy
+import torch  # noqa: E402
+
+from offload_engine.cli.run import synthetic_prompts  # noqa: E402
+from offload_engine.engine import Engine, EngineOptions  # noqa: E402
+from offload_engine.model_zoo import resolve_model  # noqa: E402
+from offload_engine.sampling import GenerationConfig  # noqa: E402
+from policies.memory import Workload  # noqa: E402
+from policies.placement import Policy  # noqa: E402
 
 
 def merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:

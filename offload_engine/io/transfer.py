@@ -67,22 +67,6 @@ class Pending:
 
 DONE = Pending()
 
-# Copies between host and GPU are issued in pieces of at most this many bytes. The GPU's copy
-# engine serves the copies of all streams in one direction one command at a time, so a small,
-# urgent copy (a GPU batch's hidden states) queued beside a layer's weights (a 400 MB tensor at
-# OPT-30B: 8 ms) would wait for the whole tensor; behind a piece it waits about 0.6 ms.
-COPY_PIECE_BYTES = 32 << 20
-
-
-def _pieces(dst: torch.Tensor, src: torch.Tensor):
-    """(dst, src) pairs covering the copy: pieces of contiguous same-dtype tensors, else the whole."""
-    nbytes = dst.numel() * dst.element_size()
-    if nbytes <= COPY_PIECE_BYTES or dst.dtype != src.dtype or dst.shape != src.shape \
-            or not (dst.is_contiguous() and src.is_contiguous()):
-        return ((dst, src),)
-    d, c, step = dst.view(-1), src.view(-1), COPY_PIECE_BYTES // dst.element_size()
-    return tuple((d[i:i + step], c[i:i + step]) for i in range(0, d.numel(), step))
-
 
 class Mover:
     def __init__(self, device: torch.device, overlap: bool, profiler: Profiler, io_threads: int = 4,
@@ -162,8 +146,7 @@ class Mover:
                         if p.event is not None:
                             s.wait_event(p.event)
                 with self.profiler.span(category, s, host=disk):
-                    for d, c in _pieces(dst, src) if s is not None else ((dst, src),):
-                        d.copy_(c, non_blocking=not disk)
+                    dst.copy_(src, non_blocking=not disk)
                 if s is None:
                     return None
                 done = torch.cuda.Event()

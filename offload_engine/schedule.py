@@ -39,17 +39,14 @@ class Scheduler:
         weights = None
         for j, layer in enumerate(self.layers):
             for k in range(n_batches):
-                # The next batch's cache and hidden states are queued before the next layers' weights:
-                # copies in one direction run in the order they were issued, whatever their stream, and
-                # the next item needs its inputs long before those weights.
+                if k == 0:
+                    weights = self.weights.get(j)  # also starts loading the next streamed layers
                 nj, nk = (j, k + 1) if k + 1 < n_batches else (j + 1, 0)
                 if nj < n_layers:
                     if self.layers[nj].kv_spec is not None:
                         self.kv.prefetch((nj, ids[nk]), states[nk], prefill)
                     if nj > 0:
                         self.acts.prefetch(nk)
-                if k == 0:
-                    weights = self.weights.get(j)  # also starts loading the next streamed layers
                 x = inputs[k] if j == 0 else self.acts.get(k)
                 kv = self.kv.access((j, ids[k]), states[k], prefill) if layer.kv_spec is not None else None
                 ctx = LayerContext(views[k], kv, all_logits)

@@ -114,3 +114,27 @@ def test_queue_equals_inline_on_the_gpu():
     assert torch.equal(k_home, k_ref) and torch.equal(v_home, v_ref)
     for got, exp in zip(results, want):
         assert torch.equal(got[:, 0].cpu(), exp)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_view_reads_what_copies_wrote_to_pinned_memory():
+    """A kernel through the GPU's mapping of a pinned arena sees each new host-side write (the hidden
+    states' path between layers, activations.py), bit for bit; unpinned memory has no mapping."""
+    from offload_engine.io.tiers import HostStorage, device_view
+    dev = torch.device("cuda")
+    host = HostStorage(pin=True, planned_bytes=1 << 20)
+    home = host.allocate((4096,), torch.float16, "hidden")
+    mapped = device_view(home, dev)
+    assert mapped is not None and mapped.device.type == "cuda"
+    stream = torch.cuda.Stream()
+    for seed in range(3):
+        src = torch.randn(4096, generator=torch.Generator().manual_seed(seed)).half().to(dev)
+        with torch.cuda.stream(stream):
+            home.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        torch.cuda.current_stream().wait_event(done)
+        assert torch.equal(torch.mul(mapped, 1), src)
+    assert device_view(torch.randn(8), dev) is None
+    torch.cuda.synchronize()
+    host.release()

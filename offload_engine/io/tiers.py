@@ -83,6 +83,29 @@ def prefault(arena: torch.Tensor) -> None:
         arena.zero_()
 
 
+class _DevicePointer:
+    """A device address as `__cuda_array_interface__` (bytes), for torch.as_tensor."""
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 2}
+
+
+def device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """A CUDA tensor over a contiguous pinned host tensor's memory, or None where there is none.
+
+    Pinned memory is mapped into the GPU's address space (unified addressing), so kernels read it
+    across PCIe themselves. Unlike a copy, that does not wait behind other copies in the GPU's
+    copy engine, which runs the copies of one direction in the order they were issued.
+    """
+    if device.type != "cuda" or not host.is_contiguous() or host.numel() == 0:
+        return None
+    try:
+        raw = torch.as_tensor(_DevicePointer(host.data_ptr(), host.numel() * host.element_size()), device=device)
+    except (RuntimeError, TypeError, ValueError):  # not registered with CUDA, or no unified addressing
+        return None
+    return raw.view(host.dtype).view(host.shape)
+
+
 class HostStorage(Storage):
     """Host memory, page-locked when a GPU is present so copies run asynchronously at full speed.
 

@@ -111,3 +111,17 @@ def test_bad_generate_inputs(opt_checkpoints, tmp_path, ids, mask, needle):
             engine.generate(ids, mask)
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the mapped read of pinned hidden states needs CUDA")
+@pytest.mark.parametrize("mapped_bytes", [0, 1 << 30], ids=["copied", "mapped"])
+def test_cpu_hidden_states_copied_or_read_through_the_mapping(opt_checkpoints, tmp_path, monkeypatch, mapped_bytes):
+    """Hidden states homed on the CPU come back by a copy (prefill-sized) or by a kernel reading the
+    GPU's mapping of the pinned home (decode-sized, activations.py); both give HF's logits."""
+    import offload_engine.activations as activations
+    monkeypatch.setattr(activations, "MAPPED_READ_BYTES", mapped_bytes)
+    model, folder = opt_checkpoints[True]
+    ids, mask = random_prompts(4, PROMPT, seed=11)
+    policy = Policy.from_percent(PLACEMENTS["cpu"], gpu_batch_size=2, num_gpu_batches=2, cpu_cache_compute=True)
+    result = run_engine(folder, policy, ids, mask, tmp_path)
+    check_against_hf(result, hf_reference(model, ids, mask, GEN), mask)

@@ -17,6 +17,8 @@ OPT-30B case on a host measured at ~64 GB/s (copy, read + write). Three implemen
 - PyTorch fallback, used when the build fails (one warning): SDPA in the cache dtype with the
   query heads of a KV head as its query rows (packed caches: kernels/quant's blockwise path).
 - float64 reference, for tests.
+A decode item can also be packaged as a `DecodeJob` (write the new token's k/v into the homes,
+then attend): offload_engine/kv/cpu_queue.py runs it as a CUDA host function in stream order.
 Measured on a shared 2-core Sapphire Rapids VM (noisy; the 16-core numbers come from
 experiments/bench_cpu_attention.py), OPT-30B heads (H = 56, D = 128, T = 544, fp16):
 C++ 8.4 GB/s vs SDPA 5.6 GB/s at B = 24 on 2 threads, next to a 9.3 GB/s copy (read + write);
@@ -51,7 +53,7 @@ import torch.nn.functional as F
 SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_attention.cpp"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}   # enum Dtype in the .cpp
-_BACKEND_ENV = "OFFLOAD_ENGINE_CPU_ATTENTION"                           # "torch" forces the fallback
+BACKEND_ENV = "OFFLOAD_ENGINE_CPU_ATTENTION"  # "torch": the fallback; "inline": C++, not queued (kv/cpu_queue.py)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -382,7 +384,7 @@ def run_decode_job(job: DecodeJob) -> None:
 
 def use_cpp() -> bool:
     """Whether the C++ kernels serve CPU attention (built, and not forced off by the env)."""
-    return os.environ.get(_BACKEND_ENV) != "torch" and library() is not None
+    return os.environ.get(BACKEND_ENV) != "torch" and library() is not None
 
 
 # ----------------------------------------------------------------------------- entry point

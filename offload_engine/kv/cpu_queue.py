@@ -21,9 +21,7 @@ from collections import deque
 
 import torch
 
-from kernels.cpu_attention import decode_job, decode_job_function, use_cpp
-
-MODE_ENV = "OFFLOAD_ENGINE_CPU_ATTENTION"  # "inline" (or "torch") keeps CPU attention off the stream
+from kernels.cpu_attention import BACKEND_ENV, decode_job, decode_job_function, use_cpp
 
 _driver_launch = None
 _driver_tried = False
@@ -46,7 +44,7 @@ def _launch_host_func():
 
 def queue_supported(device: torch.device) -> bool:
     """Whether decode attention over a CPU cache can be queued on `device`'s streams here."""
-    return (device.type == "cuda" and os.environ.get(MODE_ENV) not in ("inline", "torch") and use_cpp()
+    return (device.type == "cuda" and os.environ.get(BACKEND_ENV) not in ("inline", "torch") and use_cpp()
             and _launch_host_func() is not None)
 
 

@@ -97,7 +97,7 @@ def device_view(host: torch.Tensor, device: torch.device) -> torch.Tensor | None
     across PCIe themselves. Unlike a copy, that does not wait behind other copies in the GPU's
     copy engine, which runs the copies of one direction in the order they were issued.
     """
-    if device.type != "cuda" or not host.is_contiguous() or host.numel() == 0:
+    if device.type != "cuda" or not host.is_contiguous() or host.numel() == 0 or not host.is_pinned():
         return None
     try:
         raw = torch.as_tensor(_DevicePointer(host.data_ptr(), host.numel() * host.element_size()), device=device)

@@ -17,8 +17,8 @@ OPT-30B case on a host measured at ~64 GB/s (copy, read + write). Three implemen
 - PyTorch fallback, used when the build fails (one warning): SDPA in the cache dtype with the
   query heads of a KV head as its query rows (packed caches: kernels/quant's blockwise path).
 - float64 reference, for tests.
-A decode item can also be packaged as a `DecodeJob` (write the new token's k/v into the homes,
-then attend): offload_engine/kv/cpu_queue.py runs it as a CUDA host function in stream order.
+A whole decode item (write the new token's k/v into the homes, then attend) is a `DecodeJob` of
+kernels/cpu_decode_job.py, which offload_engine/kv/cpu_queue.py runs as a CUDA host function.
 Measured on a shared 2-core Sapphire Rapids VM (noisy; the 16-core numbers come from
 experiments/bench_cpu_attention.py), OPT-30B heads (H = 56, D = 128, T = 544, fp16):
 C++ 8.4 GB/s vs SDPA 5.6 GB/s at B = 24 on 2 threads, next to a 9.3 GB/s copy (read + write);
@@ -323,63 +323,6 @@ def cpu_gather_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if rc:
         raise RuntimeError(f"cpu_gather_attention C++ kernel failed with code {rc}.")
     return out.to(q.dtype)
-
-
-class DecodeJob(ctypes.Structure):
-    """One decode item for `cpu_decode_job` (struct DecodeJob in the .cpp): write the new token's
-    keys and values into the head-major homes at position t, then attend positions 0..t."""
-    _fields_ = ([(name, ctypes.c_void_p) for name in ("qkv", "k_home", "v_home", "valid", "out")]
-                + [(name, ctypes.c_int64) for name in ("B", "Hq", "Hkv", "D", "t", "ksb", "ksh", "kst",
-                                                       "vsb", "vsh", "vst", "valid_sb")]
-                + [(name, ctypes.c_int32) for name in ("dtype", "nthreads", "rc")])
-
-
-def decode_job(qkv: torch.Tensor, k_home: torch.Tensor, v_home: torch.Tensor, t: int,
-               key_valid: torch.Tensor | None, out: torch.Tensor, num_threads: int | None = None) -> DecodeJob:
-    """A DecodeJob over CPU tensors: qkv (B, Hq + 2 Hkv, D) contiguous, the new token's q (already
-    scaled), k and v in the homes' dtype; k_home, v_home (B, Hkv, capacity, D) with a contiguous
-    head_dim; key_valid (B, >= t + 1) bool or None; out (B, Hq, D) contiguous float32. The tensors
-    must outlive the job's run: the job holds their addresses only."""
-    b, hkv, cap, d = k_home.shape
-    hq = qkv.shape[1] - 2 * hkv if qkv.dim() == 3 else -1
-    if qkv.dtype not in _FLOATS or qkv.dim() != 3 or qkv.shape[0] != b or qkv.shape[2] != d or hq < hkv or hq % hkv or not qkv.is_contiguous():
-        raise ValueError(f"qkv must be a contiguous float (B={b}, Hq + 2*{hkv}, D={d}) tensor with Hq a multiple "
-                         f"of {hkv}, got {qkv.dtype} {tuple(qkv.shape)}.")
-    for name, x in (("k_home", k_home), ("v_home", v_home)):
-        if x.shape != k_home.shape or x.dtype != qkv.dtype or x.stride(-1) != 1 or x.device.type != "cpu":
-            raise ValueError(f"{name} must be a CPU {qkv.dtype} {tuple(k_home.shape)} head-major home with a "
-                             f"contiguous head_dim, got {x.dtype} {tuple(x.shape)} on {x.device}.")
-    if not 0 <= t < cap:
-        raise ValueError(f"position t={t} is outside the homes' capacity of {cap} tokens.")
-    if out.dtype != torch.float32 or tuple(out.shape) != (b, hq, d) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 ({b}, {hq}, {d}) tensor, got {out.dtype} "
-                         f"{tuple(out.shape)}.")
-    valid_ptr = valid_sb = 0
-    if key_valid is not None:
-        if key_valid.dtype != torch.bool or key_valid.shape[0] != b or key_valid.shape[1] <= t \
-                or key_valid.stride(-1) != 1:
-            raise ValueError(f"key_valid must be a bool (B={b}, >= {t + 1}) tensor with unit stride along tokens, "
-                             f"got {key_valid.dtype} {tuple(key_valid.shape)}.")
-        valid_ptr, valid_sb = key_valid.data_ptr(), key_valid.stride(0)
-    return DecodeJob(qkv.data_ptr(), k_home.data_ptr(), v_home.data_ptr(), valid_ptr, out.data_ptr(),
-                     b, hq, hkv, d, t, *k_home.stride()[:3], *v_home.stride()[:3], valid_sb,
-                     DTYPE_CODE[qkv.dtype], num_threads or torch.get_num_threads(), 0)
-
-
-def decode_job_function() -> int:
-    """The address of `cpu_decode_job`, a `void (*)(void*)` for cuLaunchHostFunc (the C++ kernel
-    must be available: see `use_cpp`)."""
-    return ctypes.cast(library().cpu_decode_job, ctypes.c_void_p).value
-
-
-def run_decode_job(job: DecodeJob) -> None:
-    """Run a job on this thread (RuntimeError if the C++ kernel is unavailable or the job fails)."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the C++ CPU attention kernel is not available here.")
-    lib.cpu_decode_job(ctypes.byref(job))
-    if job.rc:
-        raise RuntimeError(f"cpu_decode_job failed with code {job.rc}.")
 
 
 def use_cpp() -> bool:

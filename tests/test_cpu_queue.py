@@ -1,4 +1,4 @@
-"""The queued CPU decode item: kernels/cpu_attention.py's DecodeJob (on the CPU, in CI) and
+"""The queued CPU decode item: kernels/cpu_decode_job.py (on the CPU, in CI) and
 offload_engine/kv/cpu_queue.py, which runs it as a CUDA host function (GPU only).
 
 A job writes the new token's k/v into the head-major homes and attends positions 0..t: the
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import kernels.cpu_attention as ca
-from kernels.cpu_attention import cpp_backend, cpu_decode_attention_reference, decode_job, run_decode_job
+from kernels.cpu_attention import cpp_backend, cpu_decode_attention_reference
+from kernels.cpu_decode_job import decode_job, run_decode_job
 
 from conftest import rel_err
 

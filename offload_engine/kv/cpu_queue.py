@@ -21,7 +21,8 @@ from collections import deque
 
 import torch
 
-from kernels.cpu_attention import BACKEND_ENV, decode_job, decode_job_function, use_cpp
+from kernels.cpu_attention import BACKEND_ENV, use_cpp
+from kernels.cpu_decode_job import decode_job, decode_job_function
 
 _driver_launch = None
 _driver_tried = False

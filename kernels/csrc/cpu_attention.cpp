@@ -414,7 +414,7 @@ int cpu_gather_attention(const float* q, const void* k, const void* v, const int
   }
 }
 
-// One decode item of a CPU-attended cache, laid out as kernels/cpu_attention.py's DecodeJob:
+// One decode item of a CPU-attended cache, laid out as kernels/cpu_decode_job.py's DecodeJob:
 // the new token's keys and values are written into the head-major homes at position t, then
 // the new queries attend positions 0..t. cpu_decode_job has the signature of a CUDA host
 // function (cuLaunchHostFunc), so the compute stream runs it in order between the copy of

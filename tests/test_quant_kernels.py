@@ -4,14 +4,12 @@ against float64 references.
 Tolerances: fp32 results rel. error 1e-5, fp16 2e-3, bf16 1e-2 (||a-b|| / ||b||). The quantizer's
 decisions are exact, so its bytes are compared for equality, not within a tolerance.
 
-These tests drive the Triton launchers with CPU tensors, i.e. in Triton's interpreter. On a GPU
-machine run this file with TRITON_INTERPRET=1; there the compiled kernels are checked against
-the same references by experiments/bench_quant_kernels.py (before timing) and end to end by the
-engine's compressed-cache and compressed-weight tests on the GPU.
+The Triton launchers get tensors on DEV: CUDA tensors (the compiled kernels) on a GPU machine,
+CPU tensors (Triton's interpreter) elsewhere; the references and torch paths stay on the CPU, and
+results come back to the CPU to be compared.
 """
 from __future__ import annotations
 
-import os
 import struct
 
 import numpy as np
@@ -26,9 +24,11 @@ from kernels.quant.linear import quant_linear, quant_linear_reference, quant_lin
 
 from conftest import rel_err
 
-if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET"):
-    pytest.skip("Triton's interpreter is off on this GPU machine: run this file with TRITON_INTERPRET=1",
-                allow_module_level=True)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def dev(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(DEV)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -47,16 +47,17 @@ def check_quantized(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     n = x.shape[-1]
     ref = quantize_reference(x, spec)
     torch_path = quantize(x, spec)
-    out = torch.randint(0, 256, ref.shape, dtype=torch.uint8, generator=gen(1))  # garbage, not zeros
-    triton_path = quantize_triton(x, spec, out=out)
+    out = dev(torch.randint(0, 256, ref.shape, dtype=torch.uint8, generator=gen(1)))  # garbage, not zeros
+    triton_path = quantize_triton(dev(x), spec, out=out)
     assert triton_path is out
+    triton_path = triton_path.cpu()
     assert torch.equal(torch_path, ref)
     assert torch.equal(triton_path, ref)
     exact = dequantize_reference(ref, spec, n)
     err = (exact - x.double()).abs()
     assert (err <= scales(ref, spec, n) / 2).all()          # exact: no slack needed in float64
     deq = dequantize(ref, spec, n)
-    deq_t = dequantize_triton(ref, spec, n, out=torch.full(deq.shape, float("nan")))
+    deq_t = dequantize_triton(dev(ref), spec, n, out=torch.full(deq.shape, float("nan"), device=DEV)).cpu()
     assert torch.equal(deq, exact.float()) and torch.equal(deq_t, exact.float())
     return ref
 
@@ -126,23 +127,24 @@ def test_out_into_cache_views_and_dim():
     t, b, n = 6, 3, 50
     x = torch.randn(3, b, n, generator=gen(4))
     ref = quantize_reference(x, spec)
-    for fn in (quantize, quantize_triton):
-        tm = torch.randint(0, 256, (t, b, 2, spec.record_bytes), dtype=torch.uint8, generator=gen(5))
-        hm = tm.permute(1, 0, 2, 3).contiguous()                  # head-major storage (B, T, G, R)
-        before_tm, before_hm = tm.clone(), hm.clone()
-        fn(x, spec, out=tm[2:5])
-        fn(x, spec, out=hm.permute(1, 0, 2, 3)[2:5])
+    for fn, device in ((quantize, "cpu"), (quantize_triton, DEV)):
+        before_tm = torch.randint(0, 256, (t, b, 2, spec.record_bytes), dtype=torch.uint8, generator=gen(5))
+        before_hm = before_tm.permute(1, 0, 2, 3).contiguous()    # head-major storage (B, T, G, R)
+        tm, hm = before_tm.clone().to(device), before_hm.clone().to(device)
+        fn(x.to(device), spec, out=tm[2:5])
+        fn(x.to(device), spec, out=hm.permute(1, 0, 2, 3)[2:5])
+        tm, hm = tm.cpu(), hm.cpu()
         assert torch.equal(tm[2:5], ref) and torch.equal(hm[:, 2:5].permute(1, 0, 2, 3), ref)
         assert torch.equal(tm[:2], before_tm[:2]) and torch.equal(tm[5:], before_tm[5:])
         assert torch.equal(hm[:, :2], before_hm[:, :2]) and torch.equal(hm[:, 5:], before_hm[:, 5:])
         view = hm.permute(1, 0, 2, 3)[2:5]                        # strided read back
-        assert torch.equal(dequantize_triton(view, spec, n), dequantize_reference(ref, spec, n).float())
+        assert torch.equal(dequantize_triton(view.to(DEV), spec, n).cpu(), dequantize_reference(ref, spec, n).float())
         assert torch.equal(dequantize(view, spec, n), dequantize_reference(ref, spec, n).float())
     y = torch.randn(5, 70, 3, generator=gen(6))
-    for q, dq in ((quantize, dequantize), (quantize_triton, dequantize_triton)):
-        packed = q(y, spec, dim=1)
-        assert torch.equal(packed, quantize_reference(y.movedim(1, -1), spec))
-        back = dq(packed, spec, 70, torch.float16, dim=1)
+    for q, dq, device in ((quantize, dequantize, "cpu"), (quantize_triton, dequantize_triton, DEV)):
+        packed = q(y.to(device), spec, dim=1)
+        assert torch.equal(packed.cpu(), quantize_reference(y.movedim(1, -1), spec))
+        back = dq(packed, spec, 70, torch.float16, dim=1).cpu()
         assert back.shape == y.shape and back.dtype == torch.float16
         assert rel_err(back, y) < 0.1                            # 4-bit: ~4% typical
 
@@ -175,7 +177,7 @@ def test_gguf_q4_1_layout():
     want = torch.tensor(want, dtype=torch.float64).view(1, 32)
     assert torch.equal(dequantize_reference(packed, spec, 32), want)
     assert torch.equal(dequantize(packed, spec, 32).double(), want)
-    assert torch.equal(dequantize_triton(packed, spec, 32).double(), want)
+    assert torch.equal(dequantize_triton(dev(packed), spec, 32).cpu().double(), want)
     gguf = pytest.importorskip("gguf")                            # llama.cpp's own Q4_1 reader
     x = torch.randn(4, 96, generator=gen(8)) * 2
     packed = quantize(x, spec)
@@ -195,8 +197,9 @@ def test_quant_linear_triton(m, dtype, tol, with_bias):
     x = torch.randn(m, k, generator=g).to(dtype)
     bias = torch.randn(n, generator=g) if with_bias else None
     ref = quant_linear_reference(x, w, spec, k, bias)
-    y = quant_linear_triton(x, w, spec, k, bias, out=torch.full((m, n), float("nan"), dtype=dtype))
-    assert y.dtype == dtype and rel_err(y, ref) < tol
+    y = quant_linear_triton(dev(x), dev(w), spec, k, dev(bias),
+                            out=torch.full((m, n), float("nan"), dtype=dtype, device=DEV))
+    assert y.dtype == dtype and rel_err(y.cpu(), ref) < tol
 
 
 @pytest.mark.parametrize("bits,gs,k", [(8, 32, 77), (4, 34, 90)])  # 8-bit; odd record size (R = 21)
@@ -204,8 +207,8 @@ def test_quant_linear_triton_other_formats(bits, gs, k):
     spec, n = QuantSpec(bits, gs), 40
     w = quantize(torch.randn(n, k, generator=gen(k)), spec)
     x = torch.randn(5, k, generator=gen(k + 1))
-    y = quant_linear_triton(x, w, spec, k, out=torch.full((5, n), float("nan")))
-    assert rel_err(y, quant_linear_reference(x, w, spec, k)) < 1e-5
+    y = quant_linear_triton(dev(x), dev(w), spec, k, out=torch.full((5, n), float("nan"), device=DEV))
+    assert rel_err(y.cpu(), quant_linear_reference(x, w, spec, k)) < 1e-5
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
@@ -259,8 +262,9 @@ def test_quant_decode_attention(bits, gs, d, hq, hkv, layout, padded, path):
         v[:20, 0] = 255
     ref_out, ref_probs = quant_decode_attention_reference(q, k, v, spec, d, length, valid)
     if path == "triton":
-        out, probs = quant_decode_attention_triton(q, k, v, spec, d, length, valid, return_probs=True,
-                                                   num_splits=3, block_t=16)
+        out, probs = quant_decode_attention_triton(dev(q), dev(k), dev(v), spec, d, length, dev(valid),
+                                                   return_probs=True, num_splits=3, block_t=16)
+        out, probs = out.cpu(), probs.cpu()
     else:
         out, probs = quant_decode_attention(q, k, v, spec, d, length, valid, return_probs=True, block_tokens=7)
     assert out.shape == (b, hq, d) and probs.shape == (b, hq, length) and probs.dtype == torch.float32
@@ -277,8 +281,10 @@ def test_quant_decode_attention_fp16_default_splits(path):
     k, v = packed_cache(spec, length, b, hkv, d, "token", seed=13)
     q = (torch.randn(b, hq, d, generator=gen(14)) * d ** -0.5).half()
     ref_out, _ = quant_decode_attention_reference(q, k, v, spec, d, length)
-    fn = quant_decode_attention_triton if path == "triton" else quant_decode_attention
-    out = fn(q, k, v, spec, d, length)
+    if path == "triton":
+        out = quant_decode_attention_triton(dev(q), dev(k), dev(v), spec, d, length).cpu()
+    else:
+        out = quant_decode_attention(q, k, v, spec, d, length)
     assert out.dtype == torch.float16 and rel_err(out, ref_out) < 2e-3
 
 

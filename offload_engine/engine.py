@@ -125,7 +125,8 @@ class Engine:
                            disk_store_budget=self.plan.disk_store_bytes)
         cpu = self.plan.tiers[Tier.CPU]
         pinned = self.plan.persistent_bytes(Tier.CPU) - (0 if policy.pin_weight else cpu.weights)
-        self.storages = {Tier.GPU: DeviceStorage(self.device), Tier.CPU: HostStorage(True, pinned), Tier.DISK: self.disk}
+        on_gpu = self.device.type == "cuda"  # pinning serves copies to a GPU only
+        self.storages = {Tier.GPU: DeviceStorage(self.device), Tier.CPU: HostStorage(on_gpu, pinned), Tier.DISK: self.disk}
         self.weight_host = self.storages[Tier.CPU] if policy.pin_weight else HostStorage(pin=False)
         # Runs close() once: explicitly, on garbage collection, or at interpreter exit.
         capped = self.device if self.device.type == "cuda" and opts.gpu_mem_bytes else None

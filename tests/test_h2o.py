@@ -91,8 +91,10 @@ def test_captured_step_equals_masked_simulation(checkpoints, tmp_path, family, k
 
 
 def test_eviction_keeps_budget_and_recent_window(checkpoints, tmp_path):
-    """Watch the slots after every step: never more than the budget, the recent window always kept."""
-    policy = Policy(gpu_batch_size=2, kv=KVSettings("h2o", H2OConfig(hh_size=3, recent_size=2)))
+    """Watch the slots after every eager step: never more than the budget, the recent window always
+    kept. (A captured step writes the new token's slot before the host's length advances; it is
+    checked against the masked simulation above.)"""
+    policy = Policy(gpu_batch_size=2, kv=KVSettings("h2o", H2OConfig(hh_size=3, recent_size=2)), cuda_graphs=False)
     ids, mask = random_prompts(2, PROMPT, seed=1)
     opts = EngineOptions(checkpoint=checkpoints["opt"], offload_dir=tmp_path, progress=False, dtype=torch.float32)
     with Engine(from_hf_config(checkpoints["opt"]), policy, Workload(PROMPT, GEN), opts) as engine:

@@ -100,7 +100,7 @@ def test_dummy_weights_are_drawn_in_bounded_blocks_of_rows(monkeypatch, tmp_path
                        for _, t in rows.blocks[key])
             home = engine.weights.homes[key][1]
             if key in engine.weights.packed:
-                expected = quantize(whole.float(), engine.weights.quant_spec)
+                expected = quantize(whole.float(), engine.weights.quant_spec).to(home.device)
             else:
-                expected = whole.to(home.dtype)
+                expected = whole.to(home.device, home.dtype)  # drawn on the compute device (a GPU's)
             assert torch.equal(home, expected), key

@@ -33,7 +33,7 @@ def test_predicted_memory_is_what_the_engine_allocates(tmp_path, percent, cpu_at
     work = Workload(16, 8)
     with Engine(TINY, policy, work, EngineOptions(offload_dir=tmp_path, progress=False)) as engine:
         allocated = engine.allocated_bytes()
-        est = estimate(TINY, policy, work, H100, torch.float32)  # the default relay ring, as the engine's
+        est = estimate(TINY, policy, work, H100, engine.dtype)  # the default relay ring, as the engine's
         for tier in Tier:
             assert est.persistent[tier] == pytest.approx(allocated[tier], rel=0.02), tier
 

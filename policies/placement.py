@@ -112,18 +112,32 @@ class EvenSplit:
 
 
 def assign_tiers(sizes: Sequence[int], gpu_percent: float, cpu_percent: float) -> list[Tier]:
-    """Tier of each item, by where its byte midpoint falls in the cumulative order.
+    """Tier of each item (in layer order): the GPU's items first, the CPU's and disk's interleaved.
 
-    Items are in layer order, so the first `gpu_percent` of the bytes land on the GPU, the next
-    `cpu_percent` on the CPU, the rest on disk: the percentages hold for the whole model, not
-    per layer (as FlexGen's per-layer rule does not), up to one item's size.
-    Keeping the resident layers together measured faster than spreading them evenly
-    (experiments/results/h100_2026-11-25_spread): on the H100 machine, host memory bandwidth
-    is shared by weight streaming and CPU attention, and running both at once slows both.
+    An item is on the GPU when its byte midpoint falls in the first `gpu_percent` of the model's
+    bytes: the resident layers stay together, which measured faster than spreading them evenly
+    (experiments/results/h100_2026-11-25_spread: host memory bandwidth is shared by weight
+    streaming and CPU attention, and running both at once slows both).
+    The streamed items are split between the CPU and the disk by bytes, evenly along the layers:
+    an item goes to disk while the disk is more than half the item behind its share of the bytes
+    streamed so far. Every streamed layer then reads part of its weights from disk, so the disk
+    relay works through the whole step beside the PCIe copies from the CPU, instead of idling
+    through a CPU half and then holding up a disk half. The percentages hold for the whole
+    model up to one item's size (FlexGen applies them within each layer).
     """
     total = sum(sizes) or 1
-    tiers, cum = [], 0
+    streamed_percent = 100.0 - gpu_percent
+    disk_share = max(0.0, streamed_percent - cpu_percent) / streamed_percent if streamed_percent > 0 else 0.0
+    tiers, cum, streamed, on_disk = [], 0, 0, 0
     for size in sizes:
-        tiers.append(_tier_of_midpoint(100.0 * (cum + size / 2) / total, gpu_percent, cpu_percent))
+        if 100.0 * (cum + size / 2) / total < gpu_percent:
+            tiers.append(Tier.GPU)
+        else:
+            streamed += size
+            if disk_share * streamed - on_disk > size / 2:
+                tiers.append(Tier.DISK)
+                on_disk += size
+            else:
+                tiers.append(Tier.CPU)
         cum += size
     return tiers

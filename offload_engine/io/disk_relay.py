@@ -149,9 +149,9 @@ class DiskRelaySettings:
     reads at memory speed, which O_DIRECT would forgo; `direct` (--direct-io) is for models
     bigger than host memory, where the page cache only doubles the reads.
 
-    Sizes measured on an H100 machine (experiments/results/h100_2026-11-26_disk/relay): a read
-    from the page cache moves a few GB/s a thread, so threads set the rate; 16 x 32 MiB matched
-    FlexGen where 4 x 8 MiB ran at 0.67x. The ring holds 4 chunks a thread (`fitted` cuts it).
+    Measured (experiments/results/h100_2026-11-26_disk/relay, h200_2026-11-27_gpu_suite_disk): a
+    page-cache read moves a few GB/s a thread, so threads set the rate (4 x 8 MiB 0.67x of FlexGen);
+    at 16 threads 8 MiB ran 0.41x and 64 MiB 0.75x of 32 MiB. The ring holds 4 chunks a thread.
     """
 
     ring_bytes: int = 4 * 16 * (32 << 20)

@@ -10,8 +10,10 @@ import errno
 import fcntl
 import itertools
 import os
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -489,6 +491,27 @@ def test_prefault_touches_every_page_unless_switched_off(monkeypatch):
     monkeypatch.delenv(PREFAULT_ENV)
     prefault(arena)
     assert not bool(arena.any())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
+def test_huge_pages_advised_on_the_aligned_interior_unless_switched_off(monkeypatch):
+    """Huge pages are advised over the whole 2 MiB pages inside an arena (madvise needs aligned
+    bounds), not at all when OFFLOAD_ENGINE_HUGE_PAGES=0, and the memory reads back what was written."""
+    from offload_engine.io.tiers import HUGE_PAGE, HUGE_PAGES_ENV, advise_huge_pages
+
+    arena = torch.empty(9 * HUGE_PAGE + 12345, dtype=torch.uint8)
+    monkeypatch.setenv(HUGE_PAGES_ENV, "0")
+    assert advise_huge_pages(arena) == 0
+    monkeypatch.delenv(HUGE_PAGES_ENV)
+    advised = advise_huge_pages(arena)
+    if advised == 0 and not Path("/sys/kernel/mm/transparent_hugepage").exists():
+        pytest.skip("this kernel has no transparent huge pages")
+    first = -arena.data_ptr() % HUGE_PAGE
+    assert advised == (arena.numel() - first) // HUGE_PAGE * HUGE_PAGE >= 8 * HUGE_PAGE
+    assert advise_huge_pages(arena[first + 1:first + HUGE_PAGE]) == 0  # no whole page inside
+    data = torch.randint(0, 256, arena.shape, dtype=torch.uint8)
+    arena.copy_(data)
+    assert torch.equal(arena, data)
 
 
 @pytest.mark.parametrize("disk_bytes", [1, 5000, 3 << 20, 300 << 20, 64 << 30])

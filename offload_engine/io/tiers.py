@@ -7,10 +7,12 @@ power of two, which can nearly double the host memory an offloaded model takes.
 """
 from __future__ import annotations
 
+import ctypes
 import enum
 import mmap
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -83,6 +85,29 @@ def prefault(arena: torch.Tensor) -> None:
         arena.zero_()
 
 
+HUGE_PAGES_ENV = "OFFLOAD_ENGINE_HUGE_PAGES"  # "0": leave host arenas on the kernel's default pages
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14  # linux/mman.h
+
+
+def advise_huge_pages(arena: torch.Tensor) -> int:
+    """Ask Linux to back a fresh arena with 2 MiB transparent huge pages; returns the bytes advised.
+
+    Must run before the pages are first touched. CPU attention streams tens of GB of cache a
+    step: with 4 KiB pages each core takes a TLB miss every 4 KiB, and under a hypervisor every
+    miss walks two page tables. Where THP is off, or not Linux, this is a no-op.
+    """
+    if os.environ.get(HUGE_PAGES_ENV, "1") == "0" or not sys.platform.startswith("linux"):
+        return 0
+    start = round_up(arena.data_ptr(), HUGE_PAGE)
+    end = (arena.data_ptr() + arena.numel() * arena.element_size()) // HUGE_PAGE * HUGE_PAGE
+    if end <= start:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    ok = libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE) == 0
+    return end - start if ok else 0
+
+
 class _DevicePointer:
     """A device address as `__cuda_array_interface__` (bytes), for torch.as_tensor."""
 
@@ -139,6 +164,7 @@ class HostStorage(Storage):
         start = time.perf_counter()
         try:
             arena = torch.empty(nbytes, dtype=torch.uint8)
+            advise_huge_pages(arena)
             prefault(arena)
             err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), nbytes, 0)
             if int(err) != 0:

@@ -4,7 +4,7 @@ OPT-30B at 16 GiB with CPU attention reads about 36 GB of KV cache a step on the
 48 GB of weights stream to the GPU out of the same memory. With 4 KiB pages every core takes a
 TLB miss every 4 KiB it streams, and under a hypervisor each miss walks two page tables. This
 allocates the cache and a copy source exactly as the engine does (HostStorage: one arena, pinned,
-huge pages advised unless OFFLOAD_ENGINE_HUGE_PAGES=0) in both modes and measures, per mode:
+huge pages advised when OFFLOAD_ENGINE_HUGE_PAGES=1) in both modes and measures, per mode:
   huge_fraction   the arena's share backed by huge pages (/proc/self/smaps AnonHugePages)
   attention       CPU decode attention GB/s (K + V bytes) over 8 OPT-30B (layer, batch) items
   copy            pinned host -> GPU GB/s of a 2 GiB buffer
@@ -76,11 +76,11 @@ def measure(mode: str, shape, items: int, copy_bytes: int, seconds: float) -> di
     for k, v in cache:
         k.uniform_(-1, 1)
         v.uniform_(-1, 1)
+    src = store.allocate((copy_bytes,), torch.uint8, "copy source")
     q = torch.randn(shape[0], shape[1], shape[3], dtype=torch.float16) * shape[3] ** -0.5
-    lo = min(k.data_ptr() for k, _ in cache)
-    hi = max(v.data_ptr() for _, v in cache) + item_bytes
+    lo, hi = cache[0][0].data_ptr(), src.data_ptr() + copy_bytes
     row = {"mode": "huge pages advised" if mode == "1" else "default pages",
-           "huge_fraction": round(huge_bytes(lo, hi) / (hi - lo), 3)}
+           "huge_fraction": round(min(1.0, huge_bytes(lo, hi) / (hi - lo)), 3)}
 
     def attend_all():
         for k, v in cache:
@@ -88,7 +88,6 @@ def measure(mode: str, shape, items: int, copy_bytes: int, seconds: float) -> di
     cache_bytes = 2 * items * item_bytes
     row["attention_gbps"] = round(rate_for(seconds, attend_all) * cache_bytes / 1e9, 1)
     if cuda:
-        src = store.allocate((copy_bytes,), torch.uint8, "copy source")
         dst = torch.empty(copy_bytes, dtype=torch.uint8, device="cuda")
         stream = torch.cuda.Stream()
 

@@ -494,15 +494,15 @@ def test_prefault_touches_every_page_unless_switched_off(monkeypatch):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise is Linux's")
-def test_huge_pages_advised_on_the_aligned_interior_unless_switched_off(monkeypatch):
-    """Huge pages are advised over the whole 2 MiB pages inside an arena (madvise needs aligned
-    bounds), not at all when OFFLOAD_ENGINE_HUGE_PAGES=0, and the memory reads back what was written."""
+def test_huge_pages_advised_on_the_aligned_interior_when_switched_on(monkeypatch):
+    """With OFFLOAD_ENGINE_HUGE_PAGES=1 huge pages are advised over the whole 2 MiB pages inside an
+    arena (madvise needs aligned bounds), by default not at all; the memory reads back what was written."""
     from offload_engine.io.tiers import HUGE_PAGE, HUGE_PAGES_ENV, advise_huge_pages
 
     arena = torch.empty(9 * HUGE_PAGE + 12345, dtype=torch.uint8)
-    monkeypatch.setenv(HUGE_PAGES_ENV, "0")
+    monkeypatch.delenv(HUGE_PAGES_ENV, raising=False)
     assert advise_huge_pages(arena) == 0
-    monkeypatch.delenv(HUGE_PAGES_ENV)
+    monkeypatch.setenv(HUGE_PAGES_ENV, "1")
     advised = advise_huge_pages(arena)
     if advised == 0 and not Path("/sys/kernel/mm/transparent_hugepage").exists():
         pytest.skip("this kernel has no transparent huge pages")

@@ -85,19 +85,20 @@ def prefault(arena: torch.Tensor) -> None:
         arena.zero_()
 
 
-HUGE_PAGES_ENV = "OFFLOAD_ENGINE_HUGE_PAGES"  # "0": leave host arenas on the kernel's default pages
+HUGE_PAGES_ENV = "OFFLOAD_ENGINE_HUGE_PAGES"  # "1": advise host arenas onto transparent huge pages
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14  # linux/mman.h
 
 
 def advise_huge_pages(arena: torch.Tensor) -> int:
-    """Ask Linux to back a fresh arena with 2 MiB transparent huge pages; returns the bytes advised.
+    """With OFFLOAD_ENGINE_HUGE_PAGES=1, ask Linux to back a fresh arena with 2 MiB transparent
+    huge pages (before its pages are first touched); returns the bytes advised.
 
-    Must run before the pages are first touched. CPU attention streams tens of GB of cache a
-    step: with 4 KiB pages each core takes a TLB miss every 4 KiB, and under a hypervisor every
-    miss walks two page tables. Where THP is off, or not Linux, this is a no-op.
+    Off by default, as measured (experiments/bench_host_pages.py, NOTES.md): on an H200 host
+    CPU attention read the cache no faster from huge pages, alone or beside the weight copies
+    (host memory bandwidth bounds it, not TLB misses), and faulting an 80 GiB arena in took longer.
     """
-    if os.environ.get(HUGE_PAGES_ENV, "1") == "0" or not sys.platform.startswith("linux"):
+    if os.environ.get(HUGE_PAGES_ENV, "0") != "1" or not sys.platform.startswith("linux"):
         return 0
     start = round_up(arena.data_ptr(), HUGE_PAGE)
     end = (arena.data_ptr() + arena.numel() * arena.element_size()) // HUGE_PAGE * HUGE_PAGE

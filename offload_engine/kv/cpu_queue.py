@@ -24,23 +24,51 @@ import torch
 from kernels.cpu_attention import BACKEND_ENV, use_cpp
 from kernels.cpu_decode_job import decode_job, decode_job_function
 
-_driver_launch = None
-_driver_tried = False
+_libcuda_handle = None
+_libcuda_tried = False
+SPIN_ENV = "OFFLOAD_ENGINE_SPIN_WAITS"  # "1": leave the host's waits for the GPU spinning (for comparisons)
+CU_CTX_SCHED_BLOCKING_SYNC = 0x4
+
+
+def _libcuda() -> ctypes.CDLL | None:
+    """The CUDA driver library, or None where it is not there."""
+    global _libcuda_handle, _libcuda_tried
+    if not _libcuda_tried:
+        _libcuda_tried = True
+        try:
+            _libcuda_handle = ctypes.CDLL("libcuda.so.1")
+        except OSError:
+            pass
+    return _libcuda_handle
 
 
 def _launch_host_func():
     """libcuda's cuLaunchHostFunc, or None where the driver library is not there."""
-    global _driver_launch, _driver_tried
-    if not _driver_tried:
-        _driver_tried = True
-        try:
-            fn = ctypes.CDLL("libcuda.so.1").cuLaunchHostFunc
-        except (OSError, AttributeError):
-            return None
+    lib = _libcuda()
+    fn = getattr(lib, "cuLaunchHostFunc", None)
+    if fn is not None:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         fn.restype = ctypes.c_int
-        _driver_launch = fn
-    return _driver_launch
+    return fn
+
+
+def sleep_on_waits(device: torch.device) -> bool:
+    """Make the host's waits for `device` sleep instead of spin; True where they now do.
+
+    CPU attention runs on every core. By default CUDA spins a core for every synchronize (the
+    step's end, a slot wait), and an OpenMP team one core short waits on its slowest thread at
+    every barrier. Sets CU_CTX_SCHED_BLOCKING_SYNC on the device's primary context.
+    """
+    lib = _libcuda()
+    if os.environ.get(SPIN_ENV) == "1" or device.type != "cuda" or lib is None:
+        return False
+    torch.cuda.init()
+    dev, flags = ctypes.c_int(), ctypes.c_uint()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if lib.cuDeviceGet(ctypes.byref(dev), index) or lib.cuDevicePrimaryCtxSetFlags_v2(dev, CU_CTX_SCHED_BLOCKING_SYNC):
+        return False
+    with torch.cuda.device(index):
+        return lib.cuCtxGetFlags(ctypes.byref(flags)) == 0 and bool(flags.value & CU_CTX_SCHED_BLOCKING_SYNC)
 
 
 def queue_supported(device: torch.device) -> bool:

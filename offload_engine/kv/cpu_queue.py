@@ -7,9 +7,9 @@ launch overhead, and the CPU attention, the bound of such a placement, idles mea
 
 Queued, an item is three operations on the compute stream: an asynchronous copy of q/k/v into
 pinned memory, the C++ kernel as a CUDA host function (cuLaunchHostFunc: the driver calls it
-when the stream reaches it and holds the stream's later work until it returns), and an
-asynchronous copy of the output back. The Python thread runs ahead through the step; the host
-functions run in stream order, one at a time, each with every core. Results are bit-identical
+when the stream reaches it and holds the stream's later work until it returns), and a read
+of the output by a GPU kernel through its mapping of the pinned buffer. The Python thread runs
+ahead through the step; the host functions run in stream order, one at a time, each with every core. Results are bit-identical
 to the inline path (the same kernel on the same bytes; fp32 -> fp16 rounds the same on both sides).
 """
 from __future__ import annotations
@@ -23,6 +23,8 @@ import torch
 
 from kernels.cpu_attention import BACKEND_ENV, use_cpp
 from kernels.cpu_decode_job import decode_job, decode_job_function
+
+from ..io.tiers import device_view
 
 _libcuda_handle = None
 _libcuda_tried = False
@@ -89,7 +91,7 @@ class CpuAttentionQueue:
 
     def __init__(self):
         self._inflight: deque = deque()  # (done event, job, tensors the job points at)
-        self._staging: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._staging: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self._finalizer = weakref.finalize(self, _drain, self._inflight)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_home: torch.Tensor, v_home: torch.Tensor,
@@ -103,19 +105,22 @@ class CpuAttentionQueue:
         hkv = k.shape[2]
         key = (stream.cuda_stream, b, hq, hkv, d, q.dtype)
         if key not in self._staging:
+            out_host = torch.empty(b, hq, d, dtype=torch.float32, pin_memory=True)
             self._staging[key] = (torch.empty(b, hq + 2 * hkv, d, dtype=q.dtype, pin_memory=True),
-                                  torch.empty(b, hq, d, dtype=torch.float32, pin_memory=True))
-        qkv_host, out_host = self._staging[key]
+                                  out_host, device_view(out_host, q.device))
+        qkv_host, out_host, out_mapped = self._staging[key]
         qkv_host.copy_(torch.cat([q, k, v], dim=2).view(qkv_host.shape), non_blocking=True)
         job = decode_job(qkv_host, k_home, v_home, t, key_valid, out_host)
         rc = _launch_host_func()(stream.cuda_stream, decode_job_function(), ctypes.addressof(job))
         if rc:
             raise RuntimeError(f"cuLaunchHostFunc failed with CUDA error {rc}.")
-        out = out_host.to(q.device, non_blocking=True)
+        # Read through the mapping, not copied: a host-to-device copy queues behind the weight
+        # copies in flight (tens of ms a layer), and the next item's attention would wait with it.
+        out = out_mapped.to(q.dtype) if out_mapped is not None else out_host.to(q.device, non_blocking=True).to(q.dtype)
         done = torch.cuda.Event()
         done.record(stream)
         self._inflight.append((done, job, (key_valid, k_home, v_home)))
-        return out.to(q.dtype)[:, None]
+        return out[:, None]
 
     def _retire(self) -> None:
         while self._inflight and self._inflight[0][0].query():

@@ -1,21 +1,20 @@
-"""Host memory shared by CPU attention and paced weight copies: does the total grow when the
-copies run slower than PCIe allows?
+"""Host memory shared by CPU attention and pinned copies to the GPU, the copies paced below the
+link's speed or not, and the copier waiting for them in one of three ways (--wait):
+  spin    stream.synchronize() under CUDA's default scheduling: the waiting thread spins a core
+  event   a blocking event: the thread sleeps until the copies are done
+  flag    spin code, with the context switched to CU_CTX_SCHED_BLOCKING_SYNC
+Per pace: CPU attention's GB/s (K + V of 8 OPT-30B-shaped items), the copies' GB/s, the sum.
 
-At full speed the pinned copies take about 55 GB/s and CPU attention gets 11-20 of what it reads
-alone (70-94 GB/s): the two together move 64-73 GB/s. A decode step of OPT-30B `20 80` 24x2 must
-move 48 GB of weights and 35.9 GB of cache; 40 token/s needs that in 1.145 s. If the memory
-system gives more in total when the copies are paced (say 42 GB/s for 1.145 s), pacing the
-weight stream would pay. Per pace this reports the copies' and CPU attention's GB/s together.
+What it showed (H200 host, experiments/NOTES.md): a spinning copier takes a core from CPU
+attention's OpenMP team, which then waits on that core at every barrier (13 GB/s beside the
+copies); a sleeping one leaves 61-62 GB/s beside copies at 50 GB/s, 111 GB/s in all.
 
-The copier waits for its copies one of three ways (--wait): `spin`, CUDA's default (a
-synchronize spins a core), `event` (a blocking event: the thread sleeps), `flag` (spin code, with
-the context switched to blocking sync as the engine does when it queues CPU attention).
-
-  PYTHONPATH=. python experiments/bench_host_contention.py --out DIR --wait spin   # a CUDA machine
+  PYTHONPATH=. python experiments/bench_host_contention.py --out DIR --wait event   # a CUDA machine
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import sys
 import threading
@@ -29,10 +28,18 @@ from experiments.bench_common import kernel_hardware, write_json  # noqa: E402
 from experiments.bench_host_pages import SHAPE, rate_for  # noqa: E402
 from kernels.cpu_attention import cpp_backend, cpu_decode_attention  # noqa: E402
 from offload_engine.io.tiers import HostStorage  # noqa: E402
-from offload_engine.kv.cpu_queue import sleep_on_waits  # noqa: E402
+from offload_engine.kv.cpu_queue import libcuda  # noqa: E402
 
 PIECE = 64 << 20
 PACES_GBPS = (None, 45, 40, 35, 0)  # None: as fast as the link goes; 0: no copies
+
+
+def blocking_sync() -> bool:
+    """Switch the primary context to CU_CTX_SCHED_BLOCKING_SYNC (every synchronize sleeps)."""
+    torch.cuda.init()
+    lib, dev = libcuda(), ctypes.c_int()
+    return (lib is not None and lib.cuDeviceGet(ctypes.byref(dev), torch.cuda.current_device()) == 0
+            and lib.cuDevicePrimaryCtxSetFlags_v2(dev, 0x4) == 0)
 
 
 class PacedCopier(threading.Thread):
@@ -81,7 +88,7 @@ def main() -> None:
         ap.error(f"--out {args.out}: not a folder")
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU: the copies are host-to-device")
-    sleeping = sleep_on_waits(torch.device("cuda")) if args.wait == "flag" else None
+    sleeping = blocking_sync() if args.wait == "flag" else None
     items, copy_bytes = 8, 2 << 30
     item_bytes = 2 * SHAPE[0] * SHAPE[1] * SHAPE[2] * SHAPE[3]
     store = HostStorage(pin=True, planned_bytes=2 * items * item_bytes + copy_bytes)

@@ -28,11 +28,10 @@ from ..io.tiers import device_view
 
 _libcuda_handle = None
 _libcuda_tried = False
-SPIN_ENV = "OFFLOAD_ENGINE_SPIN_WAITS"  # "1": leave the host's waits for the GPU spinning (for comparisons)
-CU_CTX_SCHED_BLOCKING_SYNC = 0x4
+_driver_launch = None
 
 
-def _libcuda() -> ctypes.CDLL | None:
+def libcuda() -> ctypes.CDLL | None:
     """The CUDA driver library, or None where it is not there."""
     global _libcuda_handle, _libcuda_tried
     if not _libcuda_tried:
@@ -46,31 +45,13 @@ def _libcuda() -> ctypes.CDLL | None:
 
 def _launch_host_func():
     """libcuda's cuLaunchHostFunc, or None where the driver library is not there."""
-    lib = _libcuda()
-    fn = getattr(lib, "cuLaunchHostFunc", None)
-    if fn is not None:
+    global _driver_launch
+    if _driver_launch is None and getattr(libcuda(), "cuLaunchHostFunc", None) is not None:
+        fn = libcuda().cuLaunchHostFunc
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         fn.restype = ctypes.c_int
-    return fn
-
-
-def sleep_on_waits(device: torch.device) -> bool:
-    """Make the host's waits for `device` sleep instead of spin; True where they now do.
-
-    CPU attention runs on every core. By default CUDA spins a core for every synchronize (the
-    step's end, a slot wait), and an OpenMP team one core short waits on its slowest thread at
-    every barrier. Sets CU_CTX_SCHED_BLOCKING_SYNC on the device's primary context.
-    """
-    lib = _libcuda()
-    if os.environ.get(SPIN_ENV) == "1" or device.type != "cuda" or lib is None:
-        return False
-    torch.cuda.init()
-    dev, flags = ctypes.c_int(), ctypes.c_uint()
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if lib.cuDeviceGet(ctypes.byref(dev), index) or lib.cuDevicePrimaryCtxSetFlags_v2(dev, CU_CTX_SCHED_BLOCKING_SYNC):
-        return False
-    with torch.cuda.device(index):
-        return lib.cuCtxGetFlags(ctypes.byref(flags)) == 0 and bool(flags.value & CU_CTX_SCHED_BLOCKING_SYNC)
+        _driver_launch = fn
+    return _driver_launch
 
 
 def queue_supported(device: torch.device) -> bool:

@@ -10,7 +10,7 @@ from kernels.decode_attention import decode_attention
 from kernels.cpu_attention import cpu_decode_attention
 
 from .codec import token_major_attention
-from .cpu_queue import CpuAttentionQueue, queue_supported, sleep_on_waits
+from .cpu_queue import CpuAttentionQueue, queue_supported
 from .store import CacheLocation, Item, KVCacheStore
 
 
@@ -24,7 +24,6 @@ class DenseKV:
     def cpu_queue(self, device: torch.device) -> CpuAttentionQueue | None:
         """The queue that runs decode attention over CPU homes in stream order, where it can."""
         if self._queue is None and queue_supported(device):
-            sleep_on_waits(device)  # the queued kernel wants every core: no spinning waits beside it
             self._queue = CpuAttentionQueue()
         return self._queue
 

@@ -18,8 +18,8 @@ Why it is built this way: device time is scarce and one command may run 10 minut
   refuses before allocating; FlexGen runs out of memory). Our planner is asked first, in process
   and without a GPU, so batches that cannot fit the cap, the RAM or the disk are not launched.
 - Disk cases: the page cache is dropped before the run (root; recorded), and the offload folder
-  (--offload-dir, local disk) is emptied before and after. Our engine reads with O_DIRECT; FlexGen
-  reads numpy memmaps, so its disk reads hit the page cache once its own writes put them there.
+  (--offload-dir, local disk) is emptied before and after. Both systems read through the page
+  cache (ours: pread into a pinned ring; FlexGen: numpy memmaps), which their own writes fill.
 - FlexGen's OPT-30B runs decode 5 steps and extrapolate (--flexgen-cut-gen-len; recorded);
   Accelerate's runs do where their case says (its cut_gen_len; recorded).
 - An Accelerate run belongs to the case that carries its flags; its version is the installed
@@ -27,19 +27,14 @@ Why it is built this way: device time is scarce and one command may run 10 minut
 Logs: DIR/runs.log (everything printed); after each run DIR/summary.json (hardware, commit, runs)
 is rewritten and, with --copy-to, the three files are copied there (e.g. the device's $OUT).
 
-On the device, with `.whl` carried (git-ignored; flexgen 0.1.8 and gguf, nothing the image has;
-FlexGen's declared dependency pulp is left out: only its unused experimental cost model imports it;
-fill it here with `python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12
---implementation cp --platform manylinux2014_x86_64 -d .whl flexgen==0.1.8 gguf==0.19.0`):
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \\
-      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
-  PYTHONPATH=.:$PYTHONPATH python experiments/bench_suite.py --out experiments/results/suite \\
+On the device, with `.whl` carried (git-ignored: flexgen 0.1.8 and gguf wheels, fetched here with
+`pip download --no-deps -d .whl flexgen==0.1.8 gguf==0.19.0`; FlexGen's pulp is left out, only its
+unused cost model imports it): `pip install --no-deps --target /tmp/site .whl/*.whl`, then
+  PYTHONPATH=.:/tmp/site python experiments/bench_suite.py --out experiments/results/suite \\
       --commit <git rev-parse HEAD here> --copy-to $OUT --cases 'opt6.7b-*'
 and copy the returned files into the --out folder here before the next call (it travels).
-Runs longer than one call (OPT-30B 512+512, 1024+1024): start the suite detached with
-`setsid nohup python experiments/bench_suite.py --out /tmp/suite --budget-s 1700 ... &`, then in
-this and each following call (within the 30 s the machine stays warm)
-`python experiments/bench_suite.py --out /tmp/suite --wait-s 560 --copy-to $OUT`.
+Runs longer than one call: start it detached (`setsid nohup ... --out /tmp/suite --budget-s 1700 &`),
+then in each following call `python experiments/bench_suite.py --out /tmp/suite --wait-s 560 --copy-to $OUT`.
 """
 from __future__ import annotations
 

@@ -164,7 +164,7 @@ _CASES = [
     Case("opt6.7b-disk-weights", "opt-6.7b", 512, 32, None,
          Ours((0, 50, 100, 0, 100, 0), 32, est_s=180), FlexGen((0, 50, 100, 0, 100, 0), 32, est_s=180),
          note="half of the weights (6.2 GiB) read from disk every step, the rest streamed from CPU; "
-              "ours reads with O_DIRECT, FlexGen through numpy memmaps (page cache)"),
+              "both read through the page cache (ours: pread into a pinned ring; FlexGen: numpy memmaps)"),
     Case("opt6.7b-disk-weights-cold", "opt-6.7b", 512, 32, None,
          Ours((0, 50, 100, 0, 100, 0), 32, extra=("--cold-disk",), cut_gen_len=8, est_s=120), None,
          peer="opt6.7b-disk-weights",

@@ -97,7 +97,9 @@ class CpuAttentionQueue:
             raise RuntimeError(f"cuLaunchHostFunc failed with CUDA error {rc}.")
         # Read through the mapping, not copied: a host-to-device copy queues behind the weight
         # copies in flight (tens of ms a layer), and the next item's attention would wait with it.
-        out = out_mapped.to(q.dtype) if out_mapped is not None else out_host.to(q.device, non_blocking=True).to(q.dtype)
+        # copy=True: a fresh GPU tensor even where q is fp32, never a view of the reused staging buffer.
+        out = (out_mapped.to(q.dtype, copy=True) if out_mapped is not None
+               else out_host.to(q.device, non_blocking=True).to(q.dtype))
         done = torch.cuda.Event()
         done.record(stream)
         self._inflight.append((done, job, (key_valid, k_home, v_home)))

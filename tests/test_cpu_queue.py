@@ -93,19 +93,21 @@ def test_job_bad_input():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAVE_CPP, reason="needs CUDA and the C++ kernel")
-def test_queue_equals_inline_on_the_gpu():
-    """Several items queued back to back on one stream (staging reused) give the inline results."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_queue_equals_inline_on_the_gpu(dtype):
+    """Several items queued back to back on one stream (staging reused) give the inline results,
+    each its own GPU tensor (the output is read through the staging buffer's mapping)."""
     from offload_engine.kv.cpu_queue import CpuAttentionQueue, queue_supported
     dev = torch.device("cuda")
     assert queue_supported(dev)
     b, hq, hkv, d, cap = 3, 8, 4, 64, 48
     queue, results, want = CpuAttentionQueue(), [], []
-    k_home, v_home = (torch.randn(b, hkv, cap, d).half().pin_memory() for _ in range(2))
+    k_home, v_home = (torch.randn(b, hkv, cap, d).to(dtype).pin_memory() for _ in range(2))
     k_ref, v_ref = k_home.clone(), v_home.clone()
     key_valid = torch.ones(b, cap, dtype=torch.bool)
     key_valid[1, :5] = False
     for t in range(20, 26):
-        qkv = torch.randn(b, hq + 2 * hkv, d).half()
+        qkv = torch.randn(b, hq + 2 * hkv, d).to(dtype)
         q, k, v = (x.to(dev)[:, None] for x in qkv.split([hq, hkv, hkv], dim=1))
         results.append(queue.attend(q, k, v, k_home, v_home, t, key_valid[:, :t + 1]))
         k_ref[:, :, t], v_ref[:, :, t] = qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
@@ -113,8 +115,10 @@ def test_queue_equals_inline_on_the_gpu():
                                                 key_valid[:, :t + 1]))
     queue.drain()
     assert torch.equal(k_home, k_ref) and torch.equal(v_home, v_ref)
+    assert len({r.data_ptr() for r in results}) == len(results)
     for got, exp in zip(results, want):
-        assert torch.equal(got[:, 0].cpu(), exp)
+        assert got.device.type == "cuda" and got.dtype == dtype
+        assert torch.equal(got[:, 0].cpu(), exp.to(dtype))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -25,9 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments.bench_common import kernel_hardware, write_json  # noqa: E402
-from experiments.bench_host_pages import SHAPE, rate_for  # noqa: E402
+from experiments.bench_host_pages import SHAPE, host_cache, rate_for  # noqa: E402
 from kernels.cpu_attention import cpp_backend, cpu_decode_attention  # noqa: E402
-from offload_engine.io.tiers import HostStorage  # noqa: E402
 from offload_engine.kv.cpu_queue import libcuda  # noqa: E402
 
 PIECE = 64 << 20
@@ -91,15 +90,7 @@ def main() -> None:
     sleeping = blocking_sync() if args.wait == "flag" else None
     items, copy_bytes = 8, 2 << 30
     item_bytes = 2 * SHAPE[0] * SHAPE[1] * SHAPE[2] * SHAPE[3]
-    store = HostStorage(pin=True, planned_bytes=2 * items * item_bytes + copy_bytes)
-    cache = [(store.allocate(SHAPE, torch.float16, f"k{i}"), store.allocate(SHAPE, torch.float16, f"v{i}"))
-             for i in range(items)]
-    for k, v in cache:
-        k.uniform_(-1, 1)
-        v.uniform_(-1, 1)
-    src = store.allocate((copy_bytes,), torch.uint8, "copy source")
-    src.random_(0, 256)
-    q = torch.randn(SHAPE[0], SHAPE[1], SHAPE[3], dtype=torch.float16) * SHAPE[3] ** -0.5
+    store, cache, src, q = host_cache(SHAPE, items, copy_bytes, pin=True)
     cache_bytes = 2 * items * item_bytes
 
     def attend_all():

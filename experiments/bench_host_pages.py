@@ -66,18 +66,26 @@ def rate_for(seconds: float, fn) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def measure(mode: str, shape, items: int, copy_bytes: int, seconds: float) -> dict:
-    os.environ[HUGE_PAGES_ENV] = mode
-    cuda = torch.cuda.is_available()
+def host_cache(shape, items: int, copy_bytes: int, pin: bool):
+    """One HostStorage arena, as the engine allocates it, holding `items` random fp16 (K, V) pairs of
+    `shape` (B, H, T, D) and a random copy source of `copy_bytes`; with a query: (store, cache, src, q)."""
     item_bytes = 2 * shape[0] * shape[1] * shape[2] * shape[3]
-    store = HostStorage(pin=cuda, planned_bytes=2 * items * item_bytes + copy_bytes)
+    store = HostStorage(pin=pin, planned_bytes=2 * items * item_bytes + copy_bytes)
     cache = [(store.allocate(shape, torch.float16, f"k{i}"), store.allocate(shape, torch.float16, f"v{i}"))
              for i in range(items)]
     for k, v in cache:
         k.uniform_(-1, 1)
         v.uniform_(-1, 1)
-    src = store.allocate((copy_bytes,), torch.uint8, "copy source")
+    src = store.allocate((copy_bytes,), torch.uint8, "copy source").random_(0, 256)
     q = torch.randn(shape[0], shape[1], shape[3], dtype=torch.float16) * shape[3] ** -0.5
+    return store, cache, src, q
+
+
+def measure(mode: str, shape, items: int, copy_bytes: int, seconds: float) -> dict:
+    os.environ[HUGE_PAGES_ENV] = mode
+    cuda = torch.cuda.is_available()
+    item_bytes = 2 * shape[0] * shape[1] * shape[2] * shape[3]
+    store, cache, src, q = host_cache(shape, items, copy_bytes, cuda)
     lo, hi = cache[0][0].data_ptr(), src.data_ptr() + copy_bytes
     row = {"mode": "huge pages advised" if mode == "1" else "default pages",
            "huge_fraction": round(min(1.0, huge_bytes(lo, hi) / (hi - lo)), 3)}

@@ -102,7 +102,9 @@ def measure(mode: str, shape, items: int, copy_bytes: int, seconds: float) -> di
         def copy_once():
             with torch.cuda.stream(stream):
                 dst.copy_(src, non_blocking=True)
-            stream.synchronize()
+                done = torch.cuda.Event(blocking=True)  # sleep, not spin: a spinning wait takes a core
+                done.record(stream)                     # from CPU attention (bench_host_contention)
+            done.synchronize()
         row["copy_gbps"] = round(rate_for(seconds, copy_once) * copy_bytes / 1e9, 1)
         stop = threading.Event()
         t0, n = time.perf_counter(), 0

@@ -94,9 +94,9 @@ def advise_huge_pages(arena: torch.Tensor) -> int:
     """With OFFLOAD_ENGINE_HUGE_PAGES=1, ask Linux to back a fresh arena with 2 MiB transparent
     huge pages (before its pages are first touched); returns the bytes advised.
 
-    Off by default, as measured (experiments/bench_host_pages.py, NOTES.md): on an H200 host
-    CPU attention read the cache no faster from huge pages, alone or beside the weight copies
-    (host memory bandwidth bounds it, not TLB misses), and faulting an 80 GiB arena in took longer.
+    Off by default, as measured on an H200 host (experiments/bench_host_pages.py, NOTES.md):
+    CPU attention read the cache no faster from huge pages, the engine's OPT-30B CPU-attention
+    run was level (34.8 against 34.5 token/s), and faulting an 80 GiB arena in took longer.
     """
     if os.environ.get(HUGE_PAGES_ENV, "0") != "1" or not sys.platform.startswith("linux"):
         return 0

@@ -179,6 +179,11 @@ _CASES = [
          FlexGen((20, 50, 0, 100, 0, 100), 24, 2, cpu_cache_compute=True, est_s=200),
          note="30% of the weights (16.9 GiB) on disk, 50% (28 GiB) and the KV cache (33.5 GiB) in RAM; "
               "ours decodes all 32 steps from disk: the longest 512+32 case"),
+    Case("opt30b-disk-kv", "opt-30b", 512, 32, 16,
+         Ours((20, 50, 0, 50, 0, 100), 24, 2, est_s=400),
+         FlexGen((20, 50, 0, 50, 0, 100), 24, 2, est_s=300),
+         note="weights 30% and KV cache 50% on disk (33.6 GiB on disk), GPU attention over the streamed "
+              "cache: OPT-30B's weights-and-cache disk case"),
     # --- compression (4-bit, group 64) ------------------------------------------------------------
     Case("opt6.7b-compress-b72", "opt-6.7b", 512, 32, None,
          Ours(ALL_GPU, 72, compress_weight=True, compress_cache=True, est_s=30),

@@ -81,7 +81,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for bench_host_contention_<wait>.json")
     ap.add_argument("--seconds", type=float, default=3.0, help="timing window per pace")
-    ap.add_argument("--wait", choices=("spin", "event", "flag"), default="spin", help="how the copier waits")
+    ap.add_argument("--wait", choices=("spin", "event", "flag"), default="event",
+                    help="how the copier waits (spin shows what a spinning wait costs CPU attention)")
     args = ap.parse_args()
     if not args.out.is_dir():
         ap.error(f"--out {args.out}: not a folder")

@@ -35,7 +35,8 @@ def sample(pid: int, window: float) -> list[dict]:
     before = thread_ticks(pid)
     time.sleep(window)
     after = thread_ticks(pid)
-    rows = [{"tid": tid, "name": name, "cpu_pct": round(100 * (ticks - before[tid][1]) / TICK / window, 1), "core": core}
+    rows = [{"tid": tid, "name": name, "core": core,
+             "cpu_pct": round(100 * (ticks - before[tid][1]) / TICK / window, 1)}
             for tid, (name, ticks, core) in after.items() if tid in before]
     return sorted(rows, key=lambda r: -r["cpu_pct"])
 

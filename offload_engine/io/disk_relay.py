@@ -342,7 +342,7 @@ class DiskRelay:
         with torch.cuda.stream(stream):
             stream.wait_event(ready)
             dst.copy_(src, non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)  # waiters sleep: spinning ones starve CPU attention
             event.record(stream)
         return event
 

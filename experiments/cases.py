@@ -13,11 +13,10 @@ has no H2O. Hugging Face Accelerate (`experiments/accelerate_peer.py`) is a thir
 runs belong to the case that carries its flags (the `table-` cases, which fill the cells of the
 papers' tables that no earlier case covers: `experiments/paper_tables.py`).
 
-Sizes were checked with the engine's own memory planner (`bench_suite.py --dry-run` prints the
-plan of every candidate): OPT-30B fp16 weights are 56 GiB; the lent machine has 125 GiB of RAM
-and a 64 GiB disk. Times (`est_s`) are first guesses from earlier device runs (OPT-30B: about
-100 s of start-up, dummy weights and pinned memory, before the timed part); once a run has
-finished, its measured wall time replaces the guess.
+Sizes were checked with the engine's planner (`bench_suite.py --dry-run` prints every plan):
+OPT-30B's fp16 weights are 56 GiB; the machine has 125 GiB of RAM and a 64 GiB disk. Times
+(`est_s`) are first guesses (OPT-30B: about 100 s of start-up before the timed part) until a
+run's measured wall time replaces them.
 """
 from __future__ import annotations
 
@@ -182,8 +181,7 @@ _CASES = [
     Case("opt30b-disk-kv", "opt-30b", 512, 32, 16,
          Ours((20, 50, 0, 50, 0, 100), 24, 2, est_s=400),
          FlexGen((20, 50, 0, 50, 0, 100), 24, 2, est_s=300),
-         note="weights 30% and KV cache 50% on disk (33.6 GiB on disk), GPU attention over the streamed "
-              "cache: OPT-30B's weights-and-cache disk case"),
+         note="30% of the weights and half of the KV cache on disk (33.6 GiB), GPU attention"),
     # --- compression (4-bit, group 64) ------------------------------------------------------------
     Case("opt6.7b-compress-b72", "opt-6.7b", 512, 32, None,
          Ours(ALL_GPU, 72, compress_weight=True, compress_cache=True, est_s=30),

@@ -1,14 +1,12 @@
 """The benchmark cases of `experiments/bench_suite.py`: this engine beside the published FlexGen.
 
-A case is one workload (model, prompt and generated lengths, GPU cap) with the flags of each
-system. Why a table of frozen dataclasses rather than flags on the command line: the same
-policy must reach both systems spelled the way each parses it, a case's settings are hashed
-into the key that makes a rerun skip finished runs, and the table is checked as a whole
-(`validate`) before any device time is spent.
+A case is one workload (model, prompt and generated lengths, GPU cap) with each system's flags.
+A table of frozen dataclasses, not command lines: one policy reaches both systems spelled as each
+parses it, a case's settings are hashed into the key that lets a rerun skip finished runs, and
+the table is checked as a whole (`validate`) before any device time is spent.
 
-FlexGen's runs are expensive, so several of our cases name one FlexGen run as their `peer`:
-a case either carries FlexGen flags itself (and is its own peer) or names another case that
-does, with the same model, lengths and GPU cap. H2O cases run FlexGen's plain policy: FlexGen
+FlexGen's runs are expensive, so several cases name one FlexGen run as their `peer`: a case
+carries FlexGen flags (its own peer) or names a case that does, with the same workload. H2O cases run FlexGen's plain policy: FlexGen
 has no H2O. Hugging Face Accelerate (`experiments/accelerate_peer.py`) is a third system; its
 runs belong to the case that carries its flags (the `table-` cases, which fill the cells of the
 papers' tables that no earlier case covers: `experiments/paper_tables.py`).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..batch import BatchState
+from ..io.host_return import HostReturn
 from ..profiler import Profiler
 from kernels.decode_attention import decode_attention
 from kernels.cpu_attention import cpu_decode_attention
@@ -20,6 +21,7 @@ class DenseKV:
     def __init__(self, codec, profiler: Profiler):
         self.codec, self.profiler = codec, profiler
         self._queue: CpuAttentionQueue | None = None
+        self.host_return = HostReturn()  # inline decode outputs back to the GPU
 
     def cpu_queue(self, device: torch.device) -> CpuAttentionQueue | None:
         """The queue that runs decode attention over CPU homes in stream order, where it can."""
@@ -110,4 +112,4 @@ class CpuCacheAccess:
                                            self.state.valid_on(cpu))[:, None]
             else:
                 out = self.codec.attend(q_c, keys, values, t + s, self.state.mask(s, cpu))
-        return out.to(q.device)
+        return self.policy.host_return.to_device(out, q.device) if self.policy is not None else out.to(q.device)

@@ -27,6 +27,7 @@ from kernels.cpu_attention import use_cpp
 from kernels.cpu_slot_attention import cpu_slot_attention
 
 from ..batch import BatchState
+from ..io.host_return import HostReturn
 from ..profiler import Profiler
 from .codec import PlainCodec
 from .store import CacheLocation, Item, KVCacheStore
@@ -51,6 +52,7 @@ class H2OKV:
         self.hh, self.recent = cfg.sizes(workload.prompt_len)
         self.budget = self.hh + self.recent
         self.slots: dict[Item, SlotState] = {}
+        self.host_return = HostReturn()  # decode outputs back to the GPU
 
     streams_cache = True  # an off-GPU cache is copied whole into a GPU slot each step
 
@@ -131,7 +133,7 @@ class H2OAccess:
                 hq, hkv = q.shape[2], k.shape[2]
                 qkv = torch.cat([q, k, v], dim=2).to("cpu")  # one device-to-host copy
                 out = self._decode(qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:])
-            return out.to(q.device)
+            return self.policy.host_return.to_device(out, q.device)
         return self._decode(q, k, v)
 
     def _prefill(self, q, k, v):

@@ -22,6 +22,7 @@ from kernels.hip.select import hip_select
 
 from ..batch import BatchState
 from ..errors import EngineError
+from ..io.host_return import HostReturn
 from ..profiler import Profiler
 from .hot_cache import HotBlockCache
 from .store import CacheLocation, Item, KVCacheStore
@@ -55,6 +56,7 @@ class HiPKV:
         attention_layers = [i for i, layer in enumerate(layers) if layer.kv_spec is not None]
         self.dense = set(attention_layers[: max(0, cfg.dense_layers - attention_offset)])
         self.selections: dict[Item, Selection] = {}
+        self.host_return = HostReturn()  # CPU decode outputs back to the GPU
         self.hot: dict[Item, HotBlockCache] = {}  # items whose cache is off the GPU and attended there
         self.max_len = workload.max_len
         self.collect_stats = False  # perplexity asks for keys attended per query
@@ -116,7 +118,7 @@ class HiPAccess:
                 home_k[:, :, t:t + s] = qkv[:, :, hq:hq + hkv].transpose(1, 2)
                 home_v[:, :, t:t + s] = qkv[:, :, hq + hkv:].transpose(1, 2)
                 out = self._attend(qkv[:, :, :hq], home_k[:, :, :t + s], home_v[:, :, :t + s], t)
-            return out.to(q.device)
+            return self.policy.host_return.to_device(out, q.device)
         if self.where.kind == "home":
             out = self._attend_hot(q, k[:, 0], v[:, 0], t)
         else:

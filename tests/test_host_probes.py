@@ -2,6 +2,7 @@
 use of a running process) and experiments/bench_host_pages.py (its smoke mode on any machine)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -23,10 +24,10 @@ def test_thread_cpu_finds_the_busy_thread_and_not_the_sleeping_one():
 
     stop = threading.Event()
 
-    def spin():
-        x = 0
+    def spin():  # hashing a large buffer releases the GIL: a full core however busy the process is
+        block = os.urandom(1 << 20)
         while not stop.is_set():
-            x += 1
+            hashlib.sha256(block).digest()
 
     def doze():
         while not stop.is_set():
@@ -40,7 +41,6 @@ def test_thread_cpu_finds_the_busy_thread_and_not_the_sleeping_one():
         stop.set()
         busy.join()
         idle.join()
-    # The GIL shares one core between the spinner and the main thread's sleep: well above idle.
     assert rows[busy.native_id]["cpu_pct"] >= 30
     assert rows[idle.native_id]["cpu_pct"] <= 10
     assert all(r["cpu_pct"] >= 0 for r in rows.values())

@@ -322,11 +322,16 @@ def test_the_point_process_group_is_killed(tmp_path, how):
         o = run_process(cmd, 2.0, tmp_path / "log")
         assert o.timed_out and o.wall_s < 20
     else:
+        # Python's own handler: a test runner's worker may ignore SIGINT (pytest-xdist's do).
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
         timer.start()
-        with pytest.raises(KeyboardInterrupt):
-            run_process(cmd, 60.0, tmp_path / "log")
-        timer.join()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run_process(cmd, 60.0, tmp_path / "log")
+        finally:
+            timer.join()
+            signal.signal(signal.SIGINT, previous)
     assert _gone(int(pid_file.read_text()))
 
 

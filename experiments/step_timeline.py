@@ -4,6 +4,7 @@ out on one clock for one decode step (device machine).
 
   PYTHONPATH=. python experiments/step_timeline.py --model opt-30b --percent 20 80 0 100 0 100 \\
       --gpu-batch-size 24 --num-gpu-batches 2 --cpu-cache-compute --gpu-mem 16 --out DIR
+  (--h2o 0.1 0.1: H2O's 20% budget instead of the full cache)
 
 Writes DIR/timeline.json (the spans of the middle decode step, ms from its first span) and prints
 each category's busy time, the time its stream sat idle inside the step, and the longest idle
@@ -25,6 +26,7 @@ from offload_engine.engine import Engine, EngineOptions  # noqa: E402
 from offload_engine.model_zoo import resolve_model  # noqa: E402
 from offload_engine.sampling import GenerationConfig  # noqa: E402
 from policies.memory import Workload  # noqa: E402
+from policies.kv_policy import H2OConfig, KVSettings  # noqa: E402
 from policies.placement import Policy  # noqa: E402
 
 
@@ -62,13 +64,17 @@ def main() -> None:
     ap.add_argument("--num-gpu-batches", type=int, default=2)
     ap.add_argument("--cpu-cache-compute", action="store_true")
     ap.add_argument("--gpu-mem", type=float, default=None, help="GPU cap in GiB")
+    ap.add_argument("--h2o", type=float, nargs=2, metavar=("HH_RATIO", "RECENT_RATIO"), default=None,
+                    help="H2O eviction with these budget fractions (e.g. 0.1 0.1) instead of the full cache")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--gen-len", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("."))
     args = ap.parse_args()
     model = resolve_model(args.model, dummy=True).config
     policy = Policy.from_percent(args.percent, gpu_batch_size=args.gpu_batch_size,
-                                 num_gpu_batches=args.num_gpu_batches, cpu_cache_compute=args.cpu_cache_compute)
+                                 num_gpu_batches=args.num_gpu_batches, cpu_cache_compute=args.cpu_cache_compute,
+                                 kv=KVSettings("h2o", H2OConfig(hh_ratio=args.h2o[0], recent_ratio=args.h2o[1]))
+                                 if args.h2o else KVSettings())
     cap = int(args.gpu_mem * 2 ** 30) if args.gpu_mem else None
     engine = Engine(model, policy, Workload(args.prompt_len, args.gen_len),
                     EngineOptions(progress=False, gpu_mem_bytes=cap, offload_dir=args.out / "offload", profile=True))

@@ -85,7 +85,9 @@ def main() -> None:
     steps = engine.profiler.timelines[1:]  # [0]: the prefill
     middle = steps[len(steps) // 2]
     report = {"model": args.model, "policy": vars(args) | {"out": str(args.out)}, "gpu": torch.cuda.get_device_name(),
-              "decode_s_per_step": result.decode_s / max(1, len(steps)), **summarize(middle)}
+              "decode_s_per_step": result.decode_s / max(1, len(steps)),
+              "each_step_ms": [round(max(e for _, _, e in st) - min(b for _, b, _ in st), 1) for st in steps],
+              **summarize(middle)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "timeline.json").write_text(json.dumps({"report": report, "spans": middle}))
     print(json.dumps(report, indent=1))

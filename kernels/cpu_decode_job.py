@@ -1,8 +1,8 @@
 """A whole CPU decode item as one C call: write the new token's keys and values into the
 head-major homes at position t, then attend positions 0..t with kernels/cpu_attention.py's C++
-kernel (csrc/cpu_attention.cpp, `cpu_decode_job`). The call takes one pointer, so CUDA can run
-it as a host function in a stream's order (offload_engine/kv/cpu_queue.py); `run_decode_job`
-runs it on the calling thread (tests).
+kernel (csrc/cpu_attention.cpp, `cpu_decode_job`); or H2O's item over its slots, eviction
+included (`cpu_h2o_job`). A call takes one pointer, so CUDA can run it as a host function in a
+stream's order (offload_engine/kv/cpu_queue.py); `run_job` runs it on the calling thread (tests).
 """
 from __future__ import annotations
 
@@ -29,19 +29,9 @@ def decode_job(qkv: torch.Tensor, k_home: torch.Tensor, v_home: torch.Tensor, t:
     head_dim; key_valid (B, >= t + 1) bool or None; out (B, Hq, D) contiguous float32. The tensors
     must outlive the job's run: the job holds their addresses only."""
     b, hkv, cap, d = k_home.shape
-    hq = qkv.shape[1] - 2 * hkv if qkv.dim() == 3 else -1
-    if qkv.dtype not in _FLOATS or qkv.dim() != 3 or qkv.shape[0] != b or qkv.shape[2] != d or hq < hkv or hq % hkv or not qkv.is_contiguous():
-        raise ValueError(f"qkv must be a contiguous float (B={b}, Hq + 2*{hkv}, D={d}) tensor with Hq a multiple "
-                         f"of {hkv}, got {qkv.dtype} {tuple(qkv.shape)}.")
-    for name, x in (("k_home", k_home), ("v_home", v_home)):
-        if x.shape != k_home.shape or x.dtype != qkv.dtype or x.stride(-1) != 1 or x.device.type != "cpu":
-            raise ValueError(f"{name} must be a CPU {qkv.dtype} {tuple(k_home.shape)} head-major home with a "
-                             f"contiguous head_dim, got {x.dtype} {tuple(x.shape)} on {x.device}.")
+    _check_qkv(qkv, k_home, v_home, out)
     if not 0 <= t < cap:
         raise ValueError(f"position t={t} is outside the homes' capacity of {cap} tokens.")
-    if out.dtype != torch.float32 or tuple(out.shape) != (b, hq, d) or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 ({b}, {hq}, {d}) tensor, got {out.dtype} "
-                         f"{tuple(out.shape)}.")
     valid_ptr = valid_sb = 0
     if key_valid is not None:
         if key_valid.dtype != torch.bool or key_valid.shape[0] != b or key_valid.shape[1] <= t \
@@ -50,8 +40,53 @@ def decode_job(qkv: torch.Tensor, k_home: torch.Tensor, v_home: torch.Tensor, t:
                              f"got {key_valid.dtype} {tuple(key_valid.shape)}.")
         valid_ptr, valid_sb = key_valid.data_ptr(), key_valid.stride(0)
     return DecodeJob(qkv.data_ptr(), k_home.data_ptr(), v_home.data_ptr(), valid_ptr, out.data_ptr(),
-                     b, hq, hkv, d, t, *k_home.stride()[:3], *v_home.stride()[:3], valid_sb,
+                     b, out.shape[1], hkv, d, t, *k_home.stride()[:3], *v_home.stride()[:3], valid_sb,
                      DTYPE_CODE[qkv.dtype], num_threads or torch.get_num_threads(), 0)
+
+
+def _check_qkv(qkv: torch.Tensor, k_home: torch.Tensor, v_home: torch.Tensor, out: torch.Tensor) -> None:
+    b, hkv, cap, d = k_home.shape
+    hq = qkv.shape[1] - 2 * hkv if qkv.dim() == 3 else -1
+    if qkv.dtype not in _FLOATS or qkv.dim() != 3 or qkv.shape[0] != b or qkv.shape[2] != d or hq < hkv or hq % hkv or not qkv.is_contiguous():
+        raise ValueError(f"qkv must be a contiguous float (B={b}, Hq + 2*{hkv}, D={d}) tensor with Hq a multiple "
+                         f"of {hkv}, got {qkv.dtype} {tuple(qkv.shape)}.")
+    for name, x in (("k_home", k_home), ("v_home", v_home)):
+        if x.shape != k_home.shape or x.dtype != qkv.dtype or x.stride(-1) != 1 or x.device.type != "cpu":
+            raise ValueError(f"{name} must be a CPU {qkv.dtype} {tuple(k_home.shape)} head-major home with a "
+                             f"contiguous head_dim, got {x.dtype} {tuple(x.shape)} on {x.device}.")
+    if out.dtype != torch.float32 or tuple(out.shape) != (b, hq, d) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 ({b}, {hq}, {d}) tensor, got {out.dtype} "
+                         f"{tuple(out.shape)}.")
+
+
+class H2OJob(ctypes.Structure):
+    """One H2O decode item for `cpu_h2o_job` (struct H2OJob in the .cpp): the new token into each
+    (sequence, KV head)'s first free slot, attention over the occupied slots, scores accumulated,
+    one slot freed above the budget (offload_engine/kv/h2o.py's rule)."""
+    _fields_ = ([(name, ctypes.c_void_p) for name in ("qkv", "k_home", "v_home", "position", "score", "out")]
+                + [(name, ctypes.c_int64) for name in ("B", "Hq", "Hkv", "D", "C", "t", "budget", "recent",
+                                                       "ksb", "ksh", "kst", "vsb", "vsh", "vst")]
+                + [(name, ctypes.c_int32) for name in ("dtype", "nthreads", "sinks", "rc")])
+
+
+def h2o_job(qkv: torch.Tensor, k_home: torch.Tensor, v_home: torch.Tensor, position: torch.Tensor,
+            score: torch.Tensor, t: int, budget: int, recent: int, sinks: bool, out: torch.Tensor,
+            num_threads: int | None = None) -> H2OJob:
+    """An H2OJob over CPU tensors: qkv and out as for `decode_job`; homes (B, Hkv, >= C, D);
+    position (B, Hkv, C) int64 and score (B, Hkv, C) float32, contiguous, updated in place."""
+    b, hkv, cap, d = k_home.shape
+    _check_qkv(qkv, k_home, v_home, out)
+    c = position.shape[-1] if position.dim() == 3 else -1
+    for name, x, dtype in (("position", position, torch.int64), ("score", score, torch.float32)):
+        if x.dtype != dtype or tuple(x.shape) != (b, hkv, c) or not x.is_contiguous() or x.device.type != "cpu":
+            raise ValueError(f"{name} must be a contiguous CPU {dtype} ({b}, {hkv}, C) tensor, got {x.dtype} "
+                             f"{tuple(x.shape)} on {x.device}.")
+    if not 0 < c <= cap or t < 0 or not 0 <= recent <= budget < c:
+        raise ValueError(f"slots C={c} must fit the homes' {cap} tokens, and 0 <= recent ({recent}) <= budget "
+                         f"({budget}) < C; t={t}.")
+    return H2OJob(qkv.data_ptr(), k_home.data_ptr(), v_home.data_ptr(), position.data_ptr(), score.data_ptr(),
+                  out.data_ptr(), b, out.shape[1], hkv, d, c, t, budget, recent, *k_home.stride()[:3],
+                  *v_home.stride()[:3], DTYPE_CODE[qkv.dtype], num_threads or torch.get_num_threads(), int(sinks), 0)
 
 
 def decode_job_function() -> int:
@@ -60,11 +95,17 @@ def decode_job_function() -> int:
     return ctypes.cast(library().cpu_decode_job, ctypes.c_void_p).value
 
 
-def run_decode_job(job: DecodeJob) -> None:
+def h2o_job_function() -> int:
+    """The address of `cpu_h2o_job`, as `decode_job_function`."""
+    return ctypes.cast(library().cpu_h2o_job, ctypes.c_void_p).value
+
+
+def run_job(job: DecodeJob | H2OJob) -> None:
     """Run a job on this thread (RuntimeError if the C++ kernel is unavailable or the job fails)."""
     lib = library()
     if lib is None:
         raise RuntimeError("the C++ CPU attention kernel is not available here.")
-    lib.cpu_decode_job(ctypes.byref(job))
+    name = "cpu_h2o_job" if isinstance(job, H2OJob) else "cpu_decode_job"
+    getattr(lib, name)(ctypes.byref(job))
     if job.rc:
-        raise RuntimeError(f"cpu_decode_job failed with code {job.rc}.")
+        raise RuntimeError(f"{name} failed with code {job.rc}.")

@@ -11,7 +11,7 @@ import torch
 
 import kernels.cpu_attention as ca
 from kernels.cpu_attention import cpp_backend, cpu_decode_attention_reference
-from kernels.cpu_decode_job import decode_job, run_decode_job
+from kernels.cpu_decode_job import decode_job, run_job
 
 from conftest import rel_err
 
@@ -44,7 +44,7 @@ def test_job_writes_home_and_matches_inline_kernel(dtype, shape):
     k_want, v_want = k_home.clone(), v_home.clone()
     k_want[:, :, t], v_want[:, :, t] = qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
     out = torch.empty(b, hq, d)
-    run_decode_job(decode_job(qkv, k_home, v_home, t, key_valid, out))
+    run_job(decode_job(qkv, k_home, v_home, t, key_valid, out))
     assert torch.equal(k_home.nan_to_num(), k_want.nan_to_num())
     assert torch.equal(v_home.nan_to_num(), v_want.nan_to_num())
     valid = key_valid[:, :t + 1]
@@ -67,7 +67,7 @@ def test_job_on_a_strided_home_and_without_mask():
     want = [x.clone() for x in big]
     want[0][1:, :, t], want[1][1:, :, t] = qkv[:, hq:hq + hkv].transpose(0, 1), qkv[:, hq + hkv:].transpose(0, 1)
     out = torch.empty(b, hq, d)
-    run_decode_job(decode_job(qkv, k_home, v_home, t, None, out))
+    run_job(decode_job(qkv, k_home, v_home, t, None, out))
     assert torch.equal(big[0], want[0]) and torch.equal(big[1], want[1])  # position t written, nothing else
     ref = cpu_decode_attention_reference(qkv[:, :hq], k_home[:, :, :t + 1], v_home[:, :, :t + 1])
     assert rel_err(out.double(), ref) < 1e-5

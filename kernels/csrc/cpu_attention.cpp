@@ -329,6 +329,74 @@ void run_list(const float* q, const char* k, const char* v, const int32_t* token
   }
 }
 
+// One H2O decode item over a CPU-attended slot cache, laid out as kernels/cpu_decode_job.py's
+// H2OJob, with offload_engine/kv/h2o.py's rule. Per (sequence, KV head): the new token goes into
+// the first free slot (slot 0 if none is free), the KV head's query heads attend the occupied
+// slots among the first `used` = min(C, t + 1), each slot's score grows by the attention it got
+// (not with `sinks`, whose scores are fixed), and above the budget the lowest-scoring occupied
+// slot older than the recent window (ties: the earliest position) is freed. A host function too.
+struct H2OJob {
+  const void* qkv;        // (B, Hq + 2 Hkv, D) contiguous, cache dtype: q (already scaled), k, v
+  void* k_home;           // (B, Hkv, >= C, D) with element strides ksb, ksh, kst
+  void* v_home;
+  int64_t* position;      // (B, Hkv, C) contiguous: the position each slot holds, -1 when free
+  float* score;           // (B, Hkv, C) contiguous: accumulated attention
+  float* out;             // (B, Hq, D) contiguous fp32
+  int64_t B, Hq, Hkv, D, C, t, budget, recent;
+  int64_t ksb, ksh, kst, vsb, vsh, vst;
+  int32_t dtype, nthreads, sinks;
+  int32_t rc;             // 0, or 1 for a bad dtype
+};
+
+template <int DT>
+void h2o_job(H2OJob& j) {
+  constexpr int64_t es = DT == F32 ? 4 : 2;
+  const int64_t rep = j.Hq / j.Hkv, tasks = j.B * j.Hkv, used = std::min(j.C, j.t + 1), row = j.Hq + 2 * j.Hkv;
+  const char* src = static_cast<const char*>(j.qkv);
+  char *kh = static_cast<char*>(j.k_home), *vh = static_cast<char*>(j.v_home);
+  const int64_t by_work = 2 * tasks * used * j.D / (int64_t(1) << 16);
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(j.nthreads), tasks, by_work})));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> q(static_cast<size_t>(rep * j.D)), scores(static_cast<size_t>(used * rep)),
+        mx(static_cast<size_t>(rep)), sum(static_cast<size_t>(rep)), probs(static_cast<size_t>(used));
+    std::vector<uint8_t> valid(static_cast<size_t>(used));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / j.Hkv, h = task % j.Hkv;
+      const char* r = src + b * row * j.D * es;
+      int64_t* pos = j.position + task * j.C;
+      float* sc = j.score + task * j.C;
+      int64_t slot = 0;
+      while (slot < j.C && pos[slot] >= 0) ++slot;
+      if (slot == j.C) slot = 0;
+      std::memcpy(kh + (b * j.ksb + h * j.ksh + slot * j.kst) * es, r + (j.Hq + h) * j.D * es, j.D * es);
+      std::memcpy(vh + (b * j.vsb + h * j.vsh + slot * j.vst) * es, r + (j.Hq + j.Hkv + h) * j.D * es, j.D * es);
+      pos[slot] = j.t;
+      sc[slot] = j.sinks ? -float(j.t) : 0.0f;
+      const char* qr = r + h * rep * j.D * es;
+      for (int64_t i = 0; i < rep * j.D; ++i) q[i] = load1<DT>(qr, i);
+      for (int64_t i = 0; i < used; ++i) valid[i] = pos[i] >= 0;
+      const DenseRows<DT> keys{kh + (b * j.ksb + h * j.ksh) * es, j.kst}, vals{vh + (b * j.vsb + h * j.vsh) * es, j.vst};
+      attend_task(q.data(), keys, vals, valid.data(), nullptr, used, j.D, rep, scores.data(), mx.data(), sum.data(),
+                  nullptr, j.out + (b * j.Hq + h * rep) * j.D, probs.data());
+      if (!j.sinks)
+        for (int64_t i = 0; i < used; ++i) sc[i] += probs[i];
+      int64_t occupied = 0, victim = -1;
+      for (int64_t i = 0; i < j.C; ++i) occupied += pos[i] >= 0;
+      if (occupied <= j.budget) continue;
+      for (int64_t i = 0; i < j.C; ++i)
+        if (pos[i] >= 0 && pos[i] < j.t + 1 - j.recent &&
+            (victim < 0 || sc[i] < sc[victim] || (sc[i] == sc[victim] && pos[i] < pos[victim])))
+          victim = i;
+      if (victim >= 0) {
+        pos[victim] = -1;
+        sc[victim] = 0.0f;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -453,6 +521,17 @@ void cpu_decode_job(void* arg) {
   }
   j.rc = cpu_decode_attention(q.data(), kh, vh, j.valid, j.out, j.B, j.Hq, j.Hkv, j.t + 1, j.D, j.ksb, j.ksh, j.kst,
                               j.vsb, j.vsh, j.vst, j.valid_sb, j.dtype, j.nthreads);
+}
+
+// H2O's decode item (struct H2OJob above), a CUDA host function as cpu_decode_job.
+void cpu_h2o_job(void* arg) {
+  H2OJob& j = *static_cast<H2OJob*>(arg);
+  switch (j.dtype) {
+    case F32: h2o_job<F32>(j); break;
+    case F16: h2o_job<F16>(j); break;
+    case BF16: h2o_job<BF16>(j); break;
+    default: j.rc = 1;
+  }
 }
 
 // "avx512+openmp" etc.: what this build vectorises with, for reports.

@@ -10,7 +10,7 @@ pinned memory, the C++ kernel as a CUDA host function (cuLaunchHostFunc: the dri
 when the stream reaches it and holds the stream's later work until it returns), and a read
 of the output by a GPU kernel through its mapping of the pinned buffer. The Python thread runs
 ahead through the step; the host functions run in stream order, one at a time, each with every
-core. Results are bit-identical to the inline path (the same kernel on the same bytes; fp32 ->
+core. H2O's item (kernels/cpu_decode_job.py's H2OJob) runs the same way, its eviction included. Results are bit-identical to the inline path (the same kernel on the same bytes; fp32 ->
 fp16 rounds the same on both sides).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections import deque
 import torch
 
 from kernels.cpu_attention import BACKEND_ENV, use_cpp
-from kernels.cpu_decode_job import decode_job, decode_job_function
+from kernels.cpu_decode_job import decode_job, decode_job_function, h2o_job, h2o_job_function
 
 from ..io.tiers import device_view
 
@@ -61,6 +61,18 @@ def queue_supported(device: torch.device) -> bool:
             and _launch_host_func() is not None)
 
 
+class QueuesCpuAttention:
+    """A KV policy whose decode attention over CPU homes may be queued: `cpu_queue(device)` makes
+    its queue on first use, where the device allows one (else None: attend inline)."""
+
+    _queue: "CpuAttentionQueue | None" = None
+
+    def cpu_queue(self, device: torch.device) -> "CpuAttentionQueue | None":
+        if self._queue is None and queue_supported(device):
+            self._queue = CpuAttentionQueue()
+        return self._queue
+
+
 def _drain(inflight: deque) -> None:
     """Wait for every queued job: their structs and tensors must outlive the host functions."""
     while inflight:
@@ -81,6 +93,22 @@ class CpuAttentionQueue:
         """q (B, 1, Hq, D) already scaled, k/v (B, 1, Hkv, D) of the new token, on the GPU; homes
         (B, Hkv, capacity, D) in host memory, written at position t. Returns (B, 1, Hq, D) on the
         GPU in q's dtype, valid in the current stream's order."""
+        return self._submit(q, k, v, lambda qkv, out: decode_job(qkv, k_home, v_home, t, key_valid, out),
+                            decode_job_function(), (key_valid, k_home, v_home))
+
+    def attend_h2o(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_home: torch.Tensor,
+                   v_home: torch.Tensor, position: torch.Tensor, score: torch.Tensor, t: int, budget: int,
+                   recent: int, sinks: bool) -> torch.Tensor:
+        """H2O's decode item (kernels/cpu_decode_job.py's H2OJob): as `attend`, over the slot homes
+        (B, Hkv, >= C, D), with the slots' positions and scores (B, Hkv, C) on the host updated in
+        stream order (read them only after the stream has run the item)."""
+        return self._submit(q, k, v, lambda qkv, out: h2o_job(qkv, k_home, v_home, position, score, t, budget,
+                                                              recent, sinks, out),
+                            h2o_job_function(), (k_home, v_home, position, score))
+
+    def _submit(self, q, k, v, make_job, function: int, keep: tuple) -> torch.Tensor:
+        """Stage q/k/v, queue `function` over make_job(qkv_host, out_host), read the output back;
+        `keep`: tensors the job points at, held until it has run."""
         self._retire()
         stream = torch.cuda.current_stream(q.device)
         b, _, hq, d = q.shape
@@ -92,8 +120,8 @@ class CpuAttentionQueue:
                                   out_host, device_view(out_host, q.device))
         qkv_host, out_host, out_mapped = self._staging[key]
         qkv_host.copy_(torch.cat([q, k, v], dim=2).view(qkv_host.shape), non_blocking=True)
-        job = decode_job(qkv_host, k_home, v_home, t, key_valid, out_host)
-        rc = _launch_host_func()(stream.cuda_stream, decode_job_function(), ctypes.addressof(job))
+        job = make_job(qkv_host, out_host)
+        rc = _launch_host_func()(stream.cuda_stream, function, ctypes.addressof(job))
         if rc:
             raise RuntimeError(f"cuLaunchHostFunc failed with CUDA error {rc}.")
         # Read through the mapping, not copied: a host-to-device copy queues behind the weight
@@ -103,7 +131,7 @@ class CpuAttentionQueue:
                else out_host.to(q.device, non_blocking=True).to(q.dtype))
         done = torch.cuda.Event()
         done.record(stream)
-        self._inflight.append((done, job, (key_valid, k_home, v_home)))
+        self._inflight.append((done, job, keep))
         return out[:, None]
 
     def _retire(self) -> None:

@@ -11,23 +11,16 @@ from kernels.decode_attention import decode_attention
 from kernels.cpu_attention import cpu_decode_attention
 
 from .codec import token_major_attention
-from .cpu_queue import CpuAttentionQueue, queue_supported
+from .cpu_queue import QueuesCpuAttention
 from .store import CacheLocation, Item, KVCacheStore
 
 
-class DenseKV:
+class DenseKV(QueuesCpuAttention):
     """The full-cache policy: every token stays, attention reads all of them."""
 
     def __init__(self, codec, profiler: Profiler):
         self.codec, self.profiler = codec, profiler
-        self._queue: CpuAttentionQueue | None = None
         self.host_return = HostReturn()  # inline decode outputs back to the GPU
-
-    def cpu_queue(self, device: torch.device) -> CpuAttentionQueue | None:
-        """The queue that runs decode attention over CPU homes in stream order, where it can."""
-        if self._queue is None and queue_supported(device):
-            self._queue = CpuAttentionQueue()
-        return self._queue
 
     streams_cache = True  # an off-GPU cache is copied whole into a GPU slot each step
 

@@ -13,6 +13,11 @@ the earliest position), so between steps no more than `budget` tokens are kept.
 Slots are independent of positions: tokens keep their positions (OPT adds them before the
 layers, Llama rotates keys before caching), so eviction never shifts anything.
 
+With the cache on the CPU, a decode item runs as one C++ job (kernels/cpu_decode_job.py's H2OJob:
+slot write, attention, scores and eviction) queued on the compute stream (cpu_queue.py), so the
+Python thread runs ahead instead of waiting for the GPU before each item and the GPU for the CPU
+after it; the inline path below is its reference.
+
 With `simulate`, the same rule runs over a full cache where slot = position and evicted tokens
 are masked instead of freed: the paper's masked simulation, the reference for real eviction.
 """
@@ -30,6 +35,7 @@ from ..batch import BatchState
 from ..io.host_return import HostReturn
 from ..profiler import Profiler
 from .codec import PlainCodec
+from .cpu_queue import QueuesCpuAttention
 from .store import CacheLocation, Item, KVCacheStore
 
 NO_POSITION = -1
@@ -43,7 +49,7 @@ class SlotState:
     score: torch.Tensor  # (B, Hkv, C) float32
 
 
-class H2OKV:
+class H2OKV(QueuesCpuAttention):
     def __init__(self, cfg, codec, profiler: Profiler, workload, sinks: bool = False):
         self.codec, self.profiler, self.simulate = codec, profiler, cfg.simulate
         # StreamingLLM's baseline: a token's score is minus its position and never grows, so the
@@ -129,12 +135,26 @@ class H2OAccess:
         if self.state.length == 0:
             return self._prefill(q, k, v)
         if self.where.kind == "cpu":
+            queue = self._queue(q)
+            if queue is not None:  # in the compute stream's order, eviction included
+                p, slots = self.policy, self.policy.slots[self.item]
+                with p.profiler.span("cpu_attention", torch.cuda.current_stream(q.device)):
+                    return queue.attend_h2o(q, k, v, self.where.k, self.where.v, slots.position, slots.score,
+                                            self.state.length, p.budget, p.recent, p.sinks)
             with self.policy.profiler.span("cpu_attention", None, host=True):
                 hq, hkv = q.shape[2], k.shape[2]
                 qkv = torch.cat([q, k, v], dim=2).to("cpu")  # one device-to-host copy
                 out = self._decode(qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:])
             return self.policy.host_return.to_device(out, q.device)
         return self._decode(q, k, v)
+
+    def _queue(self, q):
+        """The policy's queue where this decode item can run as one C++ job (cpu_queue.py), else None."""
+        p = self.policy
+        if p.simulate or self.state.static or q.shape[1] != 1 or not isinstance(self.codec, PlainCodec) \
+                or self.where.k.dtype != q.dtype:
+            return None
+        return p.cpu_queue(q.device)
 
     def _prefill(self, q, k, v):
         p, s = self.policy, q.shape[1]

@@ -81,9 +81,9 @@ def h2o_job(qkv: torch.Tensor, k_home: torch.Tensor, v_home: torch.Tensor, posit
         if x.dtype != dtype or tuple(x.shape) != (b, hkv, c) or not x.is_contiguous() or x.device.type != "cpu":
             raise ValueError(f"{name} must be a contiguous CPU {dtype} ({b}, {hkv}, C) tensor, got {x.dtype} "
                              f"{tuple(x.shape)} on {x.device}.")
-    if not 0 < c <= cap or t < 0 or not 0 <= recent <= budget < c:
-        raise ValueError(f"slots C={c} must fit the homes' {cap} tokens, and 0 <= recent ({recent}) <= budget "
-                         f"({budget}) < C; t={t}.")
+    if not 0 < c <= cap or t < 0 or not 0 <= recent <= budget:  # a budget of C or more never evicts
+        raise ValueError(f"slots C={c} must fit the homes' {cap} tokens, t={t} must be >= 0 and "
+                         f"0 <= recent ({recent}) <= budget ({budget}).")
     return H2OJob(qkv.data_ptr(), k_home.data_ptr(), v_home.data_ptr(), position.data_ptr(), score.data_ptr(),
                   out.data_ptr(), b, out.shape[1], hkv, d, c, t, budget, recent, *k_home.stride()[:3],
                   *v_home.stride()[:3], DTYPE_CODE[qkv.dtype], num_threads or torch.get_num_threads(), int(sinks), 0)

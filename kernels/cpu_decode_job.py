@@ -47,7 +47,8 @@ def decode_job(qkv: torch.Tensor, k_home: torch.Tensor, v_home: torch.Tensor, t:
 def _check_qkv(qkv: torch.Tensor, k_home: torch.Tensor, v_home: torch.Tensor, out: torch.Tensor) -> None:
     b, hkv, cap, d = k_home.shape
     hq = qkv.shape[1] - 2 * hkv if qkv.dim() == 3 else -1
-    if qkv.dtype not in _FLOATS or qkv.dim() != 3 or qkv.shape[0] != b or qkv.shape[2] != d or hq < hkv or hq % hkv or not qkv.is_contiguous():
+    if qkv.dtype not in _FLOATS or qkv.dim() != 3 or qkv.shape[0] != b or qkv.shape[2] != d or hq < hkv \
+            or hq % hkv or not qkv.is_contiguous():
         raise ValueError(f"qkv must be a contiguous float (B={b}, Hq + 2*{hkv}, D={d}) tensor with Hq a multiple "
                          f"of {hkv}, got {qkv.dtype} {tuple(qkv.shape)}.")
     for name, x in (("k_home", k_home), ("v_home", v_home)):

@@ -10,8 +10,9 @@ pinned memory, the C++ kernel as a CUDA host function (cuLaunchHostFunc: the dri
 when the stream reaches it and holds the stream's later work until it returns), and a read
 of the output by a GPU kernel through its mapping of the pinned buffer. The Python thread runs
 ahead through the step; the host functions run in stream order, one at a time, each with every
-core. H2O's item (kernels/cpu_decode_job.py's H2OJob) runs the same way, its eviction included. Results are bit-identical to the inline path (the same kernel on the same bytes; fp32 ->
-fp16 rounds the same on both sides).
+core. H2O's item (kernels/cpu_decode_job.py's H2OJob) runs the same way, its eviction included.
+Results are bit-identical to the inline path (the same kernel on the same bytes; fp32 -> fp16
+rounds the same on both sides).
 """
 from __future__ import annotations
 

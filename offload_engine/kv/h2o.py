@@ -135,7 +135,7 @@ class H2OAccess:
         if self.state.length == 0:
             return self._prefill(q, k, v)
         if self.where.kind == "cpu":
-            queue = self._queue(q)
+            queue = self._cpu_queue(q)
             if queue is not None:  # in the compute stream's order, eviction included
                 p, slots = self.policy, self.policy.slots[self.item]
                 with p.profiler.span("cpu_attention", torch.cuda.current_stream(q.device)):
@@ -148,7 +148,7 @@ class H2OAccess:
             return self.policy.host_return.to_device(out, q.device)
         return self._decode(q, k, v)
 
-    def _queue(self, q):
+    def _cpu_queue(self, q):
         """The policy's queue where this decode item can run as one C++ job (cpu_queue.py), else None."""
         p = self.policy
         if p.simulate or self.state.static or q.shape[1] != 1 or not isinstance(self.codec, PlainCodec) \

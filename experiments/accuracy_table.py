@@ -28,8 +28,8 @@ from offload_engine.engine import EngineOptions  # noqa: E402
 from offload_engine.metrics import git_commit, hardware  # noqa: E402
 from offload_engine.perplexity import perplexity, text_windows  # noqa: E402
 from offload_engine.text import resolve_with_tokenizer  # noqa: E402
-from policies import Compression, H2OConfig, HiPConfig, KVSettings  # noqa: E402
-from policies.placement import Policy  # noqa: E402
+from offload_engine.policies import Compression, H2OConfig, HiPConfig, KVSettings  # noqa: E402
+from offload_engine.policies.placement import Policy  # noqa: E402
 
 BUDGETS = (0.05, 0.1, 0.2, 0.5)
 HIP_KS = (128, 256, 512)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # bench_common first: it chooses TRITON_INTERPRET (no GPU) before the kernels import triton.
 from experiments.bench_common import (GiB, add_timing_args, arg_parser, device_or_exit,  # noqa: E402
                                       kernel_hardware, rel_err, timer, write_json)
-from kernels.attention_scores import (  # noqa: E402
+from offload_engine.kernels.attention_scores import (  # noqa: E402
     attention_forward_triton,
     attention_with_column_sums_reference,
     attention_with_column_sums_triton,

@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments import bench_common  # noqa: E402
 from experiments.bench_common import (GiB, add_timing_args, arg_parser, kernel_hardware, rel_err,  # noqa: E402
                                       write_json)
-from kernels.attention import padding_mask  # noqa: E402
-from kernels.cpu_attention import (cpp_backend, cpu_decode_attention_cpp, cpu_decode_attention_reference,  # noqa: E402
+from offload_engine.kernels.attention import padding_mask  # noqa: E402
+from offload_engine.kernels.cpu_attention import (cpp_backend, cpu_decode_attention_cpp, cpu_decode_attention_reference,  # noqa: E402
                                    cpu_decode_attention_torch)
 from offload_engine.kv.codec import token_major_attention  # noqa: E402
 

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # bench_common first: it chooses TRITON_INTERPRET (no GPU) before the kernels import triton.
 from experiments.bench_common import (GiB, add_timing_args, arg_parser, device_or_exit,  # noqa: E402
                                       hbm_copy_ms, kernel_hardware, rel_err, timer, write_json)
-from kernels.attention import attention  # noqa: E402
-from kernels.decode_attention import (  # noqa: E402
+from offload_engine.kernels.attention import attention  # noqa: E402
+from offload_engine.kernels.decode_attention import (  # noqa: E402
     _config,
     _sm_count,
     decode_attention_reference,

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # bench_common first: it chooses TRITON_INTERPRET (no GPU) before the kernels import triton.
 from experiments.bench_common import (arg_parser, device_or_exit, kernel_hardware, rel_err, timer,  # noqa: E402
                                       write_json)
-from kernels.hip.attention import block_sparse_attention_reference, block_sparse_attention_triton  # noqa: E402
-from kernels.hip.select import HipConfig, hip_select_torch, hip_select_triton  # noqa: E402
+from offload_engine.kernels.hip.attention import block_sparse_attention_reference, block_sparse_attention_triton  # noqa: E402
+from offload_engine.kernels.hip.select import HipConfig, hip_select_torch, hip_select_triton  # noqa: E402
 
 K, M = 1024, 1024 * 1024
 FULL = dict(heads=32, head_dim=128, cfg=HipConfig(),

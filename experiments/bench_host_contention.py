@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments.bench_common import kernel_hardware, write_json  # noqa: E402
 from experiments.bench_host_pages import SHAPE, host_cache, rate_for  # noqa: E402
-from kernels.cpu_attention import cpp_backend, cpu_decode_attention  # noqa: E402
+from offload_engine.kernels.cpu_attention import cpp_backend, cpu_decode_attention  # noqa: E402
 from offload_engine.kv.cpu_queue import libcuda  # noqa: E402
 
 PIECE = 64 << 20

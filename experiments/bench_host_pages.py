@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments.bench_common import kernel_hardware, write_json  # noqa: E402
-from kernels.cpu_attention import cpp_backend, cpu_decode_attention  # noqa: E402
+from offload_engine.kernels.cpu_attention import cpp_backend, cpu_decode_attention  # noqa: E402
 from offload_engine.io.tiers import HUGE_PAGES_ENV, HostStorage  # noqa: E402
 
 SHAPE = (24, 56, 528, 128)          # B, H, T (the 512 + 32 run's mean length), D

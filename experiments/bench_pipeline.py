@@ -112,7 +112,7 @@ def command(flags: list[str], batch: tuple[int, int], json_path: Path, offload: 
 def planned(flags: list[str], batch: Batch) -> str:
     """Each stage's planned GPU and host GiB (fp16, as on the device) and the host's total: what a
     dry run prints, so batches that cannot fit are dropped before device time is spent."""
-    from policies.memory import GiB
+    from offload_engine.policies.memory import GiB
 
     stages = stage_plans(flags, batch)
     parts = " ".join(f"{gpu / GiB:.1f}/{cpu / GiB:.1f}" for gpu, cpu in stages)
@@ -129,7 +129,7 @@ def stage_plans(flags: list[str], batch: Batch) -> list[tuple[int, int]]:
     from offload_engine.model_zoo import MODEL_CONFIGS
     from offload_engine.models import build_layers
     from offload_engine.pipeline.split import stage_split
-    from policies.memory import Workload, plan_memory
+    from offload_engine.policies.memory import Workload, plan_memory
 
     args = build_parser().parse_args(["run", *flags, "--gpu-batch-size", str(batch[0]), "--num-gpu-batches",
                                       str(batch[1])])

@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments import bench_common  # noqa: E402
 from experiments.bench_common import (GiB, add_timing_args, arg_parser, device_or_exit, hbm_copy_ms,  # noqa: E402
                                       kernel_hardware, rel_err, write_json)
-from kernels.quant.pack import QuantSpec, dequantize, dequantize_triton, quantize, quantize_triton  # noqa: E402
-from kernels.quant.attention import (quant_decode_attention, quant_decode_attention_reference,  # noqa: E402
+from offload_engine.kernels.quant.pack import QuantSpec, dequantize, dequantize_triton, quantize, quantize_triton  # noqa: E402
+from offload_engine.kernels.quant.attention import (quant_decode_attention, quant_decode_attention_reference,  # noqa: E402
                                      quant_decode_attention_triton)
-from kernels.quant.linear import (FUSED_MAX_ROWS, quant_linear, quant_linear_reference,  # noqa: E402
+from offload_engine.kernels.quant.linear import (FUSED_MAX_ROWS, quant_linear, quant_linear_reference,  # noqa: E402
                                   quant_linear_triton)
 
 LINEAR_SHAPES = {"opt-30b": [(7168, 7168), (28672, 7168), (7168, 28672)],

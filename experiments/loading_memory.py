@@ -22,8 +22,8 @@ from offload_engine.io.tiers import Tier  # noqa: E402
 from offload_engine.metrics import PeakHostMemory, git_commit, hardware, write_json_atomic  # noqa: E402
 from offload_engine.model_zoo import resolve_model  # noqa: E402
 from offload_engine.models import build_layers  # noqa: E402
-from policies.memory import Workload  # noqa: E402
-from policies.placement import Policy  # noqa: E402
+from offload_engine.policies.memory import Workload  # noqa: E402
+from offload_engine.policies.placement import Policy  # noqa: E402
 
 MiB = float(1 << 20)
 

@@ -20,8 +20,8 @@ from offload_engine.model_zoo import resolve_model
 from offload_engine.engine import Engine, EngineOptions
 from offload_engine.cli.run import synthetic_prompts
 from offload_engine.sampling import GenerationConfig
-from policies.memory import Workload
-from policies.placement import Policy
+from offload_engine.policies.memory import Workload
+from offload_engine.policies.placement import Policy
 
 
 def main() -> None:

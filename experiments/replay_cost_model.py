@@ -27,9 +27,9 @@ from offload_engine.cli import build_parser  # noqa: E402
 from offload_engine.cli.options import policy_from_args  # noqa: E402
 from offload_engine.metrics import write_json_atomic  # noqa: E402
 from offload_engine.model_zoo import resolve_model  # noqa: E402
-from policies.cost_model import estimate  # noqa: E402
-from policies.hardware import HardwareProfile  # noqa: E402
-from policies.memory import Workload  # noqa: E402
+from offload_engine.policies.cost_model import estimate  # noqa: E402
+from offload_engine.policies.hardware import HardwareProfile  # noqa: E402
+from offload_engine.policies.memory import Workload  # noqa: E402
 
 
 def measured_runs(path: Path) -> list[tuple[list[str], float]]:

@@ -25,9 +25,9 @@ from offload_engine.cli.run import synthetic_prompts  # noqa: E402
 from offload_engine.engine import Engine, EngineOptions  # noqa: E402
 from offload_engine.model_zoo import resolve_model  # noqa: E402
 from offload_engine.sampling import GenerationConfig  # noqa: E402
-from policies.memory import Workload  # noqa: E402
-from policies.kv_policy import H2OConfig, KVSettings  # noqa: E402
-from policies.placement import Policy  # noqa: E402
+from offload_engine.policies.memory import Workload  # noqa: E402
+from offload_engine.policies.kv_policy import H2OConfig, KVSettings  # noqa: E402
+from offload_engine.policies.placement import Policy  # noqa: E402
 
 
 def merged(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:

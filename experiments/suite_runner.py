@@ -129,7 +129,7 @@ def plan_gib(argv: list[str]) -> dict[str, float]:
     from offload_engine.cli.options import policy_from_args
     from offload_engine.model_zoo import resolve_model
     from offload_engine.models import build_layers
-    from policies.memory import GiB, Workload, plan_memory
+    from offload_engine.policies.memory import GiB, Workload, plan_memory
 
     args = build_parser().parse_args(argv[argv.index("run"):])
     policy, model = policy_from_args(args), resolve_model(args.model, dummy=True).config

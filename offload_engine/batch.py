@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.attention import padding_mask
+from offload_engine.kernels.attention import padding_mask
 
 from .models.base import BatchView
 

@@ -19,8 +19,8 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from policies.memory import MemoryPlan, Workload, plan_memory
-from policies.placement import Policy
+from offload_engine.policies.memory import MemoryPlan, Workload, plan_memory
+from offload_engine.policies.placement import Policy
 
 from .activations import ActivationStore
 from .batch import BatchState

@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 import torch
 
-from policies.hardware import HardwareProfile
+from offload_engine.policies.hardware import HardwareProfile
 
 from .step_probe import cpu_attention_call_overhead, eager_layer_overhead
 
@@ -145,7 +145,7 @@ def gemv_read_rate(device: torch.device, n: int, reps: int, rows: int = 16) -> f
 
 def gpu_attention_rate(device: torch.device, shape: tuple[int, int, int, int], reps: int) -> float:
     """K + V bytes/s of kernels.decode_attention over a full (T, B, H, D) fp16 cache (the captured step's kernel)."""
-    from kernels.decode_attention import decode_attention
+    from offload_engine.kernels.decode_attention import decode_attention
 
     t, b, h, d = shape
     k, v = (torch.randn(t, b, h, d, dtype=torch.float16, device=device) for _ in range(2))
@@ -157,7 +157,7 @@ def gpu_attention_rate(device: torch.device, shape: tuple[int, int, int, int], r
 def cpu_attention_rate(shape: tuple[int, int, int, int], reps: int) -> tuple[float, str]:
     """K + V bytes/s of kernels.cpu_attention over a head-major (B, H, T, D) fp16 cache with all
     cores, and the backend that ran ("cpp:<isa>" or "torch")."""
-    from kernels.cpu_attention import cpp_backend, cpu_decode_attention
+    from offload_engine.kernels.cpu_attention import cpp_backend, cpu_decode_attention
 
     b, h, t, d = shape
     k, v = (torch.randn(b, h, t, d, dtype=torch.float16) for _ in range(2))
@@ -170,9 +170,9 @@ def cpu_attention_rate(shape: tuple[int, int, int, int], reps: int) -> tuple[flo
 def cpu_packed_attention_rate(shape: tuple[int, int, int, int], reps: int) -> float:
     """fp16-equivalent K + V bytes/s (2 per cached element) of CPU decode attention over the same
     cache packed to 4 bits in groups of 64 (--compress-cache's default): dequantizing costs compute."""
-    from kernels.quant.attention import quant_decode_attention
-    from kernels.quant.pack import quantize
-    from kernels.quant.spec import QuantSpec
+    from offload_engine.kernels.quant.attention import quant_decode_attention
+    from offload_engine.kernels.quant.pack import quantize
+    from offload_engine.kernels.quant.spec import QuantSpec
 
     b, h, t, d = shape
     spec = QuantSpec(4, 64)
@@ -189,7 +189,7 @@ def contended_rates(device: torch.device, nbytes: int, shape: tuple[int, int, in
     there. Both read host memory, so each runs slower than alone (the cost model's host term)."""
     import threading
 
-    from kernels.cpu_attention import cpu_decode_attention
+    from offload_engine.kernels.cpu_attention import cpu_decode_attention
 
     b, h, t, d = shape
     k, v = (torch.randn(b, h, t, d, dtype=torch.float16) for _ in range(2))

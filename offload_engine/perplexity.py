@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from policies.kv_policy import KVSettings
-from policies.memory import Workload
-from policies.placement import Policy
+from offload_engine.policies.kv_policy import KVSettings
+from offload_engine.policies.memory import Workload
+from offload_engine.policies.placement import Policy
 
 from .config import ModelConfig
 from .errors import EngineError

@@ -17,8 +17,8 @@ def eager_layer_overhead(device: torch.device, offload_dir: Path, steps: int, re
     so a decode step is launches and bookkeeping. Median over `reps` generate calls (after one
     untimed) of decode time / decode steps, divided by the layers the schedule runs per step.
     `cpu_attention`: the cache in host memory, attended there (--cpu-cache-compute)."""
-    from policies.memory import Workload
-    from policies.placement import Policy
+    from offload_engine.policies.memory import Workload
+    from offload_engine.policies.placement import Policy
 
     from .config import ModelConfig
     from .engine import Engine, EngineOptions

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from policies.memory import Workload
-from policies.placement import Policy
+from offload_engine.policies.memory import Workload
+from offload_engine.policies.placement import Policy
 
 from .checkpoints.tokenizer import Tokenizer, load_tokenizer
 from .errors import EngineError

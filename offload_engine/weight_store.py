@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from policies.memory import MemoryPlan
+from offload_engine.policies.memory import MemoryPlan
 
 from .models.base import Layer
 from .models.ops import PackedWeight
@@ -56,7 +56,7 @@ class WeightStore:
         if row_start or tensor.shape[0] != home.shape[0]:
             home = home[row_start:row_start + tensor.shape[0]]
         if key in self.packed:
-            from kernels.quant.pack import quantize
+            from offload_engine.kernels.quant.pack import quantize
             home.copy_(quantize(tensor.to(self.device, torch.float32), self.quant_spec))
         else:
             # From the GPU to host memory, cast on the GPU first: a cross-device copy that also casts

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.attention import attention, attention_reference, padding_mask
+from offload_engine.kernels.attention import attention, attention_reference, padding_mask
 
 from conftest import rel_err
 

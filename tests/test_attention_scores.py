@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.attention import attention, attention_reference, padding_mask
-from kernels.attention_scores import (
+from offload_engine.kernels.attention import attention, attention_reference, padding_mask
+from offload_engine.kernels.attention_scores import (
     attention_with_column_sums,
     attention_with_column_sums_reference,
     attention_with_column_sums_torch,

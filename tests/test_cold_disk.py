@@ -12,8 +12,8 @@ from offload_engine.checkpoints.hf import from_hf_config
 from offload_engine.engine import Engine, EngineOptions
 from offload_engine.io import page_cache
 from offload_engine.sampling import GenerationConfig
-from policies.memory import Workload
-from policies.placement import Policy
+from offload_engine.policies.memory import Workload
+from offload_engine.policies.placement import Policy
 
 from conftest import random_prompts, rel_err, save_checkpoint, tiny_hf_opt
 

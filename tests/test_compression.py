@@ -11,9 +11,9 @@ from offload_engine.model_zoo import MODEL_CONFIGS
 from offload_engine.models import build_layers
 from offload_engine.sampling import GenerationConfig
 from offload_engine.io.tiers import Tier
-from policies import Compression, H2OConfig, KVSettings
-from policies.memory import Workload, plan_memory
-from policies.placement import Policy
+from offload_engine.policies import Compression, H2OConfig, KVSettings
+from offload_engine.policies.memory import Workload, plan_memory
+from offload_engine.policies.placement import Policy
 
 from conftest import random_prompts, rel_err, save_checkpoint, tiny_hf_llama, tiny_hf_opt, transformers
 from test_memory_plan import real_bytes
@@ -48,7 +48,7 @@ def agreement(a, b) -> float:
 def fake_quantized(model):
     """The Hugging Face model with every 2-D weight replaced by dequantize(quantize(w)): the
     independent reference for the engine with compressed weights."""
-    from kernels.quant.pack import dequantize_reference, quantize_reference
+    from offload_engine.kernels.quant.pack import dequantize_reference, quantize_reference
 
     spec = Q4.kernel_spec()
     with torch.no_grad():

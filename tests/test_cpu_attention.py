@@ -14,8 +14,8 @@ import platform
 import pytest
 import torch
 
-import kernels.cpu_attention as ca
-from kernels.cpu_attention import (cpp_backend, cpu_decode_attention, cpu_decode_attention_cpp,
+import offload_engine.kernels.cpu_attention as ca
+from offload_engine.kernels.cpu_attention import (cpp_backend, cpu_decode_attention, cpu_decode_attention_cpp,
                                    cpu_decode_attention_reference, cpu_decode_attention_torch)
 
 from conftest import rel_err
@@ -211,10 +211,10 @@ def test_other_isa_builds(isa, flags, tmp_path, monkeypatch):
             out = torch.full(q.shape, float("nan"))
             cpu_decode_attention_cpp(q, k, v, key_valid, out=out)
             assert rel_err(out, cpu_decode_attention_reference(q, k, v, key_valid)) < 1e-5, (case, dtype)
-    from kernels.cpu_attention import cpu_packed_decode_attention_cpp
-    from kernels.quant.attention import quant_decode_attention_reference
-    from kernels.quant.pack import quantize
-    from kernels.quant.spec import QuantSpec
+    from offload_engine.kernels.cpu_attention import cpu_packed_decode_attention_cpp
+    from offload_engine.kernels.quant.attention import quant_decode_attention_reference
+    from offload_engine.kernels.quant.pack import quantize
+    from offload_engine.kernels.quant.spec import QuantSpec
     for bits, gs, d in [(4, 64, 128), (4, 32, 40), (8, 32, 40)]:  # packed rows, whole and partial groups
         spec, g = QuantSpec(bits, gs), torch.Generator().manual_seed(bits + d)
         k, v = (quantize(torch.randn(3, 2, 24, d, generator=g), spec) for _ in range(2))  # (B, H, T, G, R)

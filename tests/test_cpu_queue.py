@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.cpu_attention as ca
-from kernels.cpu_attention import cpp_backend, cpu_decode_attention_reference
-from kernels.cpu_decode_job import decode_job, run_job
+import offload_engine.kernels.cpu_attention as ca
+from offload_engine.kernels.cpu_attention import cpp_backend, cpu_decode_attention_reference
+from offload_engine.kernels.cpu_decode_job import decode_job, run_job
 
 from conftest import rel_err
 

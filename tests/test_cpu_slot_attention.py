@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.cpu_attention import library
-from kernels.cpu_slot_attention import cpu_slot_attention, slot_attention_reference
+from offload_engine.kernels.cpu_attention import library
+from offload_engine.kernels.cpu_slot_attention import cpu_slot_attention, slot_attention_reference
 from offload_engine.kv.h2o import attend_slots
 
 pytestmark = pytest.mark.skipif(library() is None, reason="the C++ kernel does not build here")

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels.decode_attention as da
-from kernels.attention import attention_reference
-from kernels.decode_attention import (
+import offload_engine.kernels.decode_attention as da
+from offload_engine.kernels.attention import attention_reference
+from offload_engine.kernels.decode_attention import (
     decode_attention,
     decode_attention_reference,
     decode_attention_torch,
@@ -212,7 +212,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import kernels.decode_attention as da
+import offload_engine.kernels.decode_attention as da
 
 def build(fn, ptrs, ints, const, aligned, warps, stages):
     sig = dict(ptrs, **{n: "i32" for n in ints}, **{c: "constexpr" for c in const})

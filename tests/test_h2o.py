@@ -10,9 +10,9 @@ from offload_engine.engine import Engine, EngineOptions
 from offload_engine.errors import EngineError
 from offload_engine.model_zoo import MODEL_CONFIGS
 from offload_engine.sampling import GenerationConfig
-from policies import H2OConfig, KVSettings
-from policies.memory import Workload, plan_memory
-from policies.placement import Policy
+from offload_engine.policies import H2OConfig, KVSettings
+from offload_engine.policies.memory import Workload, plan_memory
+from offload_engine.policies.placement import Policy
 from offload_engine.io.tiers import Tier
 
 from conftest import random_prompts, rel_err, save_checkpoint, tiny_hf_llama, tiny_hf_opt

@@ -11,8 +11,8 @@ import types
 import pytest
 import torch
 
-from kernels.cpu_attention import cpp_backend
-from kernels.cpu_decode_job import h2o_job, run_job
+from offload_engine.kernels.cpu_attention import cpp_backend
+from offload_engine.kernels.cpu_decode_job import h2o_job, run_job
 from offload_engine.kv.codec import PlainCodec
 from offload_engine.kv.h2o import H2OAccess, H2OKV, SlotState
 

@@ -21,7 +21,7 @@ from offload_engine.config import ModelConfig
 from offload_engine.hardware_probe import GPU_ONLY, cached_fraction
 from offload_engine.step_probe import eager_layer_overhead
 from offload_engine.models import build_layers
-from policies.hardware import HardwareProfile
+from offload_engine.policies.hardware import HardwareProfile
 
 NO_GPU = not torch.cuda.is_available()
 RATE_UNITS = ("_GB_s", "_TFLOP_s", "_ms", "_us")  # raw measurements in `measured`, by their unit suffix

@@ -9,9 +9,9 @@ from offload_engine.checkpoints.hf import from_hf_config
 from offload_engine.engine import Engine, EngineOptions
 from offload_engine.kv.hip import merge_blocks
 from offload_engine.sampling import GenerationConfig
-from policies import HiPConfig, KVSettings
-from policies.memory import Workload
-from policies.placement import Policy
+from offload_engine.policies import HiPConfig, KVSettings
+from offload_engine.policies.memory import Workload
+from offload_engine.policies.placement import Policy
 
 from conftest import random_prompts, rel_err, save_checkpoint, tiny_hf_llama, tiny_hf_opt
 
@@ -118,7 +118,7 @@ def test_plan_counts_the_hot_cache_not_the_whole_cache():
     from offload_engine.model_zoo import MODEL_CONFIGS
     from offload_engine.models import build_layers
     from offload_engine.io.tiers import Tier
-    from policies.memory import plan_memory
+    from offload_engine.policies.memory import plan_memory
 
     cfg = MODEL_CONFIGS["llama-3.1-8b"]
     layers, work = build_layers(cfg), Workload(32768, 32)

@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import attention_reference
-from kernels.cpu_attention import cpp_backend
-from kernels.hip.attention import (block_sparse_attention, block_sparse_attention_cpu,
+from offload_engine.kernels.attention import attention_reference
+from offload_engine.kernels.cpu_attention import cpp_backend
+from offload_engine.kernels.hip.attention import (block_sparse_attention, block_sparse_attention_cpu,
                                    block_sparse_attention_reference, block_sparse_attention_torch,
                                    block_sparse_attention_triton)
-from kernels.hip.select import HipConfig, hip_select, hip_select_reference, hip_select_torch, hip_select_triton
+from offload_engine.kernels.hip.select import HipConfig, hip_select, hip_select_reference, hip_select_torch, hip_select_triton
 
 from conftest import rel_err
 
@@ -290,7 +290,7 @@ def test_bad_inputs_raise():
 
 def test_gather_rows_equals_advanced_indexing():
     """The index_select fast path (a strided head-major slice) and the fallback (token-major view)."""
-    from kernels.hip.gather import gather_rows
+    from offload_engine.kernels.hip.gather import gather_rows
 
     g = torch.Generator().manual_seed(9)
     head_major = torch.randn(3, 4, 40, 8, generator=g)[:, :, :25]

@@ -10,8 +10,8 @@ from offload_engine.engine import Engine, EngineOptions
 from offload_engine.model_zoo import MODEL_CONFIGS
 from offload_engine.models import build_layers
 from offload_engine.sampling import GenerationConfig
-from policies.memory import Workload
-from policies.placement import Policy
+from offload_engine.policies.memory import Workload
+from offload_engine.policies.placement import Policy
 
 from conftest import hf_positions, random_prompts, rel_err, save_checkpoint, tiny_hf_llama
 
@@ -89,7 +89,7 @@ def test_published_sizes(name):
 
 
 def test_kv_cache_holds_the_kv_heads_only():
-    from policies.memory import plan_memory
+    from offload_engine.policies.memory import plan_memory
 
     cfg = MODEL_CONFIGS["llama-3.1-8b"]
     plan = plan_memory(build_layers(cfg), Policy(gpu_batch_size=1), Workload(1024, 1024), torch.float16,

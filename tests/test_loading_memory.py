@@ -9,9 +9,9 @@ from offload_engine.engine import Engine, EngineOptions
 from offload_engine.io.tiers import Tier
 from offload_engine.metrics import PeakHostMemory
 from offload_engine.checkpoints.hf import from_hf_config
-from policies import Compression
-from policies.memory import Workload
-from policies.placement import Policy
+from offload_engine.policies import Compression
+from offload_engine.policies.memory import Workload
+from offload_engine.policies.placement import Policy
 
 from conftest import save_checkpoint, transformers
 
@@ -77,7 +77,7 @@ def test_dummy_weights_are_drawn_in_bounded_blocks_of_rows(monkeypatch, tmp_path
     """Dummy init draws at most DUMMY_CHUNK_ELEMENTS at a time (a whole fp32 embedding did not fit
     beside a nearly full GPU plan), the blocks tile each tensor, and a home written block by block,
     packed or not, holds what the whole tensor would give."""
-    from kernels.quant.pack import quantize
+    from offload_engine.kernels.quant.pack import quantize
     from offload_engine import weights
     from offload_engine.model_zoo import OPT_CONFIGS
 

@@ -8,8 +8,8 @@ from offload_engine.model_zoo import OPT_CONFIGS
 from offload_engine.engine import Engine, EngineOptions
 from offload_engine.models import build_layers
 from offload_engine.io.tiers import Tier
-from policies.memory import Workload, plan_memory
-from policies.placement import Policy, assign_tiers
+from offload_engine.policies.memory import Workload, plan_memory
+from offload_engine.policies.placement import Policy, assign_tiers
 
 TINY = OPT_CONFIGS["opt-125m"].__class__(name="tiny", family="opt", num_layers=4, hidden_size=64, num_heads=4,
                                          ffn_dim=256, vocab_size=500, max_positions=128)

@@ -20,8 +20,8 @@ from offload_engine.engine import Engine, EngineOptions
 from offload_engine.model_zoo import OPT_CONFIGS
 from offload_engine.sampling import GenerationConfig
 from offload_engine.io.tiers import reclaim_stale_folders
-from policies.memory import Workload
-from policies.placement import Policy
+from offload_engine.policies.memory import Workload
+from offload_engine.policies.placement import Policy
 
 from conftest import random_prompts, rel_err, save_checkpoint, transformers
 

@@ -20,9 +20,9 @@ from offload_engine.errors import EngineError
 from offload_engine.io.tiers import Tier
 from offload_engine.pipeline import PipelineJob, balanced_split, run_pipeline
 from offload_engine.sampling import GenerationConfig
-from policies import Compression, H2OConfig, HiPConfig, KVSettings
-from policies.memory import Workload, plan_memory
-from policies.placement import Policy
+from offload_engine.policies import Compression, H2OConfig, HiPConfig, KVSettings
+from offload_engine.policies.memory import Workload, plan_memory
+from offload_engine.policies.placement import Policy
 
 from conftest import random_prompts, rel_err, save_checkpoint, tiny_hf_llama, tiny_hf_opt
 
@@ -236,8 +236,8 @@ def test_cost_model_split_follows_streamed_bytes():
     (2 x h x 4h) twice the attention (4 x h x h), so the cost-model split puts the seams there."""
     from offload_engine.model_zoo import MODEL_CONFIGS
     from offload_engine.pipeline.split import stage_split
-    from policies.cost_model import layer_seconds
-    from policies.hardware import HardwareProfile
+    from offload_engine.policies.cost_model import layer_seconds
+    from offload_engine.policies.hardware import HardwareProfile
 
     hw = HardwareProfile(gpu_mem_bytes=16 << 30, cpu_mem_bytes=200 << 30, h2d_bytes_s=25e9, gpu_flops=700e12,
                          gpu_mem_bytes_s=3e12)

@@ -10,12 +10,12 @@ import torch
 from offload_engine.engine import Engine, EngineOptions
 from offload_engine.io.tiers import Tier
 from offload_engine.model_zoo import MODEL_CONFIGS
-from policies import Compression, H2OConfig, KVSettings
-from policies.cost_model import estimate
-from policies.hardware import HardwareProfile
-from policies.memory import Workload
-from policies.placement import Policy
-from policies.search import SearchSpace, command_line, search
+from offload_engine.policies import Compression, H2OConfig, KVSettings
+from offload_engine.policies.cost_model import estimate
+from offload_engine.policies.hardware import HardwareProfile
+from offload_engine.policies.memory import Workload
+from offload_engine.policies.placement import Policy
+from offload_engine.policies.search import SearchSpace, command_line, search
 
 GB = 1e9
 TINY = MODEL_CONFIGS["opt-125m"].__class__(name="tiny", family="opt", num_layers=4, hidden_size=64, num_heads=4,

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.quant.pack import (QuantSpec, dequantize, dequantize_reference, dequantize_triton, quantize,
+from offload_engine.kernels.quant.pack import (QuantSpec, dequantize, dequantize_reference, dequantize_triton, quantize,
                            quantize_reference, quantize_triton)
-from kernels.quant.attention import (quant_decode_attention, quant_decode_attention_reference,
+from offload_engine.kernels.quant.attention import (quant_decode_attention, quant_decode_attention_reference,
                                      quant_decode_attention_triton)
-from kernels.quant.linear import quant_linear, quant_linear_reference, quant_linear_triton
+from offload_engine.kernels.quant.linear import quant_linear, quant_linear_reference, quant_linear_triton
 
 from conftest import rel_err
 
@@ -293,7 +293,7 @@ def test_quant_decode_attention_fp16_default_splits(path):
 def test_quant_decode_attention_cpp(bits, gs, d, hq, hkv, layout, padded):
     """The C++ kernel over a packed cache (what the CPU path runs when no probabilities are asked
     for): float64 reference within fp32 rounding, never reading slots past `length` or under padding."""
-    from kernels.cpu_attention import cpu_packed_decode_attention_cpp, use_cpp
+    from offload_engine.kernels.cpu_attention import cpu_packed_decode_attention_cpp, use_cpp
     if not use_cpp():
         pytest.skip("the C++ CPU attention kernel does not build here")
     spec, b, t_max, length = QuantSpec(bits, gs), 3, 48, 41
@@ -320,7 +320,7 @@ def test_quant_decode_attention_cpp(bits, gs, d, hq, hkv, layout, padded):
 
 
 def test_quant_decode_attention_cpp_refuses_what_it_would_read_past():
-    from kernels.cpu_attention import cpu_packed_decode_attention_cpp, use_cpp
+    from offload_engine.kernels.cpu_attention import cpu_packed_decode_attention_cpp, use_cpp
     if not use_cpp():
         pytest.skip("the C++ CPU attention kernel does not build here")
     spec = QuantSpec(4, 64)

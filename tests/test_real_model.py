@@ -15,9 +15,9 @@ from offload_engine.engine import Engine, EngineOptions
 from offload_engine.perplexity import perplexity, text_windows
 from offload_engine.sampling import GenerationConfig
 from offload_engine.text import resolve_with_tokenizer
-from policies import Compression, H2OConfig, HiPConfig, KVSettings
-from policies.memory import Workload
-from policies.placement import Policy
+from offload_engine.policies import Compression, H2OConfig, HiPConfig, KVSettings
+from offload_engine.policies.memory import Workload
+from offload_engine.policies.placement import Policy
 
 from conftest import rel_err, require_smollm2, transformers
 

@@ -8,10 +8,10 @@ import pytest
 from experiments import replay_cost_model as replay
 from offload_engine.cli import main
 from offload_engine.model_zoo import MODEL_CONFIGS
-from policies.cost_model import estimate
-from policies.hardware import HardwareProfile
-from policies.memory import Workload
-from policies.placement import Policy
+from offload_engine.policies.cost_model import estimate
+from offload_engine.policies.hardware import HardwareProfile
+from offload_engine.policies.memory import Workload
+from offload_engine.policies.placement import Policy
 
 HW = HardwareProfile(name="cpu, 2 cores", cpu_mem_bytes=8 << 30, disk_free_bytes=8 << 30, measured={"device": "cpu"})
 
@@ -41,7 +41,7 @@ def test_the_searched_command_is_what_search_vs_flexgen_runs():
     from experiments.search_vs_flexgen import searched_flags
     from offload_engine.cli import build_parser
     from offload_engine.cli.options import policy_from_args
-    from policies.search import SearchSpace, command_line, search
+    from offload_engine.policies.search import SearchSpace, command_line, search
 
     model, work = MODEL_CONFIGS["opt-1.3b"], Workload(64, 8)
     hw = HardwareProfile(name="h100-like", gpu_mem_bytes=2 << 30, cpu_mem_bytes=16 << 30, disk_free_bytes=16 << 30)

@@ -7,8 +7,8 @@ import torch
 from offload_engine.model_zoo import OPT_CONFIGS
 from offload_engine.engine import Engine, EngineOptions
 from offload_engine.sampling import GenerationConfig, sample
-from policies.memory import Workload
-from policies.placement import Policy
+from offload_engine.policies.memory import Workload
+from offload_engine.policies.placement import Policy
 
 
 def random_logits(rows: int, vocab: int = 12, seed: int = 0) -> torch.Tensor:

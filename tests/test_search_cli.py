@@ -12,9 +12,9 @@ from offload_engine.engine import Engine, EngineOptions
 from offload_engine.hardware_probe import profile_machine, sizes_for
 from offload_engine.model_zoo import MODEL_CONFIGS
 from offload_engine.sampling import GenerationConfig
-from policies.memory import Workload
-from policies.placement import Policy
-from policies.search import SearchSpace, search
+from offload_engine.policies.memory import Workload
+from offload_engine.policies.placement import Policy
+from offload_engine.policies.search import SearchSpace, search
 
 from conftest import random_prompts
 

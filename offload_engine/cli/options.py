@@ -7,7 +7,7 @@ import math
 import re
 from pathlib import Path
 
-from policies.placement import Policy
+from offload_engine.policies.placement import Policy
 
 from ..errors import EngineError
 from ..model_zoo import MODEL_CONFIGS
@@ -155,7 +155,7 @@ def add_kv_policy_args(parser: argparse.ArgumentParser) -> None:
 
 
 def kv_settings_from_args(args: argparse.Namespace):
-    from policies import H2OConfig, HiPConfig, KVSettings
+    from offload_engine.policies import H2OConfig, HiPConfig, KVSettings
 
     h2o = hip = None
     if args.kv_policy in ("h2o", "sink"):
@@ -209,7 +209,7 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
     if len(args.percent) != 6:
         raise EngineError(f"--percent takes 6 numbers, got {len(args.percent)}.",
                           "Give weights, KV cache, activations on GPU and CPU, e.g. --percent 100 0 100 0 100 0.")
-    from policies import Compression
+    from offload_engine.policies import Compression
 
     quant = Compression(args.quant_bits, args.quant_group_size)
     return Policy.from_percent(

@@ -61,7 +61,7 @@ def read_windows(args, tokenizer):
 
 def sweep_settings(args, base):
     """One KVSettings per budget of the sweep."""
-    from policies import HiPConfig
+    from offload_engine.policies import HiPConfig
 
     out = []
     for budget in args.sweep:
@@ -79,7 +79,7 @@ def sweep_settings(args, base):
 
 
 def execute(args: argparse.Namespace) -> dict:
-    from policies import KVSettings
+    from offload_engine.policies import KVSettings
 
     from ..perplexity import perplexity
     from ..text import resolve_with_tokenizer

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from policies.memory import GiB, Workload
-from policies.placement import Policy
+from offload_engine.policies.memory import GiB, Workload
+from offload_engine.policies.placement import Policy
 
 from ..config import ModelConfig
 from ..errors import EngineError
@@ -98,7 +98,7 @@ def execute(args: argparse.Namespace) -> dict:
     if args.policy == "auto":
         policy, predicted = _searched(args, model, work, policy)
     elif args.hardware is not None:
-        from policies.cost_model import estimate
+        from offload_engine.policies.cost_model import estimate
         from .search import hardware_for
         predicted = estimate(model, policy, work, hardware_for(_search_args(args)))
     if args.json is not None:

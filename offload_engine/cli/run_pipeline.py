@@ -8,8 +8,8 @@ import argparse
 import sys
 from dataclasses import asdict, replace
 
-from policies.memory import GiB, Workload
-from policies.placement import Policy
+from offload_engine.policies.memory import GiB, Workload
+from offload_engine.policies.placement import Policy
 
 from ..errors import EngineError
 from ..metrics import RunMetrics, check_output_file, git_commit, hardware, report, write_json_atomic

@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from policies.memory import GiB, Workload
+from offload_engine.policies.memory import GiB, Workload
 
 from ..errors import EngineError
 from ..io.tiers import Tier
@@ -72,7 +72,7 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
 
 def hardware_for(args: argparse.Namespace):
     """The profile (loaded or measured now), with the --gpu-mem / --cpu-mem caps applied."""
-    from policies.hardware import HardwareProfile
+    from offload_engine.policies.hardware import HardwareProfile
 
     if args.hardware is not None:
         hw = HardwareProfile.load(args.hardware)
@@ -95,8 +95,8 @@ def hardware_for(args: argparse.Namespace):
 
 
 def run_search(args: argparse.Namespace, model, work: Workload, top: int):
-    from policies import Compression
-    from policies.search import SearchSpace, search
+    from offload_engine.policies import Compression
+    from offload_engine.policies.search import SearchSpace, search
 
     batches = tuple(b for b in SearchSpace().gpu_batch_sizes if b <= args.max_batch)
     space = SearchSpace(gpu_batch_sizes=batches, compression=tuple(args.compress), kv=(kv_settings_from_args(args),),
@@ -122,7 +122,7 @@ def best_policy(args: argparse.Namespace, model, work: Workload):
 
 
 def execute(args: argparse.Namespace) -> dict:
-    from policies.search import command_line
+    from offload_engine.policies.search import command_line
 
     if args.json is not None:
         check_output_file(args.json)

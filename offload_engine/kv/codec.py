@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.attention import attention
+from offload_engine.kernels.attention import attention
 
 
 def token_major_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
@@ -59,20 +59,20 @@ class PackedCodec:
         return (self.spec.num_groups(self.head_dim), self.spec.record_bytes)
 
     def encode(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        from kernels.quant.pack import quantize
+        from offload_engine.kernels.quant.pack import quantize
         quantize(x, self.spec, out=out)
 
     def encoded(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels.quant.pack import quantize
+        from offload_engine.kernels.quant.pack import quantize
         return quantize(x, self.spec)
 
     def decode(self, stored: torch.Tensor) -> torch.Tensor:
-        from kernels.quant.pack import dequantize
+        from offload_engine.kernels.quant.pack import dequantize
         return dequantize(stored, self.spec, self.head_dim, self.compute_dtype)
 
     def attend(self, q, k, v, length, mask, key_valid: torch.Tensor | None = None):
         """Decode only (one query per sequence): `key_valid` (B, length) masks left padding."""
-        from kernels.quant.attention import quant_decode_attention
+        from offload_engine.kernels.quant.attention import quant_decode_attention
         assert q.shape[1] == 1, "packed caches are attended in decode steps only"
         out = quant_decode_attention(q[:, 0], k, v, self.spec, self.head_dim, length, key_valid)
         return out[:, None]

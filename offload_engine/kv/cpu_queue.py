@@ -23,8 +23,8 @@ from collections import deque
 
 import torch
 
-from kernels.cpu_attention import BACKEND_ENV, use_cpp
-from kernels.cpu_decode_job import decode_job, decode_job_function, h2o_job, h2o_job_function
+from offload_engine.kernels.cpu_attention import BACKEND_ENV, use_cpp
+from offload_engine.kernels.cpu_decode_job import decode_job, decode_job_function, h2o_job, h2o_job_function
 
 from ..io.tiers import device_view
 

@@ -7,8 +7,8 @@ import torch
 from ..batch import BatchState
 from ..io.host_return import HostReturn
 from ..profiler import Profiler
-from kernels.decode_attention import decode_attention
-from kernels.cpu_attention import cpu_decode_attention
+from offload_engine.kernels.decode_attention import decode_attention
+from offload_engine.kernels.cpu_attention import cpu_decode_attention
 
 from .codec import token_major_attention
 from .cpu_queue import QueuesCpuAttention

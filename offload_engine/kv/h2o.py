@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention_scores import attention_with_column_sums
-from kernels.cpu_attention import use_cpp
-from kernels.cpu_slot_attention import cpu_slot_attention
+from offload_engine.kernels.attention_scores import attention_with_column_sums
+from offload_engine.kernels.cpu_attention import use_cpp
+from offload_engine.kernels.cpu_slot_attention import cpu_slot_attention
 
 from ..batch import BatchState
 from ..io.host_return import HostReturn

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention import attention
-from kernels.hip.attention import block_sparse_attention
-from kernels.hip.exact import exact_select
-from kernels.hip.select import hip_select
+from offload_engine.kernels.attention import attention
+from offload_engine.kernels.hip.attention import block_sparse_attention
+from offload_engine.kernels.hip.exact import exact_select
+from offload_engine.kernels.hip.select import hip_select
 
 from ..batch import BatchState
 from ..errors import EngineError

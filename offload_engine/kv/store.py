@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from policies.memory import MemoryPlan
+from offload_engine.policies.memory import MemoryPlan
 
 from ..batch import BatchState
 from ..models.base import Layer

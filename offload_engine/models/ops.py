@@ -26,7 +26,7 @@ class PackedWeight:
     dtype: torch.dtype  # the compute dtype it stands for
 
     def dequantize(self) -> torch.Tensor:
-        from kernels.quant.pack import dequantize
+        from offload_engine.kernels.quant.pack import dequantize
         return dequantize(self.packed, self.spec, self.shape[-1], self.dtype)
 
 
@@ -40,7 +40,7 @@ def linear_specs(name: str, key: str, out_dim: int, in_dim: int, bias: bool = Tr
 def linear(x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
     weight, bias = w[f"{name}.weight"], w.get(f"{name}.bias")
     if isinstance(weight, PackedWeight):
-        from kernels.quant.linear import quant_linear
+        from offload_engine.kernels.quant.linear import quant_linear
         return quant_linear(x, weight.packed, weight.spec, weight.shape[1], bias)
     return F.linear(x, weight, bias)
 
@@ -59,7 +59,7 @@ def linear_relu(x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
 
 def embedding(ids: torch.Tensor, weight) -> torch.Tensor:
     if isinstance(weight, PackedWeight):  # dequantize only the rows looked up
-        from kernels.quant.pack import dequantize
+        from offload_engine.kernels.quant.pack import dequantize
         return dequantize(weight.packed[ids], weight.spec, weight.shape[1], weight.dtype)
     return F.embedding(ids, weight)
 

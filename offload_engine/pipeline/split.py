@@ -69,7 +69,7 @@ def stage_split(model, policy, work, stages: int, hardware=None) -> tuple[list[r
     from ..models import build_layers
 
     if hardware is not None:
-        from policies.cost_model import layer_seconds
+        from offload_engine.policies.cost_model import layer_seconds
         costs, unit = layer_seconds(model, policy, work, hardware), "cost model (seconds per decode step)"
     else:
         costs, unit = layer_parameters(build_layers(model, policy.sep_layer)), "parameters"

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from policies.memory import GiB, Workload
-from policies.placement import Policy
+from offload_engine.policies.memory import GiB, Workload
+from offload_engine.policies.placement import Policy
 
 from ..config import ModelConfig
 from ..engine import Engine, EngineOptions, StageSlice

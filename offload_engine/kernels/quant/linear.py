@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.quant.pack import QuantSpec, check_packed, dequantize, dequantize_reference, half_view, load_f16
+from offload_engine.kernels.quant.pack import QuantSpec, check_packed, dequantize, dequantize_reference, half_view, load_f16
 
 # Up to this many rows the fused kernel runs. Per packed weight byte (4-bit, group 64: 0.5625 B
 # per weight) a GEMM does 2*M/0.5625 FLOP, ~114 at M = 32, still under the H100's ~300 FLOP/B

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.quant.pack import QuantSpec, dequantize_torch, check_packed, dequantize_reference, half_view, load_f16
+from offload_engine.kernels.quant.pack import QuantSpec, dequantize_torch, check_packed, dequantize_reference, half_view, load_f16
 
 NEG_BIG = -1.0e30        # running-max start: finite, so a fully masked tile gives exp(-inf) = 0, not NaN
 
@@ -258,7 +258,7 @@ def quant_decode_attention(q, k_packed, v_packed, spec: QuantSpec, head_dim: int
     if key_valid is not None and not bool(key_valid.any(-1).all()):
         raise ValueError("key_valid leaves a row without any valid key; every sequence needs at least one.")
     if not return_probs and block_tokens is None and _records_contiguous(k_packed, v_packed):
-        from kernels.cpu_attention import cpu_packed_decode_attention_cpp, use_cpp
+        from offload_engine.kernels.cpu_attention import cpu_packed_decode_attention_cpp, use_cpp
         if use_cpp():  # one pass, dequantizing a row at a time in L1 (the PyTorch path writes fp32 blocks)
             heads_first = (1, 2, 0, 3, 4)
             return cpu_packed_decode_attention_cpp(q, k_packed[:length].permute(heads_first),

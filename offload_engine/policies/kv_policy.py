@@ -36,7 +36,7 @@ class Compression:
         return lead * math.ceil(numel_last / self.group_size) * self.record_bytes()
 
     def kernel_spec(self):
-        from kernels.quant.pack import QuantSpec
+        from offload_engine.kernels.quant.pack import QuantSpec
         return QuantSpec(bits=self.bits, group_size=self.group_size)
 
 
@@ -133,7 +133,7 @@ class HiPConfig:
         return batch * kv_heads * per_head
 
     def kernel_config(self):
-        from kernels.hip.select import HipConfig
+        from offload_engine.kernels.hip.select import HipConfig
         return HipConfig(k=self.k, block_size_q=self.block_size_q, block_size_k=self.block_size_k,
                          sink=self.sink, window=self.window)
 

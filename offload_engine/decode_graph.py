@@ -57,22 +57,31 @@ class DecodeGraph:
             buf.copy_(x)
         if self.eager:
             out = self.scheduler.step(self.inputs, self.states, advance=False)
+        elif self.graph is None:
+            out = self._capture()
         else:
-            if self.graph is None:
-                self._capture()
             self.graph.replay()
             out = self.outputs
         for st in self.states:
             st.advance(1)
         return out
 
-    def _capture(self) -> None:
-        # Library handles and workspaces are created on a side stream first, as capture requires.
+    def _capture(self) -> list[torch.Tensor]:
+        """Run this step once for real, then record it; returns the real run's logits.
+
+        The real run doubles as capture's warm-up (library handles and workspaces are created on a
+        side stream first, as capture requires). Recording executes nothing, so the step takes
+        effect exactly once: replaying the graph now would apply it a second time, which a
+        cache that writes into its first free slot (H2O, the sink baseline) would see as the new
+        token written twice."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.scheduler.step(self.inputs, self.states, advance=False)
+            out = self.scheduler.step(self.inputs, self.states, advance=False)
         torch.cuda.current_stream().wait_stream(side)
+        for o in out:
+            o.record_stream(torch.cuda.current_stream())  # made on the side stream, read on this one
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.outputs = self.scheduler.step(self.inputs, self.states, advance=False)
+        return out

@@ -9,9 +9,9 @@ import torch
 from offload_engine.checkpoints.hf import from_hf_config
 from offload_engine.engine import Engine, EngineOptions
 from offload_engine.sampling import GenerationConfig
-from policies import H2OConfig, KVSettings
-from policies.memory import Workload
-from policies.placement import Policy
+from offload_engine.policies import H2OConfig, HiPConfig, KVSettings
+from offload_engine.policies.memory import Workload
+from offload_engine.policies.placement import Policy
 
 from conftest import random_prompts, rel_err, save_checkpoint, tiny_hf_llama, tiny_hf_opt
 from test_llama_vs_hf import reference as llama_reference
@@ -83,3 +83,64 @@ def test_no_capture_without_a_gpu(models, tmp_path):
     opts = EngineOptions(checkpoint=folder, offload_dir=tmp_path, progress=False)
     with Engine(from_hf_config(folder), Policy(gpu_batch_size=2), Workload(PROMPT, GEN), opts) as e:
         assert e.graph_refusal is None and e.decode_graph is None  # applies, but there is nothing to capture
+
+
+# --- every KV policy at full budget equals full attention, captured -------------------------------
+
+FULL_PROMPT, FULL_GEN = 20, 17  # 16 decode steps after the prefill
+FULL_BUDGET = {
+    "full": KVSettings(),
+    "h2o": KVSettings("h2o", H2OConfig(hh_size=FULL_PROMPT + FULL_GEN, recent_size=FULL_PROMPT + FULL_GEN)),
+    "sink": KVSettings("sink", H2OConfig(hh_size=FULL_PROMPT + FULL_GEN, recent_size=FULL_PROMPT + FULL_GEN)),
+    "hip": KVSettings("hip", HiPConfig(k=64, block_size_q=4, block_size_k=2, sink=0, window=0)),
+}
+
+
+def gqa_llama(heads: int, kv_heads: int, seed: int):
+    """A random Llama with llama3 rope scaling and an untied head, `heads` query heads of width 8."""
+    import transformers
+    cfg = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=8 * heads, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, rope_theta=1000.0, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16})
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0, 0.2) if "norm" in name else p.normal_(0.0, 0.25)
+    return model
+
+
+@pytest.fixture(scope="module")
+def attention_layouts(tmp_path_factory):
+    return {name: save_checkpoint(gqa_llama(heads, kv, seed), tmp_path_factory.mktemp(name), "safetensors")
+            for name, heads, kv, seed in (("mha", 4, 4, 30), ("gqa", 6, 2, 31))}
+
+
+@pytest.mark.parametrize("layout", ["mha", "gqa"])
+@pytest.mark.parametrize("kv", ["h2o", "sink", "hip"])
+def test_every_kv_policy_at_full_budget_equals_full_attention_captured(attention_layouts, tmp_path, layout, kv):
+    """Left padding of 13, 6 and 0 tokens, 16 decode steps, captured where the policy allows it
+    (the first captured step runs once: a replay on top of capture's warm-up run would write the
+    new token into a second free slot)."""
+    folder = attention_layouts[layout]
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 96, (3, FULL_PROMPT), generator=g)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate((13, 6, 0)):
+        mask[row, :pad] = 0
+    ids[mask == 0] = 1
+
+    def tokens(settings: KVSettings) -> torch.Tensor:
+        policy = Policy(gpu_batch_size=3, kv=settings)
+        opts = EngineOptions(checkpoint=folder, offload_dir=tmp_path, progress=False, dtype=torch.float32,
+                             eager_static_decode=not ON_GPU)
+        with Engine(from_hf_config(folder), policy, Workload(FULL_PROMPT, FULL_GEN), opts) as e:
+            assert (e.decode_graph is not None) == settings.capturable
+            runs = [e.generate(ids, mask, GenerationConfig(max_new_tokens=FULL_GEN)).tokens for _ in range(2)]
+        assert torch.equal(runs[0], runs[1])  # the second generation replays the first one's graph
+        return runs[0]
+
+    assert torch.equal(tokens(FULL_BUDGET[kv]), tokens(FULL_BUDGET["full"]))

@@ -197,6 +197,8 @@ class HiPAccess:
             p.selections[self.item] = Selection(block_idx, t)
             return block_idx
         bk = cfg.block_size_k
-        first = max(t - cfg.window + 1, 0) // bk
+        # Every token cached since the selection is attended, not only the window's: with a
+        # window shorter than the refresh period the tokens in between would be in neither.
+        first = max(min(t - cfg.window + 1, previous.length), 0) // bk
         window = torch.arange(first, t // bk + 1, dtype=torch.int32, device=qh.device)
         return merge_blocks(previous.block_idx, window)

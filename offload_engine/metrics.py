@@ -103,7 +103,7 @@ def report(m: RunMetrics, sizes: dict[str, float], peaks: dict[str, float]) -> s
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write all or nothing: an interrupted run never leaves a half-written file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = user_temp_file(path)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, default=str)
@@ -113,11 +113,24 @@ def write_json_atomic(path: Path, data: dict) -> None:
         raise
 
 
+def user_temp_file(path: Path) -> tuple[int, str]:
+    """(descriptor, name) of a new temporary file beside `path` to be renamed over it. Unlike
+    mkstemp's 0600, it gets the permissions the umask gives any file the user creates (0644
+    under umask 022), which the rename keeps."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(8).hex()}.tmp"  # O_EXCL: never another's
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), str(tmp)
+
+
 def check_output_file(path: Path, flag: str = "--json", what: str = "results") -> None:
     """Refuse an output path that cannot be written, before a long run rather than after it."""
     from .errors import EngineError
+    from .io.folders import file_in_the_way
 
     path = Path(path)
+    blocker = file_in_the_way(path.parent)
+    if blocker is not None:
+        raise EngineError(f"cannot write {what} to {path}: {blocker} is a file, not a folder.",
+                          f"Pass {flag} a file in a folder.")
     if not path.parent.is_dir():
         raise EngineError(f"cannot write {what} to {path}: the folder {path.parent} does not exist.",
                           f"Create it first, or pass {flag} a file in an existing folder.")
@@ -144,6 +157,7 @@ class PeakHostMemory:
         import threading
 
         self.interval_s = interval_s
+        self.samples = 0  # taken by the thread so far
         self.start_bytes = self.peak_bytes = self._read()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -162,6 +176,7 @@ class PeakHostMemory:
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.peak_bytes = max(self.peak_bytes, self._read())
+            self.samples += 1
 
     def __enter__(self) -> "PeakHostMemory":
         self.start_bytes = self.peak_bytes = self._read()

@@ -251,6 +251,16 @@ _CASES += [
          Ours(_KV_ON_CPU, 1, cpu_cache_compute=True, est_s=150), None,
          note="16.8 GiB of KV cache read by CPU attention every step"),
     Case("llama3.1-8b-128k-hip", "llama-3.1-8b", 128000, 32, None, Ours(_KV_ON_CPU, 1, **HIP, est_s=150), None),
+    # Long context at batch (ShadowKV's protocol): full attention with its cache on the GPU at the
+    # largest batch that fits, against HiP with a 4-bit cache in host memory at the largest batch
+    # the host and the GPU's block-start keys allow; and a million tokens on one GPU.
+    Case("llama3.1-8b-128k-full-gpu-bmax", "llama-3.1-8b", 128000, 32, None,
+         Ours(ALL_GPU, 4, batch_candidates=((3, 1), (2, 1), (1, 1)), est_s=240), None),
+    Case("llama3.1-8b-128k-hip4-bmax", "llama-3.1-8b", 128000, 32, None,
+         Ours(_KV_ON_CPU, 12, compress_cache=True, batch_candidates=((10, 1), (8, 1), (6, 1), (4, 1)), **HIP,
+              est_s=400), None),
+    Case("llama3.1-8b-1m-hip4", "llama-3.1-8b", 1_000_000, 16, None,
+         Ours(_KV_ON_CPU, 1, compress_cache=True, extra=("--max-positions", "1048576"), **HIP, est_s=500), None),
     # OPT-30B at its 2,048-token limit under the 16 GiB cap: FlexGen's OPT-30B placement, the cache
     # (2.7 GiB a sequence) attended on the CPU, fully or through HiP's top-k blocks.
     Case("opt30b-2048-full", "opt-30b", 1984, 64, 16,

@@ -5,6 +5,8 @@ States live as long as the engine (their tensors are the inputs a captured decod
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from offload_engine.kernels.attention import padding_mask
@@ -37,6 +39,25 @@ class BatchState:
         torch.sub(s, self._prompt_valid, out=self.key_start_t)  # padding is on the left, contiguous
         self._masks.clear()
         return self
+
+    @property
+    def prompt_len(self) -> int:
+        """Tokens of the (left-padded) prompt: steps below it are prefill chunks."""
+        return self._prompt_len
+
+    @property
+    def in_prefill(self) -> bool:
+        """Whether the tokens being added now belong to the prompt (a prefill chunk)."""
+        return self.length < self._prompt_len
+
+    @contextmanager
+    def at(self, start: int):
+        """The state as one chunk of a chunked prefill sees it: `start` prompt tokens cached."""
+        saved, self.length = self.length, start
+        try:
+            yield self
+        finally:
+            self.length = saved
 
     def view(self, num_new: int, prefill: bool) -> BatchView:
         if self.static:

@@ -8,11 +8,34 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, replace
 
 from .errors import EngineError
 
 FAMILIES = ("opt", "llama")
+# Sizes and layer counts beyond 32-bit indexing are no real model's: a typo or a corrupt file.
+MAX_SIZE = 2**31 - 1
+SIZE_FIELDS = ("num_layers", "hidden_size", "num_heads", "ffn_dim", "vocab_size", "max_positions")
+OPTIONAL_SIZE_FIELDS = ("num_kv_heads", "head_dim_override", "word_embed_dim")
+TOKEN_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+REAL_FIELDS = ("layer_norm_eps", "rms_norm_eps", "rope_theta")
+
+
+def is_whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_size(value, field: str, where: str, fix: str, low: int = 1) -> None:
+    """A count or dimension: a whole number from `low` to MAX_SIZE, or one line naming the field."""
+    if not is_whole(value) or not low <= value <= MAX_SIZE:
+        raise EngineError(f"{where}: {field} must be a whole number from {low} to {MAX_SIZE}, got {value!r}.", fix)
+
+
+def check_real(value, field: str, where: str, fix: str) -> None:
+    """A finite, non-negative number (norm epsilons, the rotary base)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise EngineError(f"{where}: {field} must be a finite non-negative number, got {value!r}.", fix)
 
 
 @dataclass(frozen=True)
@@ -67,6 +90,14 @@ class ModelConfig:
     bos_token_id: int = 2
     eos_token_id: int = 2
 
+    def with_max_positions(self, positions: int) -> "ModelConfig":
+        """For experiments with random weights: the position limit raised to `positions`, and a
+        llama3 or linear rope scaling stretched by the same factor (no claim about quality)."""
+        scaling = self.rope_scaling
+        if scaling is not None:
+            scaling = replace(scaling, factor=scaling.factor * positions / self.max_positions)
+        return replace(self, max_positions=positions, rope_scaling=scaling)
+
     @property
     def head_dim(self) -> int:
         return self.head_dim_override or self.hidden_size // self.num_heads
@@ -84,9 +115,16 @@ class ModelConfig:
         if self.family not in FAMILIES:
             raise EngineError(f"model {self.name}: family '{self.family}' is not supported.",
                               f"Supported: {', '.join(FAMILIES)}.")
-        for field in ("num_layers", "hidden_size", "num_heads", "ffn_dim", "vocab_size", "max_positions"):
-            if getattr(self, field) < 1:
-                raise EngineError(f"model {self.name}: {field} must be at least 1.", fix)
+        where = f"model {self.name}"
+        for field in SIZE_FIELDS:
+            check_size(getattr(self, field), field, where, fix)
+        for field in OPTIONAL_SIZE_FIELDS:
+            if getattr(self, field) is not None:
+                check_size(getattr(self, field), field, where, fix)
+        for field in TOKEN_FIELDS:
+            check_size(getattr(self, field), field, where, fix, low=0)
+        for field in REAL_FIELDS:
+            check_real(getattr(self, field), field, where, fix)
         if self.head_dim_override is None and self.hidden_size % self.num_heads:
             raise EngineError(f"model {self.name}: hidden size {self.hidden_size} is not divisible by "
                               f"{self.num_heads} heads.", fix)

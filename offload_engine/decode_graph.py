@@ -4,7 +4,8 @@ once in a CUDA graph and replayed.
 A decode step of a GPU-resident model is bound by Python and kernel launches (about 20 a
 layer), not by the bytes it reads. It can be captured when nothing in it moves between tiers
 and every shape is fixed: weights, KV cache and hidden states on the GPU, and an uncompressed
-cache, full or with H2O's real eviction (a fixed number of slots). The attention then reads the
+cache, full or with H2O's real eviction (a fixed number of slots); or HiP, also with its cache
+(16- or 4-bit) in pinned host memory, which its hot cache reads in place (kv/hip_static.py). The attention then reads the
 cache index, the length and where each row's padding ends from device tensors (BatchState's
 static copies) instead of slicing by the host's length, so one graph serves every step and every
 later generation with the same batch shape.
@@ -30,23 +31,30 @@ def graphs_apply(policy, plan, device: torch.device, profiling: bool) -> str | N
         return "--profile times each stream with events"
     if any(t != Tier.GPU for t in plan.weight_tiers.values()):
         return "weights are streamed"
-    if any(t != Tier.GPU for t in plan.kv_tiers.values()) or any(t != Tier.GPU for t in plan.act_tiers):
+    kv_tiers = set(plan.kv_tiers.values())
+    # HiP reads a cache in pinned host memory through its hot cache, written and fetched in place.
+    hip_home = policy.kv.policy == "hip" and kv_tiers <= {Tier.GPU, Tier.CPU} and not policy.cpu_cache_compute
+    if (kv_tiers - {Tier.GPU} and not hip_home) or any(t != Tier.GPU for t in plan.act_tiers):
         return "the KV cache or hidden states leave the GPU"
-    if policy.compress_cache is not None:
+    if policy.compress_cache is not None and policy.kv.policy != "hip":
         return "a compressed cache is decoded per step"
+    if policy.kv.policy == "hip" and policy.kv.hip.dense_layers and Tier.CPU in kv_tiers:
+        return "HiP's dense layers read the whole cache from host memory"
     if not policy.kv.capturable:
         if policy.kv.evicts:
             return "H2O's masked simulation attends a growing prefix"
-        return f"the {policy.kv.policy} KV policy changes its selection per step"
+        return "HiP's exact top-k scores every key each step"
     return None
 
 
 class DecodeGraph:
+    """One graph per phase of the step: a KV policy whose steps differ (HiP refreshes its selection
+    every few steps) names the phase of the step about to run (`begin_static_step`)."""
+
     def __init__(self, scheduler: Scheduler, states: list[BatchState], device: torch.device, eager: bool = False):
         self.scheduler, self.states, self.eager = scheduler, states, eager or device.type != "cuda"
         self.inputs = [torch.zeros(st.key_valid.shape[0], 1, dtype=torch.int64, device=device) for st in states]
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.outputs: list[torch.Tensor] = []
+        self.graphs: dict[object, tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]] = {}
 
     def step(self, ids: list[torch.Tensor]) -> list[torch.Tensor]:
         """One decode step on the new tokens `ids` (B, 1) per GPU batch; returns logits per batch."""
@@ -55,18 +63,21 @@ class DecodeGraph:
             st.load_static()
         for buf, x in zip(self.inputs, ids):
             buf.copy_(x)
+        self.scheduler.kv.order_after_stores()  # the prefill's write-backs land before homes are read in place
+        begin = getattr(self.scheduler.kv.policy, "begin_static_step", None)
+        phase = begin(self.states[0]) if begin is not None else None
         if self.eager:
             out = self.scheduler.step(self.inputs, self.states, advance=False)
-        elif self.graph is None:
-            out = self._capture()
+        elif phase not in self.graphs:
+            out = self._capture(phase)
         else:
-            self.graph.replay()
-            out = self.outputs
+            graph, out = self.graphs[phase]
+            graph.replay()
         for st in self.states:
             st.advance(1)
         return out
 
-    def _capture(self) -> list[torch.Tensor]:
+    def _capture(self, phase) -> list[torch.Tensor]:
         """Run this step once for real, then record it; returns the real run's logits.
 
         The real run doubles as capture's warm-up (library handles and workspaces are created on a
@@ -81,7 +92,8 @@ class DecodeGraph:
         torch.cuda.current_stream().wait_stream(side)
         for o in out:
             o.record_stream(torch.cuda.current_stream())  # made on the side stream, read on this one
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = self.scheduler.step(self.inputs, self.states, advance=False)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.scheduler.step(self.inputs, self.states, advance=False)
+        self.graphs[phase] = (graph, outputs)
         return out

@@ -8,7 +8,6 @@ block, or garbage collection, or interpreter exit: a finalizer runs `close()` th
 """
 from __future__ import annotations
 
-import shutil
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -19,20 +18,20 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from offload_engine.policies.memory import MemoryPlan, Workload, plan_memory
+from offload_engine.policies.memory import MemoryPlan, Workload, plan_memory, size_floor
 from offload_engine.policies.placement import Policy
 
 from .activations import ActivationStore
 from .batch import BatchState
 from .decode_graph import DecodeGraph, graphs_apply
 from .config import ModelConfig
-from .errors import EngineError
+from .errors import EngineError, format_size
 from .kv import KVCacheStore, make_codec, make_kv_policy
 from .models import build_layers
 from .profiler import Profiler, mean_split
 from .sampling import GenerationConfig, sample
 from .schedule import Scheduler
-from .io.tiers import DeviceStorage, DiskStorage, HostStorage, Tier, check_writable
+from .io.tiers import DeviceStorage, DiskStorage, HostStorage, Tier, disk_capacity
 from .io.disk_relay import DiskRelay, DiskRelaySettings
 from .io.transfer import Mover
 from .weight_store import WeightStore
@@ -56,6 +55,12 @@ class EngineOptions:
     eager_static_decode: bool = False  # run the graph-capturable decode step without capturing (tests)
     cold_disk: bool = False  # evict the disk tier from the page cache before every step (benchmarks)
     disk_relay: DiskRelaySettings = field(default_factory=lambda: DiskRelaySettings())
+    # Prompt tokens a layer's forward takes at a time at prefill; None: the whole prompt when
+    # the plan fits, else the largest power of two (>= 64) that does.
+    prefill_chunk: int | None = None
+    # Plan only: the caps are taken as given (they may describe another machine) and nothing is
+    # allocated; the engine holds its plan and cannot generate.
+    dry_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,17 +100,31 @@ def resolve_device(name: str | None) -> torch.device:
     return dev
 
 
+def describe_gpu_tier(name: str | None) -> str:
+    """The start-up line saying which device the "GPU" tier is."""
+    dev = resolve_device(name)
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        return f"GPU tier: {props.name} ({format_size(props.total_memory)})"
+    why = "--device cpu" if name is not None and torch.cuda.is_available() else "no GPU found"
+    return f"GPU tier: the CPU ({why}; shares host memory with the CPU tier)"
+
+
 class Engine:
     def __init__(self, model: ModelConfig, policy: Policy, workload: Workload, options: EngineOptions | None = None,
                  stage: StageSlice | None = None):
         """`stage`: build only these layers, for a pipeline stage (driven through `scheduler.step`)."""
         opts = options or EngineOptions()
+        model.validate()  # a config built in Python is checked as one read from a file is
         self.model, self.policy, self.workload, self.options = model, policy, workload, opts
         self.device = resolve_device(opts.device)
         self.dtype = opts.dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         if workload.max_len - 1 > model.max_positions:  # the last generated token is never fed back
             raise EngineError(f"prompt + generated length {workload.max_len} exceeds {model.name}'s "
                               f"{model.max_positions} positions.", "Lower --prompt-len or --gen-len.")
+        self._check_hip_layers(model)
+        if stage is None:  # sized arithmetically first: an absurd model is refused before its layers exist
+            self._refuse_oversized(opts)
         layers = build_layers(model, policy.sep_layer)
         self.pipelined, self.num_layers = stage is not None, len(layers)
         self.stage = stage or StageSlice(range(len(layers)))
@@ -113,9 +132,14 @@ class Engine:
         self.all_weight_keys = {s.key for layer in layers for s in layer.weight_specs()}
         self.layers = layers[self.stage.layers.start:self.stage.layers.stop]
         self.plan: MemoryPlan = self._plan(opts)
+        self._check_hip_placement()
+        if opts.dry_run:  # planned, never allocated: nothing to generate with or release
+            self._finalizer = weakref.finalize(self, lambda: None)
+            self._finalizer()
+            return
 
         self.profiler = Profiler(opts.profile)
-        self.disk = DiskStorage(Path(opts.offload_dir))
+        self.disk = DiskStorage(Path(opts.offload_dir), self.plan.persistent_bytes(Tier.DISK))
         self.cold_disk_resident: list[float | None] = []  # with cold_disk: the disk tier resident after each eviction
         relay = None
         if policy.uses_disk:
@@ -166,6 +190,8 @@ class Engine:
                                     policy.gpu_batch_size * workload.prompt_len * model.hidden_size,
                                     self.dtype, self.device, self.mover)
         self.scheduler = Scheduler(self.layers, self.weights, self.kv, self.acts, self.profiler, self.device)
+        if self.plan.prefill_chunk < workload.prompt_len:
+            self.scheduler.prefill_chunk = self.plan.prefill_chunk
         self.states = [BatchState(policy.gpu_batch_size, workload.max_len, self.device)
                        for _ in range(policy.num_gpu_batches * self.stage.blocks)]
         self.graph_refusal = graphs_apply(policy, self.plan, self.device, opts.profile) \
@@ -180,7 +206,7 @@ class Engine:
         Streamed weights get a third staging slot when it fits: it lets the next two layers load
         while one computes, which hides the load of a small layer behind a slow one.
         """
-        caps = self._caps(opts)
+        caps, pool = self._caps(opts), self._shared_pool()
         error = None
         self.relay_settings, relay = None, 0
         if self.policy.uses_disk:  # the disk tier's size does not depend on the ring or the slots
@@ -188,20 +214,45 @@ class Engine:
                                kv_blocks=self.stage.blocks, pipeline_hidden=self._pipeline_hidden())
             self.relay_settings = opts.disk_relay.fitted(disk.tiers[Tier.DISK].total)
             relay = self.relay_settings.host_bytes()
-        for slots in [self.policy.weight_buffers] if self.policy.weight_buffers else [3, 2]:
+        attempts = [(chunk, slots) for chunk in self._prefill_chunks(opts)
+                    for slots in ([self.policy.weight_buffers] if self.policy.weight_buffers else [3, 2])]
+        for chunk, slots in attempts:
             plan = plan_memory(self.layers, self.policy, self.workload, self.dtype, self.model.hidden_size, slots,
-                               relay_bytes=relay, kv_blocks=self.stage.blocks, pipeline_hidden=self._pipeline_hidden())
+                               relay_bytes=relay, kv_blocks=self.stage.blocks, pipeline_hidden=self._pipeline_hidden(),
+                               prefill_chunk=chunk)
             try:
-                plan.check(*caps)
+                plan.check(*caps, shared=pool)
                 break
             except EngineError as e:
                 error = e
         else:
+            error.plan = plan  # the last attempt's plan, for a report of what did not fit
             raise error
-        if self.device.type == "cuda" and opts.gpu_mem_bytes:
+        if self.device.type == "cuda" and opts.gpu_mem_bytes and not opts.dry_run:
             total = torch.cuda.get_device_properties(self.device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, opts.gpu_mem_bytes / total), self.device.index or 0)
         return plan
+
+    def _prefill_chunks(self, opts: EngineOptions) -> list[int | None]:
+        """Prefill chunk sizes to plan with, in order of preference: the one asked for, else the
+        whole prompt, then ever smaller powers of two (multiples of HiP's query block)."""
+        hip = self.policy.kv.hip if self.policy.kv.policy == "hip" else None
+        if opts.prefill_chunk is not None:
+            if opts.prefill_chunk < 1:
+                raise EngineError(f"--prefill-chunk must be at least 1 token, got {opts.prefill_chunk}.")
+            if hip is not None and opts.prefill_chunk % hip.block_size_q:
+                raise EngineError(f"--prefill-chunk {opts.prefill_chunk} is not a multiple of --hip-block-q "
+                                  f"{hip.block_size_q} (HiP selects per query block).",
+                                  f"Use a multiple of {hip.block_size_q}, e.g. "
+                                  f"{max(hip.block_size_q, opts.prefill_chunk // hip.block_size_q * hip.block_size_q)}.")
+            return [opts.prefill_chunk]
+        sizes: list[int | None] = [None]
+        chunk = 1 << max(0, (self.workload.prompt_len - 1).bit_length() - 1)  # a one-token prompt: none
+        while chunk >= 64:
+            if chunk < self.workload.prompt_len and (hip is None or chunk % hip.block_size_q == 0):
+                sizes.append(chunk)
+            chunk //= 2
+        return sizes
 
     def _pipeline_hidden(self) -> int:
         """GPU batches' hidden states a pipeline stage holds beyond one engine's: unless it is the
@@ -212,8 +263,71 @@ class Engine:
         nb = self.policy.num_gpu_batches
         return 2 * nb * ((self.stage.layers.start > 0) + (self.stage.layers.stop < self.num_layers))
 
+    def _check_hip_placement(self) -> None:
+        """HiP reads a 4/8-bit cache only through its hot-block cache, which dequantizes blocks on
+        arrival: the packed cache must live off the GPU and be attended there."""
+        policy = self.policy
+        if policy.kv.policy != "hip" or policy.compress_cache is None:
+            return
+        tiers = set(self.plan.kv_tiers.values())
+        if Tier.GPU in tiers or (policy.cpu_cache_compute and Tier.CPU in tiers):
+            raise EngineError("--kv-policy hip with --compress-cache keeps the KV cache packed in host memory or on "
+                              "disk and brings the blocks it selects to the GPU; this placement keeps some of it on "
+                              "the GPU or attends it on the CPU.",
+                              "Put the whole KV cache off the GPU (3rd --percent value 0) and drop "
+                              "--cpu-cache-compute, or drop --compress-cache.")
+
+    def _check_hip_layers(self, model: ModelConfig) -> None:
+        hip = self.policy.kv.hip if self.policy.kv.policy == "hip" else None
+        if hip is not None and hip.dense_layers > model.num_layers:
+            raise EngineError(f"--hip-dense-layers {hip.dense_layers} is more than {model.name}'s "
+                              f"{model.num_layers} attention layers.",
+                              f"Give at most {model.num_layers} (0 to {model.num_layers}).")
+
+    def _refuse_oversized(self, opts: EngineOptions) -> None:
+        """Refuse a model whose weights and KV cache alone exceed the three tiers together, from
+        its size arithmetic (no layer list is built: a billion-layer config is refused at once)."""
+        weights, cache = size_floor(self.model, self.policy, self.workload, self.dtype)
+        gpu, cpu, disk = self._caps(opts)
+        pool = self._shared_pool()
+        room = (gpu + cpu if pool is None else min(gpu + cpu, pool)) + disk
+        if weights + cache > room:
+            raise EngineError(
+                f"policy does not fit: {self.model.name}'s weights and KV cache alone need "
+                f"{format_size(weights + cache)} (weights {format_size(weights)}, KV cache {format_size(cache)}, "
+                f"{self.model.num_layers} layers) but the GPU, CPU and disk tiers have {format_size(room)} together "
+                "(--gpu-mem, --cpu-mem, --offload-dir).",
+                "To fix: check the model's config (num_hidden_layers, hidden_size), compress "
+                "(--compress-weight, --compress-cache), shorten the workload, or put more on disk (--percent).")
+
+    def _shared_pool(self) -> int | None:
+        """Without a GPU the "GPU" tier is host memory too: both tiers come out of what is available."""
+        if self.options.dry_run:  # the caps describe the machine planned for
+            return None
+        return psutil.virtual_memory().available if self.device.type == "cpu" else None
+
+    def _check_caps(self, opts: EngineOptions) -> None:
+        """A cap above what the device has is a mistake, never a promise the plan can keep."""
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            gpu_total, gpu_name = props.total_memory, f"the GPU ({props.name})"
+        else:
+            gpu_total, gpu_name = psutil.virtual_memory().total, "the CPU (no GPU: host memory)"
+        host_total = psutil.virtual_memory().total
+        for flag, cap, total, what in (("--gpu-mem", opts.gpu_mem_bytes, gpu_total, gpu_name),
+                                       ("--cpu-mem", opts.cpu_mem_bytes, host_total, "host memory")):
+            if cap and cap > total:
+                raise EngineError(f"{flag} {format_size(cap)} is more than the {format_size(total)} of {what}.",
+                                  f"Lower {flag} or drop it.")
+
     def _caps(self, opts: EngineOptions) -> tuple[int, int, int]:
         """Bytes available on the GPU, CPU and disk tiers."""
+        if opts.dry_run:  # the caps as given, else what this machine has in all
+            host = psutil.virtual_memory().total
+            device = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else host
+            disk = disk_capacity(Path(opts.offload_dir)) if self.policy.uses_disk else 0
+            return opts.gpu_mem_bytes or device, opts.cpu_mem_bytes or host, disk
+        self._check_caps(opts)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
@@ -223,10 +337,7 @@ class Engine:
         cpu = opts.cpu_mem_bytes or psutil.virtual_memory().available
         if self.device.type == "cpu" and opts.gpu_mem_bytes is None and opts.cpu_mem_bytes is None:
             gpu = cpu = cpu // 2  # both tiers share host memory
-        disk = 0
-        if self.policy.uses_disk:
-            check_writable(Path(opts.offload_dir))
-            disk = shutil.disk_usage(opts.offload_dir).free
+        disk = disk_capacity(Path(opts.offload_dir)) if self.policy.uses_disk else 0
         return gpu, cpu, disk
 
     def allocated_bytes(self) -> dict[Tier, int]:
@@ -263,9 +374,15 @@ class Engine:
         if n > p.batch_size:
             raise EngineError(f"{n} prompts exceed the batch of {p.batch_size} ({p.gpu_batch_size} x "
                               f"{p.num_gpu_batches}).", "Raise --gpu-batch-size or --num-gpu-batches.")
-        if s > self.workload.prompt_len or cfg.max_new_tokens > self.workload.gen_len:
-            raise EngineError(f"prompt {s} + {cfg.max_new_tokens} new tokens exceed the planned workload "
-                              f"{self.workload.prompt_len} + {self.workload.gen_len}.", "Plan a larger workload.")
+        if s > self.workload.prompt_len:
+            raise EngineError(f"a prompt of {s} tokens would exceed the planned workload ({self.workload.prompt_len} "
+                              "prompt tokens).", "Plan longer prompts: Workload(prompt_len, ...) for Engine(...), or "
+                              "max_prompt_len of Engine.from_pretrained.")
+        if cfg.max_new_tokens > self.workload.gen_len:
+            raise EngineError(f"max_new_tokens={cfg.max_new_tokens} exceeds the engine, planned for "
+                              f"{self.workload.gen_len} new tokens.", f"Plan more: Workload(..., gen_len="
+                              f"{cfg.max_new_tokens}) for Engine(...), or max_new_tokens={cfg.max_new_tokens} of "
+                              "Engine.from_pretrained.")
         if n < p.batch_size:
             fill = p.batch_size - n
             input_ids = torch.cat([input_ids, input_ids[:1].expand(fill, s)])
@@ -280,12 +397,25 @@ class Engine:
         `forced` (N, steps) feeds given tokens instead of sampled ones (teacher forcing: how
         perplexity runs token by token); `on_step(step, logits (N, V) on the device, tokens (N,))`
         sees every step as it happens (streaming, scoring). A list of strings instead of token
-        ids runs the text path of an engine made by `from_pretrained` (see text.py).
+        ids runs the text path of an engine made by `from_pretrained` (see text.py); a
+        GenerationConfig may follow the prompts directly, as `generate(texts, config)`.
         """
-        if isinstance(input_ids, (list, tuple)):
+        if not self._finalizer.alive:  # close() released the homes and stopped the I/O threads
+            raise EngineError("this engine is closed: its memory and offload files were released.",
+                              "Build a new Engine, and call generate inside its `with` block.")
+        if isinstance(attention_mask, GenerationConfig):
+            if config is not None:
+                raise EngineError("two GenerationConfigs given.", "Pass one, as config=GenerationConfig(...).")
+            attention_mask, config = None, attention_mask
+        if isinstance(input_ids, (list, tuple)) and all(isinstance(p, str) for p in input_ids):
             from .text import generate_text
             return generate_text(self, list(input_ids), config, on_step)
+        if not isinstance(input_ids, torch.Tensor):
+            raise EngineError(f"generate got {type(input_ids).__name__} prompts: a list of strings is text (an engine "
+                              "from Engine.from_pretrained), token ids are a 2-D integer tensor (N prompts, s tokens).",
+                              "Wrap one text in a list, or pass token ids as torch.tensor([[...]]).")
         cfg = config or GenerationConfig(max_new_tokens=self.workload.gen_len)
+        cfg.check_vocab(self.model.vocab_size)
         p = self.policy
         n, input_ids, attention_mask = self._prepare_inputs(input_ids, attention_mask, cfg)
         if forced is not None:
@@ -301,38 +431,40 @@ class Engine:
         t0 = time.perf_counter()
         prefill_s = 0.0
         bar = tqdm(total=n * cfg.max_new_tokens, desc="generate", disable=not self.options.progress, unit="tok")
-        for step in range(cfg.max_new_tokens):
-            if step > 0 and self.decode_graph is not None:
-                out = torch.cat(self.decode_graph.step(list(ids)))
-            else:
-                out = torch.cat(self.scheduler.step(list(ids), states, all_logits=collect_logits and step == 0))
-            if collect_logits and step == 0:
-                prompt_logits = out[:n].cpu()
-            logits = out[:, -1]
-            if collect_logits:
-                step_logits.append(logits[:n].cpu())
-            nxt = sample(logits, cfg, gen) if forced is None else forced[:, step]
-            if cfg.stop_token_id is not None:
-                nxt = nxt.masked_fill(finished, self.model.pad_token_id)
-                finished |= nxt == cfg.stop_token_id
-            tokens.append(nxt)
-            if on_step is not None:
-                on_step(step, logits[:n], nxt[:n])
-            bar.update(n)
-            ids = nxt[:, None].split(p.gpu_batch_size)
-            if step == 0:
-                self._sync()
-                prefill_s = time.perf_counter() - t0
-            split = self.profiler.collect()
-            if step > 0 and split:
-                splits.append(split)
-            if cfg.stop_token_id is not None and bool(finished[:n].all()):
-                break
-            if self.options.cold_disk and step + 1 < cfg.max_new_tokens:
-                self._sync()  # the step's reads and writes are done before its pages are dropped (counted)
-                evicted_s += self._evict_disk_pages()
-        self._sync()
-        bar.close()
+        try:
+            for step in range(cfg.max_new_tokens):
+                if step > 0 and self.decode_graph is not None:
+                    out = torch.cat(self.decode_graph.step(list(ids)))
+                else:
+                    out = torch.cat(self.scheduler.step(list(ids), states, all_logits=collect_logits and step == 0))
+                if collect_logits and step == 0:
+                    prompt_logits = out[:n].cpu()
+                logits = out[:, -1]
+                if collect_logits:
+                    step_logits.append(logits[:n].cpu())
+                nxt = sample(logits, cfg, gen) if forced is None else forced[:, step]
+                if cfg.stop_token_id is not None:
+                    nxt = nxt.masked_fill(finished, self.model.pad_token_id)
+                    finished |= nxt == cfg.stop_token_id
+                tokens.append(nxt)
+                if on_step is not None:
+                    on_step(step, logits[:n], nxt[:n])
+                bar.update(n)
+                ids = nxt[:, None].split(p.gpu_batch_size)
+                if step == 0:
+                    self._sync()
+                    prefill_s = time.perf_counter() - t0
+                split = self.profiler.collect()
+                if step > 0 and split:
+                    splits.append(split)
+                if cfg.stop_token_id is not None and bool(finished[:n].all()):
+                    break
+                if self.options.cold_disk and step + 1 < cfg.max_new_tokens:
+                    self._sync()  # the step's reads and writes are done before its pages are dropped (counted)
+                    evicted_s += self._evict_disk_pages()
+            self._sync()
+        finally:  # also when interrupted: what is printed next starts on a line of its own
+            bar.close()
         total_s = time.perf_counter() - t0
         avg = mean_split(splits)
         return GenerationResult(torch.stack(tokens, 1)[:n].cpu(), prefill_s, total_s - prefill_s - evicted_s,

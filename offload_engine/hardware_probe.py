@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch
 
 from offload_engine.policies.hardware import HardwareProfile
 
+from .io.folders import free_bytes, make_folders, remove_if_empty
 from .step_probe import cpu_attention_call_overhead, eager_layer_overhead
 
 MiB = 1 << 20
@@ -103,7 +103,7 @@ def host_available_bytes() -> int:
 
 def disk_free_bytes(directory: Path) -> int:
     """Free space on the file system of the offload directory (the disk tier's capacity)."""
-    return int(shutil.disk_usage(directory).free)
+    return free_bytes(directory)
 
 
 # ----------------------------------------------------------------------------- copies and compute
@@ -319,8 +319,15 @@ def profile_machine(device: torch.device, offload_dir: Path, sizes: Sizes,
     """Every measurement, in a HardwareProfile: derived fields in bytes and FLOP per second, raw
     numbers with units in `measured`, and `measured["not_measured"]` naming the fields left at
     their defaults and why."""
+    created = make_folders(offload_dir)  # measured where the engine would put its files
+    try:
+        return _measure(device, offload_dir, sizes, log)
+    finally:
+        remove_if_empty(created)  # a folder made for the measurement goes again
+
+
+def _measure(device: torch.device, offload_dir: Path, sizes: Sizes, log: Callable[[str], None]) -> HardwareProfile:
     t_start, cuda, n = time.perf_counter(), device.type == "cuda", sizes.reps
-    offload_dir.mkdir(parents=True, exist_ok=True)  # measured where the engine would put its files
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     f: dict = {"gpu_mem_bytes": gpu_free_bytes(device) if cuda else 0, "cpu_mem_bytes": host_available_bytes(),
                "disk_free_bytes": disk_free_bytes(offload_dir)}

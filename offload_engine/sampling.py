@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import EngineError
+from .errors import EngineError, require_int, require_number
 
 
 @dataclass(frozen=True)
@@ -19,14 +19,24 @@ class GenerationConfig:
     stop_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        require_number(self.temperature, "--temperature (GenerationConfig.temperature)")
+        require_number(self.top_p, "--top-p (GenerationConfig.top_p)")
         if not (math.isfinite(self.temperature) and math.isfinite(self.top_p)):
             raise EngineError("--temperature and --top-p must be finite numbers.")
-        if self.max_new_tokens < 1:
-            raise EngineError("--gen-len must be at least 1.")
+        require_int(self.max_new_tokens, "--gen-len (GenerationConfig.max_new_tokens)", 1)
+        require_int(self.seed, "--seed (GenerationConfig.seed)", -(1 << 63))  # what torch's generators take
+        if self.stop_token_id is not None:
+            require_int(self.stop_token_id, "--stop-token (GenerationConfig.stop_token_id)", 0)
         if self.do_sample and self.temperature <= 0:
             raise EngineError("--temperature must be > 0 when sampling.", "Drop --do-sample for greedy decoding.")
         if not 0 < self.top_p <= 1:
             raise EngineError("--top-p must be in (0, 1].")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """The stop token must be one the model can produce."""
+        if self.stop_token_id is not None and self.stop_token_id >= vocab_size:
+            raise EngineError(f"--stop-token {self.stop_token_id} is not a token id of this model "
+                              f"(0 to {vocab_size - 1}).", "Give an id below the vocabulary size, or drop the flag.")
 
 
 def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:

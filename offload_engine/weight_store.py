@@ -26,6 +26,7 @@ class WeightStore:
         self.dtype, self.mover, self.quant_spec, self.device = dtype, mover, quant_spec, device
         self.homes: dict[str, tuple[Tier, torch.Tensor]] = {}
         self.packed: dict[str, tuple[int, ...]] = {}  # key -> original shape, for weights stored packed
+        self.specs: dict[str, object] = {}  # key -> its QuantSpec (groups no longer than its rows)
         self.layer_specs = [layer.weight_specs() for layer in layers]
         for specs in self.layer_specs:
             for spec in specs:
@@ -34,7 +35,9 @@ class WeightStore:
                     name = spec.key.replace(".", "_")
                     if spec.key in plan.compressed_weights:
                         self.packed[spec.key] = spec.shape
-                        home = storages[tier].allocate(quant_spec.packed_shape(spec.shape), torch.uint8, name)
+                        self.specs[spec.key] = quant_spec.for_length(spec.shape[-1])
+                        home = storages[tier].allocate(self.specs[spec.key].packed_shape(spec.shape), torch.uint8,
+                                                       name)
                     else:
                         home = storages[tier].allocate(spec.shape, dtype, name)
                     self.homes[spec.key] = (tier, home)
@@ -57,7 +60,7 @@ class WeightStore:
             home = home[row_start:row_start + tensor.shape[0]]
         if key in self.packed:
             from offload_engine.kernels.quant.pack import quantize
-            home.copy_(quantize(tensor.to(self.device, torch.float32), self.quant_spec))
+            home.copy_(quantize(tensor.to(self.device, torch.float32), self.specs[key]))
         else:
             # From the GPU to host memory, cast on the GPU first: a cross-device copy that also casts
             # goes through a pageable temporary of the source dtype (fp32 into pinned fp16: ~1 GB/s).
@@ -65,8 +68,8 @@ class WeightStore:
             home.copy_(tensor.to(home.dtype) if tensor.device != home.device else tensor)
 
     def accepts_packed(self, key: str, bits: int, group_size: int) -> bool:
-        s = self.quant_spec
-        return key in self.packed and s is not None and (s.bits, s.group_size) == (bits, group_size)
+        s = self.specs.get(key)
+        return s is not None and (s.bits, s.group_size) == (bits, group_size)
 
     def store_packed(self, key: str, packed: torch.Tensor) -> None:
         """Write bytes already in the packed format (e.g. GGUF Q4_1 blocks): no float round trip."""
@@ -74,7 +77,7 @@ class WeightStore:
 
     def _wrap(self, key: str, tensor: torch.Tensor):
         if key in self.packed:
-            return PackedWeight(tensor, self.quant_spec, self.packed[key], self.dtype)
+            return PackedWeight(tensor, self.specs[key], self.packed[key], self.dtype)
         return tensor
 
     def _in_place(self, i: int) -> dict[str, torch.Tensor]:

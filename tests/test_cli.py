@@ -93,7 +93,7 @@ def test_unwritable_offload_dir(capsys, tmp_path):
 
 def test_policy_too_large_for_gpu_cap(capsys, tmp_path):
     code, err, out = run_cli(capsys, tmp_path, "--gpu-mem", "0.1")
-    assert_clean_error(code, err, out, "GPU tier needs", "GiB", "--gpu-mem", "short", "To fix")
+    assert_clean_error(code, err, out, "GPU tier needs", "102.4 MiB are available", "--gpu-mem", "short", "To fix")
 
 
 def test_policy_too_large_for_cpu_cap(capsys, tmp_path):

@@ -67,7 +67,8 @@ def test_a_new_batch_reuses_the_graph(models, tmp_path):
     ((50, 50, 100, 0, 100, 0), KVSettings(), "weights are streamed"),
     ((100, 0, 50, 50, 100, 0), KVSettings(), "leave the GPU"),
     ((100, 0, 100, 0, 100, 0), KVSettings("h2o", H2OConfig(simulate=True)), "masked simulation"),
-    ((100, 0, 100, 0, 100, 0), KVSettings("hip"), "hip KV policy"),
+    ((100, 0, 100, 0, 100, 0), KVSettings("hip", hip=HiPConfig(exact=True)), "exact top-k"),
+    ((100, 0, 0, 0, 100, 0), KVSettings("hip"), "leave the GPU"),  # HiP's cache on disk
 ])
 def test_where_graphs_do_not_apply(models, tmp_path, percent, kv, reason):
     _, folder = models["opt"]

@@ -7,7 +7,7 @@ import torch
 
 from offload_engine.checkpoints.hf import from_hf_config
 from offload_engine.engine import Engine, EngineOptions
-from offload_engine.errors import EngineError
+from offload_engine.errors import EngineError, format_size
 from offload_engine.model_zoo import MODEL_CONFIGS
 from offload_engine.sampling import GenerationConfig
 from offload_engine.policies import H2OConfig, KVSettings
@@ -157,10 +157,12 @@ def test_a_policy_that_fits_only_with_h2o(tmp_path):
     need = [plan_memory(layers, p, work, torch.float32, 64).tiers[Tier.GPU].total for p in (full, h2o)]
     cap = (need[0] + need[1]) // 2
     # On the CPU device: the accounting is the point, and a GPU cap is process-wide (other tests' tensors count).
+    # The whole prompt in one prefill chunk, as the plans above count it (smaller chunks would buy
+    # room too, which is not what this test is about).
     opts = dict(offload_dir=tmp_path, progress=False, gpu_mem_bytes=cap, cpu_mem_bytes=cap, dtype=torch.float32,
-                device="cpu")
+                device="cpu", prefill_chunk=work.prompt_len)
     with pytest.raises(EngineError, match="GPU tier needs") as refused:
         Engine(cfg, full, work, EngineOptions(**opts))
-    assert f"{need[0] / 2**30:.2f} GiB" in str(refused.value) and "short" in str(refused.value)
+    assert f"needs {format_size(need[0])}" in str(refused.value) and "short" in str(refused.value)
     with Engine(cfg, h2o, work, EngineOptions(**opts)) as engine:
         assert engine.plan.tiers[Tier.GPU].total == need[1] <= cap

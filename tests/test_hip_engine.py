@@ -107,6 +107,41 @@ def test_hot_cache_with_evictions_equals_the_gpu_resident_cache(checkpoints, tmp
     assert 0 < policies[0].hit_rate() < 1  # blocks were missed and fetched, others hit
 
 
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("tier", ["cpu-streamed", "disk"])
+def test_a_4bit_home_equals_dense_attention_over_the_same_4bit_cache(checkpoints, tmp_path, family, tier):
+    """HiP over a 4-bit host or disk cache, k covering everything: the hot cache holds the blocks
+    as the home stores them (dequantized on arrival, the new token as stored), so it equals full
+    attention over the same 4-bit cache; and the 4-bit cache really differs from 16 bits."""
+    from offload_engine.policies import Compression
+
+    def run(kv):
+        percent, _ = TIERS[tier]
+        policy = Policy.from_percent(percent, gpu_batch_size=2, num_gpu_batches=2, kv=kv,
+                                     compress_cache=Compression(4, 8))
+        ids, mask = random_prompts(4, PROMPT, seed=3)
+        opts = EngineOptions(checkpoint=checkpoints[family], offload_dir=tmp_path, progress=False, dtype=torch.float32)
+        with Engine(from_hf_config(checkpoints[family]), policy, Workload(PROMPT, GEN), opts) as engine:
+            return engine.generate(ids, mask, GenerationConfig(max_new_tokens=GEN), collect_logits=True)
+
+    hip, dense = run(KVSettings("hip", hip=HiPConfig(k=64, **SMALL))), run(KVSettings())
+    assert torch.equal(hip.tokens, dense.tokens)
+    for a, b in zip(hip.step_logits[1:], dense.step_logits[1:]):
+        assert rel_err(a, b) < 1e-5
+    plain = generate(checkpoints[family], tmp_path, tier, KVSettings("hip", hip=HiPConfig(k=64, **SMALL)))
+    assert rel_err(hip.step_logits[-1], plain.step_logits[-1]) > 1e-3
+
+
+def test_a_4bit_cache_on_the_gpu_is_refused_with_hip(checkpoints, tmp_path):
+    from offload_engine.errors import EngineError
+    from offload_engine.policies import Compression
+
+    policy = Policy(gpu_batch_size=2, kv=KVSettings("hip", hip=HiPConfig(k=8, **SMALL)), compress_cache=Compression())
+    opts = EngineOptions(checkpoint=checkpoints["opt"], offload_dir=tmp_path, progress=False, dtype=torch.float32)
+    with pytest.raises(EngineError, match="3rd --percent value 0"):
+        Engine(from_hf_config(checkpoints["opt"]), policy, Workload(PROMPT, GEN), opts)
+
+
 def test_hot_cache_too_small_is_refused(tmp_path):
     from offload_engine.errors import EngineError
 
@@ -130,5 +165,6 @@ def test_plan_counts_the_hot_cache_not_the_whole_cache():
     cache = dense.tiers[Tier.GPU].kv_cache  # 32 layers x 2 x 32800 tokens x 8 heads x 128 x 2 bytes
     assert cache == 32 * 2 * 32800 * 8 * 128 * 2
     assert hip.tiers[Tier.CPU].kv_cache == cache  # the whole cache at home
-    hot = hip.tiers[Tier.GPU].kv_cache
-    assert hot < 0.5 * cache and hip.kv_slots == 0  # block-start keys (1/4) + hot blocks, nothing streamed
+    hot = hip.tiers[Tier.GPU].hot_cache
+    # block-start keys (1/4) + hot blocks, nothing streamed
+    assert hip.tiers[Tier.GPU].kv_cache == 0 and 0 < hot < 0.5 * cache and hip.kv_slots == 0

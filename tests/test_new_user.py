@@ -70,7 +70,7 @@ def test_memory_units(text, expected):
 
 def test_gpu_mem_units_reach_the_plan(capsys, tmp_path):
     line = cli_error(capsys, "run", "--quiet", "--gpu-mem", "1MiB", "--offload-dir", str(tmp_path))
-    assert "0.00 GiB are available" in line
+    assert "1.0 MiB are available" in line
 
 
 def test_version(capsys):

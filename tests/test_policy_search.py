@@ -10,7 +10,7 @@ import torch
 from offload_engine.engine import Engine, EngineOptions
 from offload_engine.io.tiers import Tier
 from offload_engine.model_zoo import MODEL_CONFIGS
-from offload_engine.policies import Compression, H2OConfig, KVSettings
+from offload_engine.policies import Compression, H2OConfig, HiPConfig, KVSettings
 from offload_engine.policies.cost_model import estimate
 from offload_engine.policies.hardware import HardwareProfile
 from offload_engine.policies.memory import Workload
@@ -205,7 +205,8 @@ def test_cpu_attention_follows_the_copies_in_the_step_and_the_cache_leaves_befor
 
 @pytest.mark.parametrize("kv,captured", [(KVSettings(), True), (KVSettings("h2o"), True),
                                          (KVSettings("h2o", H2OConfig(simulate=True)), False),
-                                         (KVSettings("hip"), False)])
+                                         (KVSettings("hip"), True),
+                                         (KVSettings("hip", hip=HiPConfig(exact=True)), False)])
 def test_launch_overhead_only_where_the_engine_runs_the_step_eagerly(tmp_path, kv, captured):
     """The cost model charges per-layer launch overhead exactly where the engine refuses to capture."""
     model, work = MODEL_CONFIGS["opt-6.7b"], Workload(512, 32)

@@ -88,6 +88,29 @@ def test_perplexity_equals_transformers(smollm2, tmp_path):
     assert small.ppl > ours.ppl * 1.02
 
 
+def test_teacher_forced_h2o_equals_decode_steps(smollm2, tmp_path):
+    """One engine: H2O's teacher-forced prefill (how perplexity scores it) gives at every position
+    the logits of decode steps fed the same tokens (2 windows of 24 tokens, budget 7). One
+    intra-op thread: on a shared host the decode steps' small ops run far faster so."""
+    resolved, tokenizer, _ = smollm2
+    rows = text_windows(tokenizer.encode(CORPUS.read_text()[:2000]), 24, 2)
+    n, threads = rows.shape[1], torch.get_num_threads()
+    policy = Policy(gpu_batch_size=2, kv=KVSettings("h2o", H2OConfig(hh_size=3, recent_size=4)))
+    opts = EngineOptions(checkpoint=resolved.source, offload_dir=tmp_path, progress=False, dtype=torch.float32)
+    torch.set_num_threads(1)
+    try:
+        with Engine(resolved.config, policy, Workload(n - 1, n - 1), opts) as engine:
+            engine.kv.policy.teacher_forced = True
+            scan = engine.generate(rows[:, :-1], None, GenerationConfig(max_new_tokens=1), collect_logits=True)
+            engine.kv.policy.teacher_forced = False
+            stepped = engine.generate(rows[:, :1], None, GenerationConfig(max_new_tokens=n - 1), collect_logits=True,
+                                      forced=rows[:, 1:])
+    finally:
+        torch.set_num_threads(threads)
+    assert rel_err(scan.prompt_logits, torch.stack(stepped.step_logits, 1)) < 1e-4
+    assert rel_err(scan.prompt_logits[:, -1], stepped.step_logits[-1]) < 1e-4
+
+
 def test_gguf_q4_blocks_are_used_without_a_float_round_trip(smollm2, tmp_path):
     resolved, _, _ = smollm2
     ckpt = GGUFCheckpoint(resolved.source)
@@ -119,11 +142,16 @@ def test_ppl_command_and_sweep(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(CORPUS.read_text()[:6000])
     target = tmp_path / "ppl.json"
-    assert main(["ppl", "--quiet", "--text", str(text), "--context", "64", "--windows", "1", "--kv-policy", "h2o",
+    assert main(["ppl", "--text", str(text), "--context", "64", "--windows", "2", "--kv-policy", "h2o",
                  "--sweep", "0.25", "0.5", "--dtype", "float32", "--offload-dir", str(tmp_path),
                  "--json", str(target)]) == 0
+    err = capsys.readouterr().err
+    # one bar over both windows of the three runs, counting the tokens scored; no engine's own bars
+    assert "ppl: 100%" in err and f"{3 * 2 * 63}/{3 * 2 * 63}" in err and "tok/s" in err
+    assert "generate" not in err and "load weights" not in err
     rows = json.loads(target.read_text())["rows"]
     assert [r["kv_policy"] for r in rows] == ["full", "h2o", "h2o"]
+    assert all(len(r["window_nll"]) == 2 for r in rows)
     assert rows[1]["mean_keys_attended"] < rows[2]["mean_keys_attended"] < rows[0]["mean_keys_attended"]
     assert target.with_suffix(".png").stat().st_size > 1000
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import MAX_SIZE, is_whole
 from ..errors import EngineError
 
 try:
@@ -84,6 +85,9 @@ def _uniform(value, key: str, path: Path) -> int:
             raise EngineError(f"GGUF file {path.name} gives '{key}' per layer ({value}); only uniform "
                               "layers are supported.", "Use a model whose layers all have the same shape.")
         value = value[0]
+    if not is_whole(value) or not 0 <= value <= MAX_SIZE:  # a string or an absurd size: name the key
+        raise EngineError(f"GGUF file {path.name}: llama.{key} must be a whole number from 0 to {MAX_SIZE}, "
+                          f"got {value!r}.", "Re-download or re-convert it.")
     return int(value)
 
 
@@ -106,15 +110,16 @@ def _config(reader, path: Path) -> dict:
                           "(Llama, Mistral, SmolLM2 and other Llama-family models) is supported.",
                           "Use a Llama-family GGUF file.")
     get = lambda k, d=_REQUIRED: _meta(reader, f"llama.{k}", path, d)  # noqa: E731
-    hidden, heads = int(get("embedding_length")), _uniform(get("attention.head_count"), "head_count", path)
-    kv_heads = _uniform(get("attention.head_count_kv", heads), "head_count_kv", path)
-    key_length = int(get("attention.key_length", 0))
+    hidden = _uniform(get("embedding_length"), "embedding_length", path)
+    heads = _uniform(get("attention.head_count"), "attention.head_count", path)
+    kv_heads = _uniform(get("attention.head_count_kv", heads), "attention.head_count_kv", path)
+    key_length = _uniform(get("attention.key_length", 0), "attention.key_length", path)
     if heads <= 0 or kv_heads <= 0 or heads % kv_heads or (not key_length and hidden % heads):
         raise EngineError(f"GGUF file {path.name} has inconsistent heads: hidden size {hidden}, {heads} attention "
                           f"heads, {kv_heads} key/value heads.", "Re-convert the model.")
     head_dim = key_length or hidden // heads
     for key in ("attention.value_length", "rope.dimension_count"):
-        if int(get(key, head_dim)) != head_dim:
+        if _uniform(get(key, head_dim), key, path) != head_dim:
             raise EngineError(f"GGUF file {path.name} has llama.{key} = {get(key)} but head_dim {head_dim}; "
                               "partial rotary embeddings and unequal key/value heads are not supported.",
                               "Use a standard Llama-family model.")
@@ -128,10 +133,12 @@ def _config(reader, path: Path) -> dict:
     config = {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
         "hidden_size": hidden, "intermediate_size": _uniform(get("feed_forward_length"), "feed_forward_length", path),
-        "num_hidden_layers": int(get("block_count")), "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "num_hidden_layers": _uniform(get("block_count"), "block_count", path), "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
         "head_dim": head_dim, "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
         "rope_theta": float(get("rope.freq_base", 10000.0)),  # llama.cpp's default when absent
-        "max_position_embeddings": int(get("context_length")), "vocab_size": None if vocab is None else int(vocab),
+        "max_position_embeddings": _uniform(get("context_length"), "context_length", path),
+        "vocab_size": None if vocab is None else int(vocab),
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": any(n.endswith(".attn_q.bias") for n in tensors),
         "mlp_bias": any(n.endswith(".ffn_gate.bias") for n in tensors),

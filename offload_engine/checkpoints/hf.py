@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, RopeScaling
+from ..config import ModelConfig, RopeScaling, check_real, check_size
 from ..errors import EngineError
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -52,8 +52,8 @@ def _opt_config(raw: dict, name: str) -> ModelConfig:
         max_positions=raw.get("max_position_embeddings", 2048), word_embed_dim=proj if proj != hidden else None,
         layer_norm_before=pre_ln, final_layer_norm=pre_ln and not raw.get("_remove_final_layer_norm", False),
         tie_word_embeddings=raw.get("tie_word_embeddings", True),
-        pad_token_id=raw.get("pad_token_id", 1), bos_token_id=raw.get("bos_token_id", 2),
-        eos_token_id=raw.get("eos_token_id", 2))
+        pad_token_id=_first(raw.get("pad_token_id"), 1), bos_token_id=_first(raw.get("bos_token_id"), 2),
+        eos_token_id=_first(raw.get("eos_token_id"), 2))
 
 
 def _first(value, default):
@@ -84,14 +84,36 @@ def _llama_config(raw: dict, name: str) -> ModelConfig:
 
 
 PARSERS = {"opt": _opt_config, "llama": _llama_config}
+# The keys each family reads as sizes (checked by their config.json names, before anything uses them).
+SIZE_KEYS = {"opt": ("num_hidden_layers", "hidden_size", "num_attention_heads", "ffn_dim", "vocab_size",
+                     "max_position_embeddings", "word_embed_proj_dim"),
+             "llama": ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size",
+                       "max_position_embeddings", "num_key_value_heads", "head_dim")}
+REAL_KEYS = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
+
+
+def _check_values(raw: dict, kind: str, source: str) -> None:
+    """Sizes are whole numbers in range and epsilons real numbers, or one line naming the key."""
+    fix = "Fix or re-download the checkpoint's config."
+    for key in SIZE_KEYS[kind]:
+        if raw.get(key) is not None:
+            check_size(raw[key], key, source, fix)
+    params = raw.get("rope_parameters")
+    for key, value in [(k, raw.get(k)) for k in REAL_KEYS] + \
+            [("rope_parameters.rope_theta", params.get("rope_theta") if isinstance(params, dict) else None)]:
+        if value is not None:
+            check_real(value, key, source, fix)
 
 
 def config_from_dict(raw: dict, name: str, source: str) -> ModelConfig:
     """A ModelConfig from a Hugging Face style config dict (config.json, or GGUF metadata mapped to it)."""
+    if not isinstance(raw, dict):
+        raise EngineError(f"{source} is not a JSON object.", "Fix or re-download the checkpoint's config.")
     kind = raw.get("model_type")
     if kind not in PARSERS:
         raise EngineError(f"{source} holds a '{kind}' model; supported families: {', '.join(PARSERS)}.",
                           "Use an OPT or Llama-architecture checkpoint.")
+    _check_values(raw, kind, source)
     try:
         cfg = PARSERS[kind](raw, name)
     except KeyError as e:

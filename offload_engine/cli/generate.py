@@ -10,6 +10,7 @@ from ..metrics import check_output_file, git_commit, hardware, write_json_atomic
 from ..sampling import GenerationConfig
 from .options import (add_model_args, add_policy_args, add_resource_args, add_sampling_args, engine_options,
                       policy_from_args, positive_int)
+from .run import print_kv_budget
 
 EXAMPLES = """\
 examples:
@@ -42,9 +43,11 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts is not None:
         try:
-            prompts += [line.rstrip("\n") for line in args.prompts.read_text().splitlines() if line.strip()]
-        except OSError as e:
-            raise EngineError(f"cannot read --prompts {args.prompts} ({e.strerror}).") from None
+            text = args.prompts.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise EngineError(f"cannot read --prompts {args.prompts} ({getattr(e, 'strerror', None) or e}).",
+                              "Give a UTF-8 text file, one prompt per line.") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise EngineError("no prompts given.", "Pass --prompt TEXT (repeatable) or --prompts FILE.")
     return prompts
@@ -66,21 +69,28 @@ def execute(args: argparse.Namespace) -> dict:
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                            top_p=args.top_p, seed=args.seed,
                            stop_token_id=tokenizer.eos_token_id if args.stop_token is None else args.stop_token)
+    gen.check_vocab(resolved.config.vocab_size)
+    print_kv_budget(policy, work)
     stream = _Streamer(tokenizer) if len(prompts) == 1 else None
     with Engine(resolved.config, policy, work, engine_options(args, resolved.source)) as engine:
         engine.tokenizer = tokenizer
         if stream:
+            engine.options.progress = False  # a bar on the terminal would draw over the streamed text
             print(prompts[0], end="", flush=True)
         result = generate_text(engine, prompts, gen, on_step=stream)
+        dtype, device = str(engine.dtype).replace("torch.", ""), str(engine.device)
     if stream:
         stream.finish(result.token_ids[0])
     else:
         for prompt, text in zip(prompts, result.texts):
             print(f"### {prompt}\n{prompt}{text}\n")
-    data = {"model": resolved.config.name, "weights": resolved.weights_label, "policy": asdict(policy),
+    data = {"model": resolved.config.name, "weights": resolved.weights_label, "dtype": dtype, "device": device,
+            "policy": asdict(policy), "workload": asdict(work), "kv_budget": policy.kv.kept_tokens(work.prompt_len),
+            "generation": asdict(gen),
             "outputs": [{"prompt": p, "text": t, "token_ids": ids, "prompt_tokens": n}
                         for p, t, ids, n in zip(prompts, result.texts, result.token_ids, result.prompt_tokens)],
-            "prefill_s": result.prefill_s, "decode_s": result.decode_s, "hardware": hardware(), "commit": git_commit()}
+            "prefill_s": result.prefill_s, "decode_s": result.decode_s, "hardware": hardware(), "commit": git_commit(),
+            "command": args.argv}
     if args.json:
         write_json_atomic(args.json, data)
     return data

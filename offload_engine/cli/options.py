@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 
+from offload_engine.policies.kv_policy import RATIO_FLOOR_TOKENS
 from offload_engine.policies.placement import Policy
 
 from ..errors import EngineError
@@ -57,6 +58,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be 0 or more")
+    return value
+
+
 def add_model_args(parser: argparse.ArgumentParser, default: str = "opt-125m") -> None:
     m = parser.add_argument_group("model")
     m.add_argument("--model", default=default,
@@ -68,6 +79,28 @@ def add_model_args(parser: argparse.ArgumentParser, default: str = "opt-125m") -
     m.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="weight and activation type (default: float16 on a GPU, float32 on the CPU)")
     m.add_argument("--seed", type=int, default=0, help="seed for dummy weights, prompts and sampling")
+
+
+def add_positions_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-positions", type=positive_int, default=None, metavar="N",
+                        help="experiments with random weights only: raise the model's position limit to N and "
+                             "stretch its rope scaling (Llama 3.1's llama3 rule, or linear) by the same factor, "
+                             "e.g. --model llama-3.1-8b --max-positions 1048576 for a million-token context; the "
+                             "architecture's cost is exact, its quality at that length is not claimed")
+
+
+def model_from_args(args: argparse.Namespace, dummy: bool):
+    """`--model` resolved (ResolvedModel), with `--max-positions` applied where given."""
+    from ..model_zoo import ResolvedModel, resolve_model
+
+    resolved = resolve_model(args.model, dummy=dummy)
+    positions = getattr(args, "max_positions", None)
+    if positions is None:
+        return resolved
+    if resolved.source is not None:
+        raise EngineError("--max-positions is for random weights: a checkpoint's position embeddings and rope "
+                          "scaling are what it was trained with.", "Add --dummy, or drop --max-positions.")
+    return ResolvedModel(resolved.config.with_max_positions(positions), None)
 
 
 def add_policy_args(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +154,8 @@ def add_compression_args(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--quant-group-size", type=positive_int, default=64,
                    help="values per group sharing a scale and minimum; weights are grouped along their input "
                         "dimension, the KV cache along the head dimension (default: 64; a group size that does "
-                        "not divide the dimension pads the last group)")
+                        "not divide the dimension pads the last group, and one longer than a row is one group "
+                        "per row)")
 
 
 def add_kv_policy_args(parser: argparse.ArgumentParser) -> None:
@@ -131,39 +165,70 @@ def add_kv_policy_args(parser: argparse.ArgumentParser) -> None:
                         "cache (and the memory plan) shrinks to the budget; sink: StreamingLLM's baseline, the first "
                         "--hh-size tokens (default 4) + recent tokens; hip: hierarchically pruned attention over the "
                         "top-k key blocks (default: full)")
-    k.add_argument("--hh-ratio", type=fraction, default=0.1,
-                   help="H2O heavy hitters kept, as a fraction of the prompt length (default: 0.1)")
-    k.add_argument("--recent-ratio", type=fraction, default=0.1,
-                   help="H2O most recent tokens kept, as a fraction of the prompt length (default: 0.1)")
-    k.add_argument("--hh-size", type=int, default=None, help="H2O heavy hitters as a token count (overrides the ratio)")
+    # The H2O and HiP flags default to None so that one given with another --kv-policy is seen and refused.
+    floor = RATIO_FLOOR_TOKENS
+    k.add_argument("--hh-ratio", type=fraction, default=None,
+                   help=f"H2O heavy hitters kept, as a fraction of the prompt length, at least {floor} tokens "
+                        f"unless 0 (a prompt under {floor} tokens is kept whole) (default: 0.1)")
+    k.add_argument("--recent-ratio", type=fraction, default=None,
+                   help=f"H2O most recent tokens kept, as a fraction of the prompt length, at least {floor} tokens "
+                        "unless 0 (default: 0.1)")
+    k.add_argument("--hh-size", type=int, default=None,
+                   help="H2O heavy hitters as a token count, taken as given (overrides the ratio and its floor)")
     k.add_argument("--recent-size", type=int, default=None,
-                   help="H2O recent window as a token count (overrides the ratio)")
-    k.add_argument("--h2o-simulate", action="store_true",
+                   help="H2O recent window as a token count, taken as given (overrides the ratio and its floor)")
+    k.add_argument("--h2o-simulate", action="store_true", default=None,
                    help="dense attention with the H2O mask applied, nothing evicted (the paper's masked simulation)")
-    k.add_argument("--hip-k", type=positive_int, default=512, help="HiP: tokens selected per query block (default: 512)")
-    k.add_argument("--hip-block-q", type=positive_int, default=32, help="HiP: queries per block (default: 32)")
-    k.add_argument("--hip-block-k", type=positive_int, default=2, help="HiP: keys per block (default: 2)")
-    k.add_argument("--hip-sink", type=int, default=4, help="HiP: first tokens always attended (default: 4)")
-    k.add_argument("--hip-window", type=int, default=128, help="HiP: recent tokens always attended (default: 128)")
-    k.add_argument("--hip-refresh", type=positive_int, default=8,
+    k.add_argument("--hip-k", type=positive_int, default=None,
+                   help="HiP: tokens selected per query block (default: 512)")
+    k.add_argument("--hip-block-q", type=positive_int, default=None, help="HiP: queries per block (default: 32)")
+    k.add_argument("--hip-block-k", type=positive_int, default=None, help="HiP: keys per block (default: 2)")
+    k.add_argument("--hip-sink", type=int, default=None, help="HiP: first tokens always attended (default: 4)")
+    k.add_argument("--hip-window", type=int, default=None, help="HiP: recent tokens always attended (default: 128)")
+    k.add_argument("--hip-refresh", type=positive_int, default=None,
                    help="HiP: decode steps between selections; in between the last selection is reused (default: 8)")
-    k.add_argument("--hip-dense-layers", type=int, default=0,
+    k.add_argument("--hip-dense-layers", type=int, default=None,
                    help="HiP: the first N attention layers attend densely (default: 0)")
     k.add_argument("--hip-gpu-cache", type=positive_int, default=None, metavar="TOKENS",
                    help="HiP with the KV cache off the GPU: hot-block cache per sequence and KV head on the GPU "
                         "(default: twice one step's working set of selected, sink and window blocks)")
 
 
+# The KV flags each --kv-policy reads (argument names); the others must not be given with it.
+H2O_FLAGS = ("hh_ratio", "recent_ratio", "hh_size", "recent_size", "h2o_simulate")
+HIP_FLAGS = ("hip_k", "hip_block_q", "hip_block_k", "hip_sink", "hip_window", "hip_refresh", "hip_dense_layers",
+             "hip_gpu_cache")
+KV_FLAGS_READ = {"full": (), "h2o": H2O_FLAGS, "sink": ("recent_ratio", "hh_size", "recent_size", "h2o_simulate"),
+                 "hip": HIP_FLAGS}
+
+
+def unread_kv_flags(args: argparse.Namespace) -> list[str]:
+    """The KV policy flags given (not None) that args.kv_policy does not read, as --flag names."""
+    read = KV_FLAGS_READ[args.kv_policy]
+    return [f"--{name.replace('_', '-')}" for name in (*H2O_FLAGS, *HIP_FLAGS)
+            if getattr(args, name, None) is not None and name not in read]
+
+
 def kv_settings_from_args(args: argparse.Namespace):
     from offload_engine.policies import H2OConfig, HiPConfig, KVSettings
 
+    unread = unread_kv_flags(args)
+    if unread:
+        needs = "--kv-policy hip" if unread[0].startswith("--hip") else \
+            "--kv-policy h2o" + (" (sink takes --hh-size, its first tokens)" if args.kv_policy == "sink" else "")
+        raise EngineError(f"{unread[0]} does nothing with --kv-policy {args.kv_policy}: it needs {needs}.",
+                          f"Drop {unread[0]} or change --kv-policy.")
+    given = lambda name, default: default if getattr(args, name) is None else getattr(args, name)  # noqa: E731
     h2o = hip = None
     if args.kv_policy in ("h2o", "sink"):
         hh_size = args.hh_size if args.hh_size is not None or args.kv_policy == "h2o" else 4
-        h2o = H2OConfig(args.hh_ratio, args.recent_ratio, hh_size, args.recent_size, args.h2o_simulate)
+        h2o = H2OConfig(given("hh_ratio", 0.1), given("recent_ratio", 0.1), hh_size, args.recent_size,
+                        bool(args.h2o_simulate))
     if args.kv_policy == "hip":
-        hip = HiPConfig(args.hip_k, args.hip_block_q, args.hip_block_k, args.hip_sink, args.hip_window,
-                        args.hip_refresh, args.hip_dense_layers, args.hip_gpu_cache)
+        d = HiPConfig()
+        hip = HiPConfig(given("hip_k", d.k), given("hip_block_q", d.block_size_q), given("hip_block_k", d.block_size_k),
+                        given("hip_sink", d.sink), given("hip_window", d.window), given("hip_refresh", d.refresh),
+                        given("hip_dense_layers", d.dense_layers), args.hip_gpu_cache)
     return KVSettings(args.kv_policy, h2o, hip)
 
 
@@ -177,6 +242,12 @@ def add_resource_args(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--offload-dir", type=Path, default=Path("offload_dir"),
                    help="folder for disk-tier tensors, one file each (default: ./offload_dir)")
     r.add_argument("--device", default=None, help="compute device (default: cuda if present, else cpu)")
+    r.add_argument("--prefill-chunk", type=positive_int, default=None, metavar="TOKENS",
+                   help="prefill the prompt TOKENS at a time inside each layer: each chunk attends the cache "
+                        "of the chunks before it and is written home as soon as it is done, so the GPU's "
+                        "working memory follows the chunk, not prompt length x batch (with --kv-policy hip, a "
+                        "multiple of --hip-block-q; default: the whole prompt if the plan fits, else the "
+                        "largest power of two >= 64 that does)")
     d = parser.add_argument_group("disk tier (how disk tensors are read and written)")
     d.add_argument("--disk-threads", type=positive_int, default=16, metavar="N",
                    help="worker threads reading and writing disk tensors in chunks; each chunk passes "
@@ -202,7 +273,8 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=finite_float, default=1.0,
                    help="nucleus sampling: keep the smallest set of tokens whose probability reaches top-p "
                         "(default: 1.0)")
-    g.add_argument("--stop-token", type=int, default=None, help="token id that ends a sequence")
+    g.add_argument("--stop-token", type=non_negative_int, default=None,
+                   help="token id that ends a sequence (0 to the vocabulary size - 1)")
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy:
@@ -231,7 +303,8 @@ def engine_options(args: argparse.Namespace, source: Path | None):
         checkpoint=source, seed=args.seed, dtype=dtypes[args.dtype] if args.dtype else None, device=args.device,
         offload_dir=args.offload_dir, gpu_mem_bytes=args.gpu_mem, cpu_mem_bytes=args.cpu_mem,
         profile=getattr(args, "profile", False), progress=not getattr(args, "quiet", False),
-        disk_relay=disk_relay_settings(args), cold_disk=getattr(args, "cold_disk", False))
+        disk_relay=disk_relay_settings(args), cold_disk=getattr(args, "cold_disk", False),
+        prefill_chunk=getattr(args, "prefill_chunk", None))
 
 
 def disk_relay_settings(args: argparse.Namespace):

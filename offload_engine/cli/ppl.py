@@ -6,6 +6,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..errors import EngineError
 from ..metrics import check_output_file, git_commit, hardware, write_json_atomic
 from .options import (add_model_args, add_policy_args, add_resource_args, engine_options, finite_float,
@@ -16,7 +18,9 @@ Perplexity: tokenize the whole text without special tokens, take the first W non
 windows of N tokens, and report exp(mean negative log-likelihood of every token of each window
 given the tokens before it in that window). Full attention and HiP run one prefill per window;
 H2O and the sink baseline run token by token, so every query sees the cache the policy kept
-(real eviction, or --h2o-simulate for the paper's masked simulation).
+when it arrived (real eviction, or --h2o-simulate for the paper's masked simulation): all
+windows as one batch, in one prefill whose attention layers step through the queries in order.
+One progress bar counts the tokens scored over every window and budget.
 """
 
 EXAMPLES = """\
@@ -90,14 +94,17 @@ def execute(args: argparse.Namespace) -> dict:
     windows = read_windows(args, tokenizer)
     kv = kv_settings_from_args(args)
     placement = policy_from_args(args)
-    options = engine_options(args, resolved.source)
+    options = replace(engine_options(args, resolved.source), progress=False)  # one bar over every run instead
     runs = [KVSettings()] + sweep_settings(args, kv) if args.sweep else [kv]
     rows = []
-    for settings in runs:
-        result = perplexity(resolved.config, windows, settings, options, placement)
-        rows.append(result.as_dict())
-        print(f"{result.kv_policy:>5} keys/query {result.mean_keys_attended:8.1f}  ppl {result.ppl:8.4f}  "
-              f"({result.method}, {result.seconds:.1f} s)", file=sys.stderr)
+    total = len(runs) * windows.shape[0] * (windows.shape[1] - 1)
+    with tqdm(total=total, desc="ppl", unit="tok", disable=args.quiet, file=sys.stderr) as bar:
+        for settings in runs:
+            bar.set_postfix_str(settings.policy)
+            result = perplexity(resolved.config, windows, settings, options, placement, progress=bar.update)
+            rows.append(result.as_dict())
+            bar.write(f"{result.kv_policy:>5} keys/query {result.mean_keys_attended:8.1f}  ppl {result.ppl:8.4f}  "
+                      f"({result.method}, {result.seconds:.1f} s)", file=sys.stderr)
     full = next((r for r in rows if r["kv_policy"] == "full"), None)
     for row in rows:
         row["ppl_change_vs_full"] = row["ppl"] / full["ppl"] - 1 if full else None

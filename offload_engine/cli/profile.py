@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import EngineError
+from ..errors import EngineError, format_size
 from ..metrics import check_output_file
 from .options import positive_int
 
@@ -89,17 +89,16 @@ def table(profile) -> str:
 
 
 def execute(args: argparse.Namespace):
-    from ..hardware_probe import MiB, disk_free_bytes, profile_machine, sizes_for
-    from ..io.tiers import check_writable
+    from ..hardware_probe import profile_machine, sizes_for
+    from ..io.tiers import disk_capacity
 
     check_output_file(args.out, "--out", "the profile")
     device = _device(args.device)
-    check_writable(args.offload_dir)
     sizes = sizes_for(device.type == "cuda", args.quick, args.disk_mib)
-    free = disk_free_bytes(args.offload_dir)
+    free = disk_capacity(args.offload_dir)
     if free < 2 * sizes.disk_bytes:  # leave the disk as much free space as the test takes
-        raise EngineError(f"--offload-dir {args.offload_dir} has {free / MiB:.0f} MiB free; the disk test needs "
-                          f"{2 * sizes.disk_bytes / MiB:.0f} MiB (twice its file).",
+        raise EngineError(f"--offload-dir {args.offload_dir} has {format_size(free)} free; the disk test needs "
+                          f"{format_size(2 * sizes.disk_bytes)} (twice its file).",
                           "Lower --disk-mib or point --offload-dir at a disk with more space.")
     profile = profile_machine(device, args.offload_dir, sizes,
                               log=lambda what: print(f"measuring {what} ...", file=sys.stderr))

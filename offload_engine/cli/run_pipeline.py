@@ -62,7 +62,7 @@ def execute_pipeline(args: argparse.Namespace, resolved, policy: Policy, work: W
     from ..pipeline.launch import stage_entry
     from ..pipeline.split import stage_split
     from .options import engine_options
-    from .run import synthetic_prompts
+    from .run import print_kv_budget, synthetic_prompts
 
     model, stages = resolved.config, args.pipeline
     if stages < 2:
@@ -86,6 +86,7 @@ def execute_pipeline(args: argparse.Namespace, resolved, policy: Policy, work: W
             check_output_file(args.json)
         print(f"{model.name} ({resolved.weights_label}), {stages} stages, batch {policy.gpu_batch_size}x"
               f"{policy.num_gpu_batches}x{blocks} micro-batches, {work.prompt_len}+{work.gen_len} tokens", file=sys.stderr)
+        print_kv_budget(policy, work)
         for k, r in enumerate(splits):
             print(f"  stage {k}: layers {r.start}-{r.stop - 1} ({costs[k]:.3g} {unit.split(' ')[0]}), "
                   f"--percent {' '.join(f'{p:g}' for p in policies[k].percent)}", file=sys.stderr)
@@ -128,7 +129,7 @@ def _report(args, resolved, job, result: dict, costs: list[float], unit: str) ->
         "model": model.name, "weights": resolved.weights_label, "dtype": stages[0]["dtype"],
         "policy": asdict(policy), "workload": asdict(work),
         "metrics": metrics.as_dict(), "sizes_gib": sizes, "peak_memory_per_stage_max": peaks,
-        "cut_gen_len": args.cut_gen_len,
+        "cut_gen_len": args.cut_gen_len, "kv_budget": policy.kv.kept_tokens(work.prompt_len),
         "pipeline": {"stages": job.stages, "micro_batches": job.blocks, "split_by": unit, "stage_link": "host (gloo)",
                      "stage_policies": [asdict(p) for p in job.policies], "per_stage": result["stages"]},
         "hardware": hardware(), "commit": git_commit(), "command": args.argv,

@@ -10,7 +10,7 @@ import argparse
 import shlex
 from pathlib import Path
 
-from ..sweep import Sweep, expand, latest, read_grid, run_flags
+from ..sweep import Sweep, SweepError, expand, latest, read_grid, run_flags
 
 DESCRIPTION = """\
 Run `offload-engine run` for every combination of the values given (the cartesian product), one
@@ -21,9 +21,11 @@ token/s, latencies, peak GPU memory, status, error); its output is in OUT/logs/I
 
 A status is ok, no_fit (the plan was refused before allocating), oom, timeout or error. Running
 the same command again resumes: points already in sweep.jsonl are skipped (--retry-failed reruns
-the failed ones, --force all). Ctrl-C or SIGTERM kills the point in flight and keeps every point
-that finished. At the end (and after each point) OUT/throughput_vs_latency.png is drawn, and
-OUT/predicted_vs_measured.png where the runs carry a predicted throughput (needs matplotlib).
+the failed ones, --force all). Every point (its flags, its --model) is checked before the first
+one runs; the sweep exits non-zero when every point it ran failed. Ctrl-C or SIGTERM kills the
+point in flight and keeps every point that finished. At the end (and after each point)
+OUT/throughput_vs_latency.png is drawn, and OUT/predicted_vs_measured.png where the runs carry a
+predicted throughput (needs matplotlib).
 """
 
 EXAMPLES = """\
@@ -124,6 +126,12 @@ def execute(args: argparse.Namespace) -> list[dict]:
     counts: dict[str, int] = {}
     for r in written:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    print(f"{len(written)} points run now ({', '.join(f'{n} {s}' for s, n in counts.items()) or 'none'}); "
-          f"{len(records)} records in {sweep.jsonl} and {sweep.csv}")
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items()) or "none"
+    print(f"{len(written)} points run now ({summary}); {len(records)} records in {sweep.jsonl} and {sweep.csv}")
+    failed = [r for r in written if r["status"] != "ok"]
+    if failed and len(failed) == len(written):  # nothing measured: a script must not read it as success
+        raise SweepError(f"all {len(failed)} points run now failed ({summary}); their logs are in "
+                         f"{args.out / 'logs'}.", "Read a log, fix the grid, and rerun with --retry-failed.")
+    if failed:
+        print(f"{len(failed)} of {len(written)} points failed; their logs are in {args.out / 'logs'}")
     return written

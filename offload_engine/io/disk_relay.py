@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import EngineError
+from ..errors import EngineError, format_size
 from .files import ALIGN, FileCache, read_all, write_all
 
 
@@ -207,7 +207,7 @@ class DiskRelay:
         if self._pinned:  # registered, not pin_memory=True, which rounds up to a power of two
             err = torch.cuda.cudart().cudaHostRegister(self._arena.data_ptr(), self._arena.numel(), 0)
             if int(err) != 0:
-                raise EngineError(f"could not pin the {self.ring_bytes / 2**20:.0f} MiB disk relay ring ({err}).",
+                raise EngineError(f"could not pin the {format_size(self.ring_bytes)} disk relay ring ({err}).",
                                   "Lower the ring size or free host memory.")
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # (slot, event of its last copy | None)
         for i in range(self.slots):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import errno
 import mmap
 import os
 import shutil
@@ -21,8 +22,10 @@ import numpy as np
 import psutil
 import torch
 
-from ..errors import EngineError
+from ..errors import EngineError, format_size
 from . import page_cache
+from .files import write_all
+from .folders import free_bytes, make_folders, not_writable, remove_if_empty
 
 ALIGN = 256
 
@@ -167,11 +170,13 @@ class HostStorage(Storage):
             arena = torch.empty(nbytes, dtype=torch.uint8)
             advise_huge_pages(arena)
             prefault(arena)
-            err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), nbytes, 0)
+            # Portable and mapped: kernels may read the arena in place (device_view), e.g. HiP's
+            # hot-block fetch reading missed blocks from a KV home here.
+            err = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), nbytes, 3)
             if int(err) != 0:
                 raise RuntimeError(f"cudaHostRegister returned {err}")
         except RuntimeError as e:
-            raise EngineError(f"could not pin {nbytes / 2**30:.2f} GiB of host memory ({e}).",
+            raise EngineError(f"could not pin {format_size(nbytes)} of host memory ({e}).",
                               "Lower --cpu-mem use: move KV cache or weights to disk, or shrink the batch.") from None
         self._arenas.append(arena)
         self._offset = 0
@@ -191,27 +196,34 @@ class DiskStorage(Storage):
 
     The folder is named after the process (`engine-<pid>-...`): folders left behind by processes
     that died without cleaning up (killed, out of memory) are reclaimed by the next engine.
+
+    Every file's blocks are reserved when it is created (`reserve_space`): writing a mapped page
+    whose block cannot be allocated kills the process with SIGBUS; reserved up front, a disk that
+    is full is one error (ENOSPC) before the run starts.
     """
 
     tier = Tier.DISK
 
-    def __init__(self, offload_dir: Path):
+    def __init__(self, offload_dir: Path, planned_bytes: int = 0):
         super().__init__()
         self.offload_dir = Path(offload_dir)
+        self.planned_bytes = planned_bytes  # the whole tier, for the out-of-space message
         self.directory: Path | None = None
+        self._created: list[Path] = []  # the offload directory and parents this storage made
         self._files: list[Path] = []
         self._maps: list[np.memmap] = []
         self._spans: list[tuple[int, int, Path]] = []  # (first byte address, end address, file) per mapping
 
     def _allocate(self, shape, dtype, name):
         if self.directory is None:
-            self.offload_dir.mkdir(parents=True, exist_ok=True)
+            self._created = make_folders(self.offload_dir)
             reclaim_stale_folders(self.offload_dir)
             self.directory = Path(tempfile.mkdtemp(prefix=f"engine-{os.getpid()}-", dir=self.offload_dir))
         path = self.directory / f"{name}.bin"
         nbytes = max(tensor_bytes(shape, dtype), 1)
-        mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(nbytes,))
-        self._files.append(path)
+        self._files.append(path)  # cleanup removes it even if its space cannot be reserved
+        self._create_reserved(path, nbytes)
+        mm = np.memmap(path, dtype=np.uint8, mode="r+", shape=(nbytes,))
         self._maps.append(mm)
         tensor = torch.from_numpy(mm)
         self._spans.append((tensor.data_ptr(), tensor.data_ptr() + nbytes, path))
@@ -233,6 +245,28 @@ class DiskStorage(Storage):
         their bytes still resident, None where that cannot be asked."""
         return page_cache.evict(self._files, [m.base for m in self._maps if isinstance(m.base, mmap.mmap)])
 
+    def _create_reserved(self, path: Path, nbytes: int) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            reserve_space(fd, nbytes)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise self._out_of_space(nbytes) from None
+        finally:
+            os.close(fd)
+
+    def _out_of_space(self, nbytes: int) -> EngineError:
+        """What the tier needs against what this run can have: the free space plus its own files,
+        which go when the run ends."""
+        need = max(self.planned_bytes, self.allocated_bytes + nbytes)
+        available = free_bytes(self.offload_dir) + self.allocated_bytes
+        return EngineError(f"the disk tier ran out of space in --offload-dir {self.offload_dir}: it needs "
+                           f"{format_size(need)} but only {format_size(available)} are available (the disk filled "
+                           "up after the plan was checked).",
+                           "Free space on that disk or pick another --offload-dir (or keep more on GPU/CPU with "
+                           "--percent).")
+
     def file_bytes(self) -> int:
         return sum(p.stat().st_size for p in self._files if p.exists())
 
@@ -248,6 +282,26 @@ class DiskStorage(Storage):
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
             self.directory = None
+        remove_if_empty(self._created)  # ./offload_dir made for this run goes; one the user had stays
+        self._created = []
+
+
+ZERO_CHUNK = 8 << 20
+
+
+def reserve_space(fd: int, nbytes: int) -> None:
+    """Allocate a new file's blocks now (raises ENOSPC if they do not fit): posix_fallocate, or,
+    where the file system refuses it, writing zeros, which allocates them just as surely."""
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    zeros = memoryview(bytes(min(nbytes, ZERO_CHUNK)))
+    for pos in range(0, nbytes, len(zeros)):
+        write_all(None, fd, zeros[:nbytes - pos], pos)
 
 
 def reclaim_stale_folders(offload_dir: Path) -> list[Path]:
@@ -262,12 +316,26 @@ def reclaim_stale_folders(offload_dir: Path) -> list[Path]:
 
 
 def check_writable(directory: Path) -> None:
-    """Refuse an offload directory that cannot hold files, before anything is written."""
+    """Refuse an offload directory that cannot hold files, before anything is written; a folder
+    made for the check is removed again (the disk tier makes it when it writes its first file)."""
+    directory, created = Path(directory), []
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        created = make_folders(directory)
         probe = directory / ".offload_engine_probe"
         probe.write_bytes(b"x")
         probe.unlink()
     except OSError as e:
-        raise EngineError(f"offload directory {directory} is not writable ({e.strerror}).",
-                          "Pass a writable folder with --offload-dir.") from None
+        raise EngineError(f"{not_writable(directory, e, 'the offload directory')}.",
+                          "Pass --offload-dir a folder this user can create files in.") from None
+    finally:
+        remove_if_empty(created)
+
+
+def disk_capacity(offload_dir: Path) -> int:
+    """Free bytes for the disk tier. Folders of dead processes are reclaimed first: their files
+    would otherwise count as used, and a run after a crash be refused for lack of space."""
+    offload_dir = Path(offload_dir)
+    if offload_dir.is_dir():
+        reclaim_stale_folders(offload_dir)
+    check_writable(offload_dir)
+    return free_bytes(offload_dir)

@@ -25,6 +25,7 @@ class PlainCodec:
 
     def __init__(self, dtype: torch.dtype, head_dim: int):
         self.dtype, self.head_dim = dtype, head_dim
+        self.compute_dtype = dtype
 
     @property
     def tail(self) -> tuple[int, ...]:
@@ -81,4 +82,4 @@ class PackedCodec:
 def make_codec(compression, dtype: torch.dtype, head_dim: int):
     if compression is None:
         return PlainCodec(dtype, head_dim)
-    return PackedCodec(compression.kernel_spec(), dtype, head_dim)
+    return PackedCodec(compression.kernel_spec().for_length(head_dim), dtype, head_dim)

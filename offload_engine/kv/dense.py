@@ -23,6 +23,7 @@ class DenseKV(QueuesCpuAttention):
         self.host_return = HostReturn()  # inline decode outputs back to the GPU
 
     streams_cache = True  # an off-GPU cache is copied whole into a GPU slot each step
+    chunks_need_buffer = False  # a GPU-resident, unpacked cache holds the prompt for the next chunk
 
     def stored_tokens(self, state: BatchState) -> int:
         return state.length
@@ -52,14 +53,20 @@ class CacheAccess:
         if cache_k is not None:
             self.codec.encode(k_new, cache_k[t:t + s])
             self.codec.encode(v_new, cache_v[t:t + s])
-        if t == 0:  # prefill: the new tokens are the whole sequence, in the compute dtype
+        if self.where.buffer is not None:  # a prefill chunk after the prompt's earlier chunks
+            buf_k, buf_v = self.where.buffer
+            buf_k[t:t + s] = k_new
+            buf_v[t:t + s] = v_new
+            out = token_major_attention(q, buf_k, buf_v, t + s, self.state.mask(s, q.device))
+        elif t == 0:  # prefill: the new tokens are the whole sequence, in the compute dtype
             out = token_major_attention(q, k_new, v_new, s, self.state.mask(s, q.device))
         elif self.codec.packed:
             out = self.codec.attend(q, cache_k, cache_v, t + s, None, self.state.key_valid[:, :t + s])
         else:
             out = self.codec.attend(q, cache_k, cache_v, t + s, self.state.mask(s, q.device))
         if self.where.writes_home:  # from fresh tensors: the slot is reused by the next prefetch
-            self.store.store(self.item, t, self.codec.encoded(k_new), self.codec.encoded(v_new))
+            self.store.store(self.item, t, self.codec.encoded(k_new), self.codec.encoded(v_new),
+                             append=self.state.in_prefill)
         return out
 
     def _attend_static(self, q, k, v):

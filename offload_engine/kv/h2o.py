@@ -32,10 +32,12 @@ from offload_engine.kernels.cpu_attention import use_cpp
 from offload_engine.kernels.cpu_slot_attention import cpu_slot_attention
 
 from ..batch import BatchState
+from ..errors import EngineError
 from ..io.host_return import HostReturn
 from ..profiler import Profiler
 from .codec import PlainCodec
 from .cpu_queue import QueuesCpuAttention
+from .h2o_scan import ScanState, h2o_scan
 from .store import CacheLocation, Item, KVCacheStore
 
 NO_POSITION = -1
@@ -58,9 +60,16 @@ class H2OKV(QueuesCpuAttention):
         self.hh, self.recent = cfg.sizes(workload.prompt_len)
         self.budget = self.hh + self.recent
         self.slots: dict[Item, SlotState] = {}
+        self.prompt_scores: dict[Item, torch.Tensor] = {}  # a chunked prefill's scores so far
         self.host_return = HostReturn()  # decode outputs back to the GPU
+        # Perplexity: each prompt query attends the cache kept when it arrived, as decode steps
+        # would (h2o_scan.py); on_scan() is called after each layer's scan (progress).
+        self.teacher_forced = False
+        self.on_scan = None
+        self.scan_states: dict[Item, ScanState] = {}  # a chunked teacher-forced prefill's state so far
 
     streams_cache = True  # an off-GPU cache is copied whole into a GPU slot each step
+    chunks_need_buffer = True  # the cache holds the budget, not the prompt the next chunk attends
 
     def stored_tokens(self, state: BatchState) -> int:
         """Slots a decode step may attend: one per token seen plus the incoming one (capped by the
@@ -132,7 +141,7 @@ class H2OAccess:
         self.codec = policy.codec
 
     def attend(self, q, k, v):
-        if self.state.length == 0:
+        if self.state.in_prefill:
             return self._prefill(q, k, v)
         if self.where.kind == "cpu":
             queue = self._cpu_queue(q)
@@ -157,16 +166,72 @@ class H2OAccess:
         return p.cpu_queue(q.device)
 
     def _prefill(self, q, k, v):
-        p, s = self.policy, q.shape[1]
+        """Attend the prompt (or one chunk of it after the chunks before, summing the attention
+        each key receives across chunks); once the whole prompt is in, keep the budget."""
+        if self.policy.teacher_forced:
+            return self._scan(q, k, v)
+        if self.where.buffer is None:  # the whole prompt at once
+            valid = self.state.key_valid[:, :q.shape[1]]
+            out, colsum = attention_with_column_sums(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                     key_valid=valid, query_valid=valid)
+            self._keep(colsum, k, v)
+            return out.transpose(1, 2)
+        p, t, end = self.policy, self.state.length, self.state.length + q.shape[1]
+        buf_k, buf_v = self.where.buffer
+        buf_k[t:end] = k.transpose(0, 1)
+        buf_v[t:end] = v.transpose(0, 1)
+        valid = self.state.key_valid[:, :end]
+        out, colsum = attention_with_column_sums(q.transpose(1, 2), buf_k[:end].permute(1, 2, 0, 3),
+                                                 buf_v[:end].permute(1, 2, 0, 3), key_valid=valid,
+                                                 query_valid=valid[:, t:])
+        if t == 0:
+            p.prompt_scores[self.item] = colsum.new_zeros(*colsum.shape[:2], self.state.prompt_len)
+        scores = p.prompt_scores[self.item]
+        scores[..., :end] += colsum
+        if end == self.state.prompt_len:
+            del p.prompt_scores[self.item]
+            self._keep(scores, buf_k[:end].transpose(0, 1), buf_v[:end].transpose(0, 1))
+        return out.transpose(1, 2)
+
+    def _scan(self, q, k, v):
+        """The prompt teacher-forced (h2o_scan.py): every query over the tokens kept when it
+        arrived, chunk after chunk; once the whole prompt is in, the tokens kept after its last
+        query go to the cache."""
+        p, t, end = self.policy, self.state.length, self.state.length + q.shape[1]
+        if self.state.padded:
+            raise EngineError("teacher-forced H2O scores unpadded prompts only.", "Pass prompts without padding.")
+        keys, values = k, v
+        if self.where.buffer is not None:  # one chunk: the ones before it are in the prompt buffer
+            buf_k, buf_v = self.where.buffer
+            buf_k[t:end] = k.transpose(0, 1)
+            buf_v[t:end] = v.transpose(0, 1)
+            keys, values = buf_k[:end].transpose(0, 1), buf_v[:end].transpose(0, 1)
+        if t == 0:
+            p.scan_states[self.item] = ScanState.empty(k.shape[0], k.shape[2], self.state.prompt_len, k.device)
+        state = p.scan_states[self.item]
+        codec = self.codec
+        attended = [x if isinstance(codec, PlainCodec) else codec.decode(codec.encoded(x)) for x in (keys, values)]
+        out = h2o_scan(q, *attended, v[:, 0], state, p.budget, p.recent, p.sinks)
+        if end == self.state.prompt_len:
+            del p.scan_states[self.item]
+            # Evicted tokens at -inf: the selection after prefill keeps exactly the scan's tokens
+            # (the sink baseline's rule depends on positions only and picks the same ones).
+            self._keep(state.score.masked_fill(~state.kept, float("-inf")), keys, values)
+            if p.on_scan is not None:
+                p.on_scan()
+        return out
+
+    def _keep(self, colsum, k, v):
+        """Choose the prompt tokens to keep from the attention they received (colsum (B, Hkv, s))
+        and write them to the cache; k, v (B, s, Hkv, D) are the whole prompt's."""
+        p, s = self.policy, k.shape[1]
         valid = self.state.key_valid[:, :s]
-        out, colsum = attention_with_column_sums(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 key_valid=valid, query_valid=valid)
         colsum = p.initial_scores(colsum)
         if p.simulate:  # slot = position: the whole prompt stays in place, evicted tokens are masked
             keep = p.select_after_prefill(colsum, valid)
             kept = torch.zeros_like(keep[..., :1].expand_as(colsum)).scatter_add_(-1, keep.clamp(min=0),
                                                                                   (keep >= 0).long()) > 0
-            position = torch.arange(s, device=q.device).expand_as(colsum).masked_fill(~kept, NO_POSITION)
+            position = torch.arange(s, device=k.device).expand_as(colsum).masked_fill(~kept, NO_POSITION)
             k_keep, v_keep, n = k.transpose(0, 1), v.transpose(0, 1), s
             score = colsum.masked_fill(~kept, 0.0)
         else:
@@ -182,7 +247,7 @@ class H2OAccess:
             n = self.store.capacity
         capacity = self.store.capacity
         attended_on_cpu = self.store.attended_on_cpu(self.item)
-        home = torch.device("cpu") if attended_on_cpu else q.device
+        home = torch.device("cpu") if attended_on_cpu else k.device
         pad = capacity - position.shape[-1]
         slots = SlotState(torch.nn.functional.pad(position, (0, pad), value=NO_POSITION).to(home),
                           torch.nn.functional.pad(score, (0, pad)).to(home))
@@ -199,7 +264,6 @@ class H2OAccess:
             self.codec.encode(v_keep, self.where.v[:n])
         else:
             self.store.store(self.item, 0, self.codec.encoded(k_keep), self.codec.encoded(v_keep))
-        return out.transpose(1, 2)
 
     def _decode(self, q, k, v):
         """One new token: into a free slot, attend, accumulate, evict. Runs where the slots live."""

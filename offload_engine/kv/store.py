@@ -27,6 +27,10 @@ from ..io.transfer import Mover, Pending
 Item = tuple[int, int]  # (layer index, gpu batch)
 
 
+def max_kv_heads(layers: list[Layer]) -> int:
+    return max((layer.kv_spec.num_heads for layer in layers if layer.kv_spec is not None), default=0)
+
+
 @dataclass
 class CacheLocation:
     """Where an item's cache can be attended this step.
@@ -40,6 +44,9 @@ class CacheLocation:
     kind: str
     k: torch.Tensor | None
     v: torch.Tensor | None
+    # A chunked prefill's prompt so far, token-major (T, B, H, D) in the compute dtype on the GPU,
+    # where the cache itself cannot serve the next chunk (off the GPU, packed, or evicting).
+    buffer: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def writes_home(self) -> bool:
@@ -84,6 +91,9 @@ class KVCacheStore:
                         for n in range(plan.kv_scratch_slots)]
         self._scratch_busy: list[Pending | None] = [None] * len(self.scratch)
         self._next_scratch = 0
+        self._gpu, self._buffer_shape = gpu, (plan.prefill_buffer_tokens, batch_size, max_kv_heads(layers),
+                                               codec.head_dim)
+        self._buffer: tuple[torch.Tensor, torch.Tensor] | None = None
         self._fetched: dict[Item, tuple[int, list[Pending]]] = {}
         self._next_slot = 0
         self._next_staging = 0
@@ -127,28 +137,59 @@ class KVCacheStore:
         k_buf, v_buf = self.slots[slot]
         return CacheLocation("slot", k_buf, v_buf)
 
+    def prompt_buffer(self, item: Item, chunked: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The GPU buffer a chunked prefill of `item` gathers its prompt in, or None where the
+        cache itself holds the prompt in the compute dtype on the GPU. Items are prefilled one
+        after another on the compute stream, so they share one buffer."""
+        if not chunked:
+            return None
+        tier = self.homes[item][0]
+        if tier == Tier.GPU and not self.codec.packed and not self.policy.chunks_need_buffer:
+            return None
+        if self._buffer is None:
+            if self._buffer_shape[0] == 0:
+                raise RuntimeError("the memory plan reserved no prefill buffer for a chunked prefill")
+            dtype = self.codec.compute_dtype
+            self._buffer = (self._gpu.allocate(self._buffer_shape, dtype, "kv_prefill_k"),
+                            self._gpu.allocate(self._buffer_shape, dtype, "kv_prefill_v"))
+        heads = self.homes[item][1].shape[2 if not self.head_major[item] else 1]
+        return self._buffer[0][..., :heads, :], self._buffer[1][..., :heads, :]
+
+    def order_after_stores(self) -> None:
+        """Order the current stream after every write-back in flight, without blocking the host
+        (a captured decode step writes and reads homes in place, after the prefill's copies)."""
+        for item, pending in self.last_store.items():
+            for p in pending:
+                p.wait()
+
     def wait_stores(self, item: Item) -> None:
         """Block until the item's earlier write-backs have reached its home."""
         for p in self.last_store[item]:
             p.synchronize()
         self.last_store[item] = []
 
-    def access(self, item: Item, state: BatchState, prefill: bool):
-        """The object behind `LayerContext.kv` for this item and step."""
-        return self.policy.access(self, item, state, self.locate(item, state, prefill))
+    def access(self, item: Item, state: BatchState, prefill: bool, chunked: bool = False):
+        """The object behind `LayerContext.kv` for this item and step (`chunked`: one chunk of a
+        chunked prefill)."""
+        where = self.locate(item, state, prefill)
+        where.buffer = self.prompt_buffer(item, chunked)
+        return self.policy.access(self, item, state, where)
 
-    def store(self, item: Item, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def store(self, item: Item, start: int, k: torch.Tensor, v: torch.Tensor, append: bool = False) -> None:
         """Write encoded tokens (s, B, H, *tail), on the compute device, to the item's home at `start`.
 
-        Each layout gets one contiguous copy on the device, then one transfer.
+        Each layout gets one contiguous copy on the device, then one transfer. `append`: the
+        item's earlier writes are still to be waited for (the chunks of one prefill).
         """
         tier, k_home, v_home = self.homes[item]
+        earlier = self.last_store[item] if append else []
         if self.head_major[item]:
             self._store_head_major(item, start, k, v)
-            return
-        disk, s = tier == Tier.DISK, k.shape[0]
-        self.last_store[item] = [self.mover.store(k_home[start:start + s], k.contiguous(), "kv_io", to_disk=disk),
-                                 self.mover.store(v_home[start:start + s], v.contiguous(), "kv_io", to_disk=disk)]
+        else:
+            disk, s = tier == Tier.DISK, k.shape[0]
+            self.last_store[item] = [self.mover.store(k_home[start:start + s], k.contiguous(), "kv_io", to_disk=disk),
+                                     self.mover.store(v_home[start:start + s], v.contiguous(), "kv_io", to_disk=disk)]
+        self.last_store[item] = earlier + self.last_store[item]
 
     def scatter(self, item: Item, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write one token per (row, head), k/v (B, H, *tail), into token slot `slots` (B, H) of the home.

@@ -38,9 +38,8 @@ def run_pipeline(job: PipelineJob) -> dict:
 
     if job.stages < 2:
         raise EngineError(f"a pipeline needs at least 2 stages, got {job.stages}.", "Drop --pipeline for one process.")
-    for name in list(logging.root.manager.loggerDict):  # failures are reported here, once
-        if name.startswith(("torch.distributed.elastic", "torch.distributed.launcher", "torchelastic")):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+    _quiet_torch_loggers()
+    _quiet_resource_tracker()
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=job.stages, rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", run_id=f"offload-engine-{uuid.uuid4().hex[:8]}",
                           max_restarts=0, monitor_interval=0.1, start_method="spawn")
@@ -57,6 +56,33 @@ def run_pipeline(job: PipelineJob) -> dict:
             signal.signal(s, handler)
         remove_stage_folders(job, created)
     return results[0]
+
+
+def _quiet_torch_loggers() -> None:
+    """Failures are reported here, once: not also as the agent's log lines (torch.multiprocessing's
+    "Terminating process ..." as it stops the stages a failed one leaves behind)."""
+    prefixes = ("torch.distributed.elastic", "torch.distributed.launcher", "torchelastic", "torch.multiprocessing")
+    for name in [*prefixes, *logging.root.manager.loggerDict]:
+        if name.startswith(prefixes):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _quiet_resource_tracker() -> None:
+    """A killed stage leaves its semaphores to multiprocessing's resource tracker, which frees them
+    when this process exits and warns about each "leak". The tracker is started here, before the
+    stages, with that one warning filtered, so a failure stays the one line that names the stage.
+    (A tracker started earlier by other code keeps its own settings.)"""
+    from multiprocessing import resource_tracker
+
+    previous = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [previous, "ignore:resource_tracker:UserWarning"]))
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if previous is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = previous
 
 
 def stage_entry(job: PipelineJob) -> dict | None:

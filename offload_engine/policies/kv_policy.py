@@ -32,17 +32,26 @@ class Compression:
         return 4 + self.group_size * self.bits // 8
 
     def packed_bytes(self, numel_last: int, lead: int) -> int:
-        """Bytes of a (lead, numel_last) tensor quantized along its last dimension."""
-        return lead * math.ceil(numel_last / self.group_size) * self.record_bytes()
+        """Bytes of a (lead, numel_last) tensor quantized along its last dimension (in groups of
+        at most the row: see QuantSpec.for_length)."""
+        spec = self.kernel_spec().for_length(numel_last)
+        return lead * math.ceil(numel_last / spec.group_size) * spec.record_bytes
 
     def kernel_spec(self):
         from offload_engine.kernels.quant.pack import QuantSpec
         return QuantSpec(bits=self.bits, group_size=self.group_size)
 
 
+# Tokens a ratio keeps at the least, of the heavy hitters and of the recent window each: a
+# fraction of a short prompt (10% of 5 tokens) keeps too little to generate sensible text. A
+# prompt shorter than the floor is kept whole; explicit sizes are taken as given.
+RATIO_FLOOR_TOKENS = 16
+
+
 @dataclass(frozen=True)
 class H2OConfig:
-    """Heavy hitters + recent tokens, as fractions of the prompt (the paper's knobs) or absolute sizes.
+    """Heavy hitters + recent tokens, as fractions of the prompt (the paper's knobs, each at least
+    RATIO_FLOOR_TOKENS unless 0) or absolute sizes (taken as given).
 
     `simulate`: dense attention over the whole cache with the H2O mask applied (the paper's
     masked simulation; nothing is freed): the reference for the real eviction.
@@ -63,16 +72,27 @@ class H2OConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise EngineError(f"--{name.replace('_', '-')} must be >= 0, got {value}.")
+        hh = ("--hh-size", self.hh_size) if self.hh_size is not None else ("--hh-ratio", self.hh_ratio)
+        recent = ("--recent-size", self.recent_size) if self.recent_size is not None else \
+            ("--recent-ratio", self.recent_ratio)
+        if hh[1] == 0 and recent[1] == 0:
+            raise EngineError(f"{hh[0]} 0 and {recent[0]} 0 give an H2O budget of 0 tokens: nothing would be kept "
+                              "to attend.", "Keep at least one heavy hitter or recent token.")
 
     def sizes(self, prompt_len: int) -> tuple[int, int]:
         """(heavy hitters, recent) kept per sequence and KV head; at least one recent token."""
-        hh = self.hh_size if self.hh_size is not None else int(self.hh_ratio * prompt_len)
-        recent = self.recent_size if self.recent_size is not None else int(self.recent_ratio * prompt_len)
+        hh = self.hh_size if self.hh_size is not None else _from_ratio(self.hh_ratio, prompt_len)
+        recent = self.recent_size if self.recent_size is not None else _from_ratio(self.recent_ratio, prompt_len)
         return hh, max(1, recent)
 
     def budget(self, prompt_len: int) -> int:
         hh, recent = self.sizes(prompt_len)
         return hh + recent
+
+
+def _from_ratio(ratio: float, prompt_len: int) -> int:
+    """A fraction of the prompt, at least RATIO_FLOOR_TOKENS (none when the ratio is 0)."""
+    return max(int(ratio * prompt_len), RATIO_FLOOR_TOKENS) if ratio > 0 else 0
 
 
 @dataclass(frozen=True)
@@ -163,10 +183,30 @@ class KVSettings:
         """H2O and the sink baseline keep a budget of tokens and free the rest."""
         return self.policy in ("h2o", "sink")
 
+    def kept_tokens(self, prompt_len: int) -> dict[str, int] | None:
+        """H2O's (or the sink baseline's) budget in tokens per sequence and KV head, as result
+        files record it; None for policies that keep everything they select."""
+        if not self.evicts:
+            return None
+        hh, recent = self.h2o.sizes(prompt_len)
+        return {"heavy_hitters": hh, "recent": recent, "tokens": hh + recent}
+
+    def describe_budget(self, prompt_len: int) -> str | None:
+        """The budget as one line for the start-up report."""
+        kept = self.kept_tokens(prompt_len)
+        if kept is None:
+            return None
+        name, first = ("sink", "sink tokens") if self.policy == "sink" else ("H2O", "heavy hitters")
+        return (f"{name} budget: {kept['heavy_hitters']} {first} + {kept['recent']} recent = {kept['tokens']} tokens "
+                f"per sequence and KV head (prompt of {prompt_len} tokens)")
+
     @property
     def capturable(self) -> bool:
         """Whether a decode step with this policy can be captured in a CUDA graph: a fixed set of
-        slots (everything, or H2O's budget with real eviction), not a per-step selection."""
+        slots (everything, or H2O's budget with real eviction), or HiP's selection in fixed
+        buffers (kv/hip_static.py); not H2O's masked simulation or HiP's exact top-k."""
+        if self.policy == "hip":
+            return not self.hip.exact
         return self.policy == "full" or (self.evicts and not self.h2o.simulate)
 
     def cache_len(self, prompt_len: int, max_len: int) -> int:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from offload_engine.errors import EngineError
+from offload_engine.errors import EngineError, format_size, require_int
 from offload_engine.models.base import Layer
 from offload_engine.io.tiers import Tier, round_up, tensor_bytes
 
@@ -28,6 +28,10 @@ class Workload:
     prompt_len: int
     gen_len: int
 
+    def __post_init__(self) -> None:
+        require_int(self.prompt_len, "--prompt-len (Workload.prompt_len)", 1)
+        require_int(self.gen_len, "--gen-len (Workload.gen_len)", 1)
+
     @property
     def max_len(self) -> int:
         return self.prompt_len + self.gen_len
@@ -40,16 +44,17 @@ class TierBudget:
     activations: int = 0
     buffers: int = 0  # staging slots for streamed weights / KV cache
     working: int = 0  # transient tensors of one layer's forward
+    hot_cache: int = 0  # HiP: block-start keys and hot blocks of a KV cache kept off the GPU
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations + self.buffers + self.working
+        return self.weights + self.kv_cache + self.activations + self.buffers + self.working + self.hot_cache
 
     def describe(self) -> str:
-        parts = [("weights", self.weights), ("KV cache", self.kv_cache), ("activations", self.activations),
-                 ("staging buffers", self.buffers), ("working memory", self.working)]
-        return ", ".join(f"{name} {b / GiB:.2f} GiB" if b >= 0.01 * GiB else f"{name} {b / MiB:.1f} MiB"
-                         for name, b in parts if b)
+        parts = [("weights", self.weights), ("KV cache", self.kv_cache), ("HiP hot cache", self.hot_cache),
+                 ("activations", self.activations), ("staging buffers", self.buffers),
+                 ("working memory", self.working)]
+        return ", ".join(f"{name} {format_size(b)}" for name, b in parts if b)
 
 
 @dataclass
@@ -72,6 +77,8 @@ class MemoryPlan:
     kv_scratch_slots: int = 0  # pinned host buffers for per-head token writes (H2O) to CPU/disk homes
     cache_len: int = 0  # token slots per sequence in each KV item
     prefill_tokens: int = 0  # token slots written per sequence at prefill
+    prefill_chunk: int = 0  # prompt tokens per layer forward at prefill
+    prefill_buffer_tokens: int = 0  # a chunked prefill's GPU buffer of the prompt (0: none needed)
     compressed_weights: set[str] = field(default_factory=set)  # checkpoint keys stored packed
     tiers: dict[Tier, TierBudget] = field(default_factory=lambda: {t: TierBudget() for t in Tier})
     kv_blocks: int = 1  # a pipeline stage keeps KV cache for several blocks of gpu batches
@@ -106,12 +113,18 @@ class MemoryPlan:
     def persistent_bytes(self, tier: Tier) -> int:
         """What the engine allocates up front on a tier (all but transient working memory)."""
         b = self.tiers[tier]
-        return b.weights + b.kv_cache + b.activations + b.buffers
+        return b.weights + b.kv_cache + b.activations + b.buffers + b.hot_cache
 
-    def check(self, gpu_bytes: int, cpu_bytes: int, disk_bytes: int) -> None:
+    def check(self, gpu_bytes: int, cpu_bytes: int, disk_bytes: int, shared: int | None = None) -> None:
+        """Refuse a plan that does not fit the caps; `shared`: the host memory that the GPU and CPU
+        tiers both come out of when the "GPU" is the CPU (their sum must fit it too)."""
+        slots = ""
+        if self.weight_slots > 2:  # only an explicit --weight-buffers asks for more than the automatic choice
+            slots = (f" or lower --weight-buffers (its {self.weight_slots} staging slots hold "
+                     f"{format_size(self.weight_slots * self.weight_slot_bytes)})")
         hints = {
             Tier.GPU: ("--gpu-mem", "move weights or KV cache off the GPU (lower the 1st or 3rd --percent value) "
-                       "or lower --gpu-batch-size"),
+                       f"or lower --gpu-batch-size{slots}"),
             Tier.CPU: ("--cpu-mem", "move weights or KV cache to disk (lower the 2nd or 4th --percent value) "
                        "or lower --gpu-batch-size / --num-gpu-batches"),
             Tier.DISK: ("--offload-dir", "free disk space, point --offload-dir elsewhere, or keep more on GPU/CPU"),
@@ -121,9 +134,22 @@ class MemoryPlan:
             if need > cap:
                 flag, fix = hints[tier]
                 raise EngineError(
-                    f"policy does not fit: the {tier.value.upper()} tier needs {need / GiB:.2f} GiB "
-                    f"({self.tiers[tier].describe()}) but {cap / GiB:.2f} GiB are available ({flag}), "
-                    f"{(need - cap) / GiB:.2f} GiB short.", f"To fix: {fix}.")
+                    f"policy does not fit: the {tier.value.upper()} tier needs {format_size(need)} "
+                    f"({self.tiers[tier].describe()}) but {format_size(cap)} are available ({flag}), "
+                    f"{format_size(need - cap)} short.", f"To fix: {fix}.")
+        self._check_shared(shared, slots)
+
+    def _check_shared(self, shared: int | None, slots: str) -> None:
+        if shared is None:
+            return
+        gpu, cpu = self.tiers[Tier.GPU].total, self.tiers[Tier.CPU].total
+        if gpu + cpu > shared:
+            raise EngineError(
+                f"policy does not fit: without a GPU the GPU and CPU tiers share host memory, and they need "
+                f"{format_size(gpu)} + {format_size(cpu)} = {format_size(gpu + cpu)} but {format_size(shared)} "
+                f"is available, {format_size(gpu + cpu - shared)} short.",
+                "To fix: move weights or KV cache to disk (lower the first four --percent values) "
+                f"or lower --gpu-batch-size / --num-gpu-batches{slots}.")
 
 
 def weight_bytes(spec, policy: Policy, itemsize: int) -> int:
@@ -142,10 +168,11 @@ def kv_token_bytes(num_heads: int, head_dim: int, policy: Policy, itemsize: int)
 
 def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torch.dtype,
                 hidden_size: int, weight_slots: int = 2, relay_bytes: int = 0, kv_blocks: int = 1,
-                pipeline_hidden: int = 0) -> MemoryPlan:
+                pipeline_hidden: int = 0, prefill_chunk: int | None = None) -> MemoryPlan:
     """`relay_bytes`: the pinned ring of the disk relay (counted as CPU buffers when disk is used);
     `kv_blocks`: blocks of gpu batches whose KV cache a pipeline stage keeps; `pipeline_hidden`:
-    GPU batches' hidden states a pipeline stage holds for its traffic (see Engine._plan)."""
+    GPU batches' hidden states a pipeline stage holds for its traffic (see Engine._plan);
+    `prefill_chunk`: prompt tokens a layer's forward takes at a time (None: the whole prompt)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
 
     # Weights: one entry per checkpoint key, in layer order.
@@ -180,6 +207,12 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
         hot_item = policy.kv.hip.hot_cache_bytes(b, spec.num_heads, spec.group, spec.head_dim, work.max_len, itemsize)
     fetched_kv = off_gpu > 0 and not hot_item
     cpu_attended = policy.cpu_cache_compute and kv_counts[Tier.CPU] > 0
+    # A chunked prefill gathers the prompt's keys and values on the GPU where the cache cannot
+    # serve the next chunk itself (kv/store.py: prompt_buffer): off the GPU, packed, or evicting.
+    chunk = work.prompt_len if prefill_chunk is None else min(prefill_chunk, work.prompt_len)
+    buffered = chunk < work.prompt_len and attn and (
+        policy.kv.evicts or policy.compress_cache is not None or kv_counts[Tier.GPU] < kv_split.count)
+    buffer_bytes = 2 * work.prompt_len * b * attn[0][1].num_heads * attn[0][1].head_dim * itemsize if buffered else 0
     scatters = policy.kv.evicts and (kv_counts[Tier.CPU] + kv_counts[Tier.DISK]) > 0
 
     # Activations: the hidden states between layers, one buffer per gpu batch.
@@ -192,6 +225,7 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
                       kv_slots=2 if fetched_kv else 0, kv_staging_slots=2 if cpu_attended else 0,
                       kv_scratch_slots=2 if scatters else 0, cache_len=cache_len,
                       prefill_tokens=policy.kv.prefill_tokens(work.prompt_len, work.max_len),
+                      prefill_chunk=chunk, prefill_buffer_tokens=work.prompt_len if buffered else 0,
                       compressed_weights={k for k in keys if policy.compress_weight is not None
                                           and len(specs[k].shape) == 2}, kv_blocks=kv_blocks)
     for key, tier in weight_tiers.items():
@@ -204,16 +238,18 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
     cpu_meta = kv_counts[Tier.CPU] if policy.cpu_cache_compute else 0
     plan.tiers[Tier.CPU].kv_cache += cpu_meta * meta_item
     plan.tiers[Tier.GPU].kv_cache += (kv_split.count - cpu_meta if attn else 0) * meta_item
-    plan.tiers[Tier.GPU].kv_cache += off_gpu * hot_item
+    plan.tiers[Tier.GPU].hot_cache += off_gpu * hot_item
     gpu = plan.tiers[Tier.GPU]
-    gpu.buffers = weight_slots * weight_slot + plan.kv_slots * kv_item
+    gpu.buffers = weight_slots * weight_slot + plan.kv_slots * kv_item + buffer_bytes
     plan.tiers[Tier.CPU].buffers = plan.kv_staging_slots * prompt_item + plan.kv_scratch_slots * scratch_item \
         + relay_bytes
     # Working memory: the largest layer forward, its input and output, the resident hidden
     # states of the other gpu batches, the attention mask and one prefetched input.
-    layer_work = max(layer.working_bytes(b, work.prompt_len, itemsize) for layer in layers)
-    mask = b * work.prompt_len * work.prompt_len
-    gpu.working = layer_work + 3 * act_item + mask + act_item * act_counts[Tier.GPU] + LIBRARY_WORKSPACE
+    layer_work = max(layer.working_bytes(b, chunk, itemsize) for layer in layers)
+    mask = b * chunk * work.prompt_len
+    # A chunked prefill writes a layer's output over its input (schedule.py), one hidden-state buffer less.
+    inputs_outputs = 2 if chunk < work.prompt_len else 3
+    gpu.working = layer_work + inputs_outputs * act_item + mask + act_item * act_counts[Tier.GPU] + LIBRARY_WORKSPACE
     gpu.working += pipeline_hidden * act_item
     # Writes to disk hold their source until the disk takes it: one prompt's K and V and one gpu
     # batch's hidden states may wait beside the next layer's working memory.
@@ -224,3 +260,27 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
         plan.tiers[Tier.CPU].working = 4 * b * spec.num_heads * (work.max_len + 2 * spec.head_dim) * 4
     return plan
 
+
+def size_floor(model, policy: Policy, work: Workload, dtype: torch.dtype, kv_blocks: int = 1) -> tuple[int, int]:
+    """(weights, KV cache) bytes of the whole model, summed over the tiers, without building its
+    layer list: both grow by the same amount with every block, so the layers of one and of two
+    blocks give them for any count (a billion-layer config is sized in microseconds)."""
+    from dataclasses import replace
+
+    from offload_engine.models import build_layers
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+
+    def sizes(num_layers: int) -> tuple[int, int]:
+        layers = build_layers(replace(model, num_layers=num_layers), policy.sep_layer)
+        specs = {s.key: s for layer in layers for s in layer.weight_specs()}
+        attn = [layer.kv_spec for layer in layers if layer.kv_spec is not None]
+        token = kv_token_bytes(attn[0].num_heads, attn[0].head_dim, policy, itemsize) if attn else 0
+        items = len(attn) * policy.num_gpu_batches * kv_blocks
+        cache_len = policy.kv.cache_len(work.prompt_len, work.max_len)
+        return sum(weight_bytes(s, policy, itemsize) for s in specs.values()), items * 2 * cache_len * \
+            policy.gpu_batch_size * token
+
+    (w1, c1), (w2, c2) = sizes(1), sizes(2)
+    n = model.num_layers
+    return w1 + (n - 1) * (w2 - w1), c1 + (n - 1) * (c2 - c1)

@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from offload_engine.errors import EngineError
+from offload_engine.errors import EngineError, require_int, require_number
 from offload_engine.io.tiers import Tier
 
 from .kv_policy import Compression, KVSettings
@@ -46,6 +46,7 @@ class Policy:
         return cls(*percent, **kw)
 
     def __post_init__(self) -> None:
+        self._check_types()
         for kind, gpu, cpu in self._pairs():
             if not (math.isfinite(gpu) and math.isfinite(cpu)):
                 raise EngineError(f"--percent for {kind}: GPU {gpu:g} and CPU {cpu:g} must be finite numbers.",
@@ -54,10 +55,25 @@ class Policy:
                 raise EngineError(
                     f"--percent for {kind}: GPU {gpu:g} + CPU {cpu:g} must be between 0 and 100 each and sum to at most 100.",
                     "The rest goes to disk; lower one of the two.")
-        if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
-            raise EngineError("--gpu-batch-size and --num-gpu-batches must be at least 1.")
         if self.weight_buffers == 1 or self.weight_buffers < 0:
             raise EngineError("--weight-buffers must be 0 (automatic) or at least 2 (double buffering).")
+
+    def _check_types(self) -> None:
+        """Python callers can pass anything: a wrong type is named here, not as a TypeError deep inside."""
+        for name in ("weight_gpu_percent", "weight_cpu_percent", "cache_gpu_percent", "cache_cpu_percent",
+                     "act_gpu_percent", "act_cpu_percent"):
+            require_number(getattr(self, name), f"--percent (Policy.{name})")
+        require_int(self.gpu_batch_size, "--gpu-batch-size (Policy.gpu_batch_size)", 1)
+        require_int(self.num_gpu_batches, "--num-gpu-batches (Policy.num_gpu_batches)", 1)
+        require_int(self.weight_buffers, "--weight-buffers (Policy.weight_buffers)", 0)
+        for name in ("overlap", "pin_weight", "cpu_cache_compute", "sep_layer", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise EngineError(f"Policy.{name} must be True or False, got {getattr(self, name)!r}.")
+        for name in ("compress_weight", "compress_cache"):
+            if not isinstance(getattr(self, name), (Compression, type(None))):
+                raise EngineError(f"Policy.{name} must be a Compression or None, got {getattr(self, name)!r}.")
+        if not isinstance(self.kv, KVSettings):
+            raise EngineError(f"Policy.kv must be a KVSettings, got {self.kv!r}.")
 
     def _pairs(self):
         return [("weights", self.weight_gpu_percent, self.weight_cpu_percent),

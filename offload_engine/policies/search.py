@@ -11,6 +11,7 @@ every returned policy is one the engine accepts.
 from __future__ import annotations
 
 import itertools
+import shlex
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -204,8 +205,9 @@ def search(model: ModelConfig, work: Workload, hw: HardwareProfile, space: Searc
     return sorted(found.values(), key=score)[:top]
 
 
-def command_line(model_name: str, work: Workload, est: Estimate) -> str:
-    """The `offload-engine run` flags that reproduce a searched policy."""
+def command_line(model_name: str, work: Workload, est: Estimate, extra: list[str] | tuple[str, ...] = ()) -> str:
+    """The `offload-engine run` flags that reproduce a searched policy; `extra`: flags appended
+    as they are (the caps and dtype it was planned under)."""
     p = est.policy
     flags = ["offload-engine run", f"--model {model_name}", f"--prompt-len {work.prompt_len}",
              f"--gen-len {work.gen_len}", "--percent " + " ".join(f"{x:g}" for x in p.percent),
@@ -218,4 +220,4 @@ def command_line(model_name: str, work: Workload, est: Estimate) -> str:
         flags.append("--compress-cache")
     if p.kv.policy != "full":
         flags.append(f"--kv-policy {p.kv.policy}")
-    return " ".join(flags)
+    return " ".join([*flags, *(shlex.quote(f) for f in extra)])

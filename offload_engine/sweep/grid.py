@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import EngineError
 
-EXCLUDED = ("help", "json", "quiet")  # run flags the sweep sets itself
+EXCLUDED = ("help", "json", "quiet", "dry_run")  # run flags the sweep sets itself or has its own of
 BOOLS = {"true": True, "on": True, "yes": True, "1": True, "false": False, "off": False, "no": False, "0": False}
 
 
@@ -127,18 +127,37 @@ def label(settings: dict, names) -> str:
 def make_point(settings: dict[str, str | bool], flags: dict[str, Flag], parser) -> Point:
     """Check the settings with the run parser and policy (a bad point stops the sweep before it
     starts) and hash the values as parsed."""
-    from ..cli.options import ArgumentError, policy_from_args
+    from ..cli.options import ArgumentError, policy_from_args, unread_kv_flags
 
     argv = [a for name, v in settings.items() for a in flag_argv(flags[name], v)]
     shown = label(settings, settings)
     try:
         args = parser.parse_args(argv)
-        policy_from_args(args)
+        # A grid crossing KV policies with one policy's flags (full and h2o, --hh-ratio 0.2): each
+        # point runs with the flags its policy reads.
+        unread = {name.lstrip("-") for name in unread_kv_flags(args)}
+        argv = [a for name, v in settings.items() if name not in unread for a in flag_argv(flags[name], v)]
+        policy_from_args(parser.parse_args(argv))
     except (ArgumentError, EngineError) as e:
         raise SweepError(f"the point {shown or '(defaults)'} is not a valid run: {e}") from None
     parsed = {name: getattr(args, flags[name].dest) for name in settings}
     digest = hashlib.sha1(json.dumps(parsed, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return Point(dict(settings), digest, tuple(argv))
+
+
+def check_model(settings: dict[str, str | bool], parser, checked: set) -> None:
+    """The point's --model names a known model, folder or file (the run's own resolution, which
+    reads a config but no weights): a misspelt name stops the sweep before its first point."""
+    from ..model_zoo import resolve_model
+
+    key = (str(settings.get("model", parser.get_default("model"))), bool(settings.get("dummy", False)))
+    if key in checked:
+        return
+    try:
+        resolve_model(*key)
+    except EngineError as e:
+        raise SweepError(f"{e} (in the grid's --model values)") from None
+    checked.add(key)
 
 
 def expand(swept: dict[str, list], fixed: dict[str, Any] | None = None) -> list[Point]:
@@ -157,9 +176,11 @@ def expand(swept: dict[str, list], fixed: dict[str, Any] | None = None) -> list[
             raise SweepError(f"--{name} has no values to sweep.")
     fixed_n = {n: normalize(flags[n], v) for n, v in fixed.items()}
     axes = [[normalize(flags[n], v) for v in values] for n, values in swept.items()]
-    parser, points, seen = run_parser(), [], set()
+    parser, points, seen, models = run_parser(), [], set(), set()
     for combo in itertools.product(*axes):
-        point = make_point({**fixed_n, **dict(zip(swept, combo))}, flags, parser)
+        settings = {**fixed_n, **dict(zip(swept, combo))}
+        check_model(settings, parser, models)
+        point = make_point(settings, flags, parser)
         if point.id not in seen:  # the same value twice is one point
             seen.add(point.id)
             points.append(point)

@@ -534,6 +534,67 @@ void cpu_h2o_job(void* arg) {
   }
 }
 
+// Teacher-forced H2O over one block of n queries (kernels/h2o_scan_block.py, whose PyTorch loop is
+// the reference), one task per (sequence, KV head). The K columns are the keys the block may
+// attend, at ascending positions `pos`: those kept before the block, then the block's own (query
+// i's token is column k0 + i). Step i keeps its column (score 0, or minus its position with
+// `sinks`), writes the softmax of its rep query rows over the kept columns up to its own into
+// probs (zeros elsewhere), adds the rows' sum to the scores (not with `sinks`), and past the
+// budget frees the lowest-scoring kept column older than the recent window (ties: the earliest
+// position), offload_engine/kv/h2o.py's rule. logits, probs: (tasks, n, rep, K) contiguous fp32;
+// kept (bytes), score (fp32), pos (int64): (tasks, K) contiguous, kept and score updated.
+int cpu_h2o_scan_block(const float* logits, float* probs, uint8_t* kept, float* score, const int64_t* pos,
+                       int64_t tasks, int64_t n, int64_t rep, int64_t K, int64_t k0, int64_t budget, int64_t recent,
+                       int sinks, int nthreads) {
+  if (k0 < 0 || k0 + n > K || rep < 1) return 1;
+  const int64_t by_work = tasks * n * rep * K / (int64_t(1) << 16);
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(nthreads), tasks, by_work})));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> acc(static_cast<size_t>(K));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      uint8_t* kp = kept + task * K;
+      float* sc = score + task * K;
+      const int64_t* ps = pos + task * K;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t c = k0 + i, t = ps[c], used = c + 1;
+        kp[c] = 1;
+        sc[c] = sinks ? -float(t) : 0.0f;
+        std::fill(acc.begin(), acc.begin() + used, 0.0f);
+        for (int64_t r = 0; r < rep; ++r) {
+          const float* l = logits + ((task * n + i) * rep + r) * K;
+          float* p = probs + ((task * n + i) * rep + r) * K;
+          float mx = -INFINITY, sum = 0.0f;
+          for (int64_t j = 0; j < used; ++j)
+            if (kp[j]) mx = std::fmax(mx, l[j]);
+          for (int64_t j = 0; j < used; ++j) {
+            p[j] = kp[j] ? std::exp(l[j] - mx) : 0.0f;
+            sum += p[j];
+          }
+          const float inv = 1.0f / sum;  // the step's own column is kept: sum >= 1
+          for (int64_t j = 0; j < used; ++j) {
+            p[j] *= inv;
+            acc[j] += p[j];
+          }
+          std::fill(p + used, p + K, 0.0f);
+        }
+        if (!sinks)
+          for (int64_t j = 0; j < used; ++j) sc[j] += acc[j];
+        if (t + 1 <= budget) continue;  // no padding: exactly one token over the budget
+        int64_t victim = -1;
+        for (int64_t j = 0; j < used; ++j)  // ascending positions: the first minimum is the earliest
+          if (kp[j] && ps[j] < t + 1 - recent && (victim < 0 || sc[j] < sc[victim])) victim = j;
+        if (victim >= 0) {
+          kp[victim] = 0;
+          sc[victim] = 0.0f;
+        }
+      }
+    }
+  }
+  return 0;
+}
+
 // "avx512+openmp" etc.: what this build vectorises with, for reports.
 const char* cpu_decode_attention_isa() {
 #ifdef _OPENMP

@@ -31,6 +31,12 @@ class QuantSpec:
     def levels(self) -> int:
         return 2 ** self.bits - 1
 
+    def for_length(self, n: int) -> "QuantSpec":
+        """The spec for rows of n elements: a group longer than the row is one group per row (the
+        row's length rounded up to even), not a row padded out to the group."""
+        group = min(self.group_size, max(2, n + n % 2))
+        return self if group == self.group_size else QuantSpec(self.bits, group)
+
     @property
     def record_bytes(self) -> int:
         return 4 + self.group_size * self.bits // 8

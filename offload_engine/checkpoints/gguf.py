@@ -13,6 +13,8 @@ q + 128 and min = -128 d. Multiplying an fp16 by a power of two is exact unless 
 """
 from __future__ import annotations
 
+import functools
+
 import importlib.metadata
 import math
 import re
@@ -54,6 +56,17 @@ def _open(path: str | Path) -> tuple[Path, "gguf.GGUFReader"]:
         raise EngineError("reading GGUF files needs the 'gguf' package.", "pip install gguf")
     if not path.is_file():
         raise EngineError(f"no GGUF file at {path}.", "Check the path.")
+    stat = path.stat()
+    return path, _reader(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _reader(path: str, size: int, mtime_ns: int) -> "gguf.GGUFReader":
+    """The parsed file, kept for the process while it is unchanged: parsing the metadata (a
+    tokenizer's vocabulary is tens of thousands of fields) takes seconds, and a sweep or a `ppl`
+    over several budgets builds one engine per point from the same file. The tensors stay
+    memory-mapped, not read."""
+    path = Path(path)
     try:
         reader = gguf.GGUFReader(path)
         size = len(reader.data)
@@ -62,7 +75,7 @@ def _open(path: str | Path) -> tuple[Path, "gguf.GGUFReader"]:
                 raise ValueError(f"tensor {t.name} ends past the end of the file")
     except Exception as e:  # numpy/struct errors of all kinds; the user needs one sentence
         raise _corrupt(path, e) from None
-    return path, reader
+    return reader
 
 
 _REQUIRED = object()

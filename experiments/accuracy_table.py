@@ -5,8 +5,9 @@
 Rows (SmolLM2-135M on the KJV corpus by default): full attention; H2O at 5/10/20/50% (half heavy
 hitters, half recent; real eviction and the masked simulation); the sink + recent baseline at
 the same budgets; HiP at k = 128/256/512 (estimated selection, and the exact top-k blocks as its
-upper bound); 4-bit KV; H2O 20% with 4-bit KV; 4-bit weights (groups of 64: the GGUF's Q4_1
-blocks of 32 re-quantized, FlexGen's setting); 4-bit weights and KV. Each finished row is appended to
+upper bound); 4-bit KV; H2O 20% with 4-bit KV; compressed weights as the GGUF stores them (its
+Q4_1 and Q8_0 blocks kept bit for bit: the full row's perplexity); 4-bit weights re-quantized
+from them in groups of 64 (FlexGen's setting) and of 32; the GGUF's weights with 4-bit KV. Each finished row is appended to
 <out>/accuracy_<context>.jsonl at once, so an interrupted run resumes where it stopped;
 <out>/accuracy_<context>.md is the table (perplexity, change vs full, mean keys attended per
 query, KV bytes kept per sequence).
@@ -52,10 +53,12 @@ def rows_to_run(context: int, only: list[str] | None):
                  (f"hip k={k} exact top-k", KVSettings("hip", hip=HiPConfig(k=k, exact=True)), {})]
     rows += [("4-bit KV", KVSettings(), dict(compress_cache=q4)),
              ("h2o 20% + 4-bit KV", h2o(0.2, context), dict(compress_cache=q4)),
-             ("4-bit weights", KVSettings(), dict(compress_weight=q4)),
-             ("4-bit weights, groups of 32 (the GGUF's Q4_1 blocks)", KVSettings(),
-              dict(compress_weight=Compression(4, 32))),
-             ("4-bit weights + 4-bit KV", KVSettings(), dict(compress_weight=q4, compress_cache=q4))]
+             ("weights as the GGUF stores them (Q4_1 + Q8_0)", KVSettings(), dict(compress_weight=q4)),
+             ("4-bit weights re-quantized, groups of 64", KVSettings(),
+              dict(compress_weight=Compression(4, 64, requantize=True))),
+             ("4-bit weights re-quantized, groups of 32", KVSettings(),
+              dict(compress_weight=Compression(4, 32, requantize=True))),
+             ("GGUF weights + 4-bit KV", KVSettings(), dict(compress_weight=q4, compress_cache=q4))]
     return [r for r in rows if not only or any(r[0].startswith(o) for o in only)]
 
 

@@ -131,6 +131,7 @@ class Engine:
         self.attention_offset = sum(layer.kv_spec is not None for layer in layers[:self.stage.layers.start])
         self.all_weight_keys = {s.key for layer in layers for s in layer.weight_specs()}
         self.layers = layers[self.stage.layers.start:self.stage.layers.stop]
+        self.weight_formats = self._kept_blocks(opts)
         self.plan: MemoryPlan = self._plan(opts)
         self._check_hip_placement()
         if opts.dry_run:  # planned, never allocated: nothing to generate with or release
@@ -211,7 +212,8 @@ class Engine:
         self.relay_settings, relay = None, 0
         if self.policy.uses_disk:  # the disk tier's size does not depend on the ring or the slots
             disk = plan_memory(self.layers, self.policy, self.workload, self.dtype, self.model.hidden_size,
-                               kv_blocks=self.stage.blocks, pipeline_hidden=self._pipeline_hidden())
+                               kv_blocks=self.stage.blocks, pipeline_hidden=self._pipeline_hidden(),
+                               weight_formats=self.weight_formats)
             self.relay_settings = opts.disk_relay.fitted(disk.tiers[Tier.DISK].total)
             relay = self.relay_settings.host_bytes()
         attempts = [(chunk, slots) for chunk in self._prefill_chunks(opts)
@@ -219,7 +221,7 @@ class Engine:
         for chunk, slots in attempts:
             plan = plan_memory(self.layers, self.policy, self.workload, self.dtype, self.model.hidden_size, slots,
                                relay_bytes=relay, kv_blocks=self.stage.blocks, pipeline_hidden=self._pipeline_hidden(),
-                               prefill_chunk=chunk)
+                               prefill_chunk=chunk, weight_formats=self.weight_formats)
             try:
                 plan.check(*caps, shared=pool)
                 break
@@ -232,6 +234,16 @@ class Engine:
             total = torch.cuda.get_device_properties(self.device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, opts.gpu_mem_bytes / total), self.device.index or 0)
         return plan
+
+    def _kept_blocks(self, opts: EngineOptions) -> dict[str, tuple[int, int]]:
+        """Weights compressed in the checkpoint's own 4/8-bit blocks, as they are: (bits, group
+        size) by key. Empty unless --compress-weight without --requantize-weights on a checkpoint
+        that stores such blocks (a GGUF file's Q4_0, Q4_1, Q8_0)."""
+        compress = self.policy.compress_weight
+        if compress is None or compress.requantize or opts.checkpoint is None:
+            return {}
+        from .checkpoints import packed_formats
+        return packed_formats(opts.checkpoint)
 
     def _prefill_chunks(self, opts: EngineOptions) -> list[int | None]:
         """Prefill chunk sizes to plan with, in order of preference: the one asked for, else the

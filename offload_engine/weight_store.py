@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from offload_engine.kernels.quant.spec import QuantSpec
+
 from offload_engine.policies.memory import MemoryPlan
 
 from .models.base import Layer
@@ -35,7 +37,8 @@ class WeightStore:
                     name = spec.key.replace(".", "_")
                     if spec.key in plan.compressed_weights:
                         self.packed[spec.key] = spec.shape
-                        self.specs[spec.key] = quant_spec.for_length(spec.shape[-1])
+                        stored = plan.weight_formats.get(spec.key)  # the checkpoint's own blocks, kept
+                        self.specs[spec.key] = QuantSpec(*stored) if stored else quant_spec.for_length(spec.shape[-1])
                         home = storages[tier].allocate(self.specs[spec.key].packed_shape(spec.shape), torch.uint8,
                                                        name)
                     else:

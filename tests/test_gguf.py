@@ -267,6 +267,39 @@ def test_packed_decodes_exactly_to_get(tiny):
     assert seen, "this file has no quantized tensors to pack"
 
 
+def test_compressed_weights_keep_the_files_blocks_as_they_are(tiny, tmp_path):
+    """--compress-weight on a GGUF: Q4_0, Q4_1 and Q8_0 tensors keep their own bits and groups of
+    32 whatever --quant-bits/--quant-group-size say, and their homes dequantize to exactly the
+    checkpoint's float tensors (the gguf package's dequantization); float tensors take the
+    flags' format. With requantize, every matrix takes the flags' format."""
+    from offload_engine.checkpoints import load_config
+    from offload_engine.engine import Engine, EngineOptions
+    from offload_engine.kernels.quant.pack import dequantize_torch
+    from offload_engine.policies import Compression
+    from offload_engine.policies.memory import Workload
+    from offload_engine.policies.placement import Policy
+
+    path, hf, types, _ = tiny
+    ck = GGUFCheckpoint(path)
+    blocks = {QT.Q4_0: (4, 32), QT.Q4_1: (4, 32), QT.Q8_0: (8, 32)}
+    opts = EngineOptions(checkpoint=path, offload_dir=tmp_path, progress=False, dtype=torch.float32)
+    for requantize in (False, True):
+        policy = Policy(gpu_batch_size=1, compress_weight=Compression(4, 64, requantize=requantize))
+        with Engine(load_config(path), policy, Workload(4, 2), opts) as engine:
+            kept = 0
+            for key, spec in engine.weights.specs.items():
+                arr = hf["model." + key] if "model." + key in hf else hf[key]
+                native = blocks.get(types["model." + key] if "model." + key in types else types[key])
+                if requantize or native is None:
+                    assert (spec.bits, spec.group_size) == (4, min(64, arr.shape[-1])), key
+                    continue
+                assert (spec.bits, spec.group_size) == native, key
+                home = engine.weights.homes[key][1]
+                assert torch.equal(dequantize_torch(home, spec, arr.shape[-1], torch.float32), ck.get(key)), key
+                kept += 1
+            assert kept or requantize, "no block tensor was kept"
+
+
 def test_packed_refuses_fp16_overflow(tmp_path):
     """|d| * 8 (Q4_0) or * 128 (Q8_0) above 65504 has no fp16 min: get_packed says None, get still works."""
     c = dict(TINY, layers=1)

@@ -116,16 +116,28 @@ def test_teacher_forced_h2o_equals_decode_steps(smollm2, tmp_path):
     assert rel_err(scan.prompt_logits[:, -1], stepped.step_logits[-1]) < 1e-4
 
 
-def test_gguf_q4_blocks_are_used_without_a_float_round_trip(smollm2, tmp_path):
-    resolved, _, _ = smollm2
+def test_gguf_blocks_are_kept_as_they_are_and_give_the_uncompressed_model(smollm2, tmp_path):
+    """--compress-weight keeps the file's Q4_1 and Q8_0 blocks bit for bit, whatever the group size
+    asked for (64 here): logits and tokens equal the uncompressed run's; --requantize-weights
+    re-quantizes them (and the model changes)."""
+    resolved, tokenizer, _ = smollm2
     ckpt = GGUFCheckpoint(resolved.source)
-    with engine_for(resolved, tmp_path, "cpu-attention", compress_weight=Compression(4, 32)) as engine:
-        for key in ("layers.0.self_attn.q_proj.weight", "layers.7.mlp.down_proj.weight"):
-            packed, bits, group = ckpt.get_packed(key)
-            assert (bits, group) == (4, 32)
-            assert torch.equal(engine.weights.homes[key][1], packed)
-        text = engine.generate(torch.tensor([[1, 2, 3, 4]]), None, GenerationConfig(max_new_tokens=4))
-        assert text.tokens.shape == (1, 4)
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    runs = {}
+    for name, compress in (("plain", None), ("kept", Compression(4, 64)), ("requantized", Compression(4, 64, True))):
+        work = Workload(ids.shape[1], 3)
+        with engine_for(resolved, tmp_path, "gpu", work, compress_weight=compress) as engine:
+            if name == "kept":
+                for key in ("layers.0.self_attn.q_proj.weight", "layers.7.mlp.down_proj.weight",
+                            "embed_tokens.weight"):
+                    packed, bits, group = ckpt.get_packed(key)
+                    assert (engine.weights.specs[key].bits, engine.weights.specs[key].group_size) == (bits, group)
+                    assert torch.equal(engine.weights.homes[key][1], packed)
+            runs[name] = engine.generate(ids, None, GenerationConfig(max_new_tokens=3), collect_logits=True)
+    assert torch.equal(runs["kept"].tokens, runs["plain"].tokens)
+    for a, b in zip(runs["kept"].step_logits, runs["plain"].step_logits):
+        assert rel_err(a, b) < 1e-6
+    assert rel_err(runs["requantized"].step_logits[0], runs["plain"].step_logits[0]) > 1e-3
 
 
 def test_text_api_and_generate_command(smollm2, tmp_path, capsys):

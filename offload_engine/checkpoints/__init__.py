@@ -36,3 +36,12 @@ def open_checkpoint(path: Path):
         return GGUFCheckpoint(path)
     from .hf import HFCheckpoint
     return HFCheckpoint(path)
+
+
+def packed_formats(path: Path) -> dict[str, tuple[int, int]]:
+    """(bits, group size) per key of the tensors a checkpoint stores in the engine's packed format
+    (a GGUF file's Q4_0/Q4_1/Q8_0 blocks); {} for other checkpoints."""
+    if not is_gguf(Path(path)):
+        return {}
+    from .gguf import GGUFCheckpoint
+    return {key.removeprefix("model."): fmt for key, fmt in GGUFCheckpoint(path).packed_formats().items()}

@@ -277,6 +277,12 @@ class GGUFCheckpoint:
     def keys(self) -> list[str]:
         return list(self._tensors)
 
+    def packed_formats(self) -> dict[str, tuple[int, int]]:
+        """(bits, group size) of every tensor stored in 4/8-bit blocks (Q4_0, Q4_1, Q8_0), by
+        Hugging Face key: what get_packed hands over as it is. Read from the header alone."""
+        return {key: (_PACKED[t.tensor_type.name], _GROUP) for key, t in self._tensors.items()
+                if t.tensor_type.name in _PACKED}
+
     def _find(self, key: str):
         return self._tensors.get(key.removeprefix("model."))
 

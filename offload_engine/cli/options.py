@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from offload_engine.policies.kv_policy import RATIO_FLOOR_TOKENS
@@ -150,6 +151,11 @@ def add_compression_args(parser: argparse.ArgumentParser) -> None:
                         "hold and to stream; a fused kernel dequantizes inside the matmul")
     c.add_argument("--compress-cache", action="store_true",
                    help="store the KV cache 4-bit in every tier; decode attention reads it packed")
+    c.add_argument("--requantize-weights", action="store_true",
+                   help="with --compress-weight: quantize the weights a checkpoint already stores in 4/8-bit "
+                        "blocks (a GGUF file's Q4_0, Q4_1, Q8_0) again with --quant-bits / --quant-group-size; by "
+                        "default those blocks are kept as they are (bit for bit: the same results as the "
+                        "checkpoint dequantized) and the flags apply to its floating-point tensors")
     c.add_argument("--quant-bits", type=int, choices=[4, 8], default=4, help="bits per value (default: 4)")
     c.add_argument("--quant-group-size", type=positive_int, default=64,
                    help="values per group sharing a scale and minimum; weights are grouped along their input "
@@ -283,12 +289,15 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
                           "Give weights, KV cache, activations on GPU and CPU, e.g. --percent 100 0 100 0 100 0.")
     from offload_engine.policies import Compression
 
+    if args.requantize_weights and not args.compress_weight:
+        raise EngineError("--requantize-weights applies to compressed weights.", "Add --compress-weight or drop it.")
     quant = Compression(args.quant_bits, args.quant_group_size)
     return Policy.from_percent(
         args.percent, gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
         overlap=args.overlap, pin_weight=args.pin_weight, cpu_cache_compute=args.cpu_cache_compute,
         sep_layer=args.sep_layer, weight_buffers=args.weight_buffers, cuda_graphs=args.cuda_graphs,
-        compress_weight=quant if args.compress_weight else None, compress_cache=quant if args.compress_cache else None,
+        compress_weight=replace(quant, requantize=args.requantize_weights) if args.compress_weight else None,
+        compress_cache=quant if args.compress_cache else None,
         kv=kv_settings_from_args(args))
 
 

@@ -123,6 +123,10 @@ def execute(args: argparse.Namespace) -> dict:
     with engine:
         plan = engine.plan
         print_plan(plan, file=sys.stderr)
+        if plan.weight_formats:
+            print(f"compressed weights kept as the checkpoint stores them: {kept_blocks(plan)} tensors; the others "
+                  f"quantized to {policy.compress_weight.bits}-bit groups of {policy.compress_weight.group_size}",
+                  file=sys.stderr)
         prompts = synthetic_prompts(model, policy.batch_size, work.prompt_len, args.seed)
         # One short untimed pass first, as FlexGen does: library and kernel start-up is not throughput.
         # Two tokens when the decode step is captured, so the capture happens here too.
@@ -165,6 +169,7 @@ def execute(args: argparse.Namespace) -> dict:
         "prefill_chunk": engine.scheduler.prefill_chunk,
         "cuda_graph": engine.decode_graph is not None, "cuda_graph_refusal": engine.graph_refusal,
         "cut_gen_len": args.cut_gen_len, "kv_budget": policy.kv.kept_tokens(work.prompt_len),
+        "weights_kept_as_stored": kept_blocks(plan),
         "predicted": None if predicted is None else {
             "total_throughput": predicted.throughput, "prefill_s": predicted.prefill_s, "step_s": predicted.step_s,
             "parts_s": predicted.parts},
@@ -214,6 +219,15 @@ def dry_run(args: argparse.Namespace, model: ModelConfig, policy: Policy, work: 
     if args.json:
         write_json_atomic(args.json, data)
     return data
+
+
+def kept_blocks(plan) -> dict[str, int]:
+    """How many compressed weights kept the checkpoint's own blocks, by "<bits>-bit/<group>"."""
+    counts: dict[str, int] = {}
+    for bits, group in plan.weight_formats.values():
+        name = f"{bits}-bit/{group}"
+        counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def print_kv_budget(policy: Policy, work: Workload) -> None:

@@ -17,10 +17,15 @@ KV_POLICIES = ("full", "h2o", "sink", "hip")
 
 @dataclass(frozen=True)
 class Compression:
-    """Group-wise asymmetric quantization (FlexGen's: 4 bits, groups of 64)."""
+    """Group-wise asymmetric quantization (FlexGen's: 4 bits, groups of 64).
+
+    For weights, a checkpoint's own 4/8-bit blocks (GGUF Q4_0, Q4_1, Q8_0: groups of 32) are kept
+    as they are, whatever `bits` and `group_size` say, unless `requantize`: they apply to the
+    tensors the checkpoint stores in floating point."""
 
     bits: int = 4
     group_size: int = 64
+    requantize: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):

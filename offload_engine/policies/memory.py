@@ -79,6 +79,7 @@ class MemoryPlan:
     prefill_tokens: int = 0  # token slots written per sequence at prefill
     prefill_chunk: int = 0  # prompt tokens per layer forward at prefill
     prefill_buffer_tokens: int = 0  # a chunked prefill's GPU buffer of the prompt (0: none needed)
+    weight_formats: dict[str, tuple[int, int]] = field(default_factory=dict)  # kept in the checkpoint's blocks
     compressed_weights: set[str] = field(default_factory=set)  # checkpoint keys stored packed
     tiers: dict[Tier, TierBudget] = field(default_factory=lambda: {t: TierBudget() for t in Tier})
     kv_blocks: int = 1  # a pipeline stage keeps KV cache for several blocks of gpu batches
@@ -152,9 +153,14 @@ class MemoryPlan:
                 f"or lower --gpu-batch-size / --num-gpu-batches{slots}.")
 
 
-def weight_bytes(spec, policy: Policy, itemsize: int) -> int:
-    """Bytes of one weight in storage: packed when compressed (2-D weights only)."""
+def weight_bytes(spec, policy: Policy, itemsize: int, stored: tuple[int, int] | None = None) -> int:
+    """Bytes of one weight in storage: packed when compressed (2-D weights only), in the
+    checkpoint's own (bits, group size) where it keeps them (`stored`)."""
     if policy.compress_weight is not None and len(spec.shape) == 2:
+        if stored is not None:
+            from dataclasses import replace
+            return replace(policy.compress_weight, bits=stored[0], group_size=stored[1]).packed_bytes(
+                spec.shape[1], spec.shape[0])
         return policy.compress_weight.packed_bytes(spec.shape[1], spec.shape[0])
     return spec.numel() * itemsize
 
@@ -168,16 +174,19 @@ def kv_token_bytes(num_heads: int, head_dim: int, policy: Policy, itemsize: int)
 
 def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torch.dtype,
                 hidden_size: int, weight_slots: int = 2, relay_bytes: int = 0, kv_blocks: int = 1,
-                pipeline_hidden: int = 0, prefill_chunk: int | None = None) -> MemoryPlan:
+                pipeline_hidden: int = 0, prefill_chunk: int | None = None,
+                weight_formats: dict[str, tuple[int, int]] | None = None) -> MemoryPlan:
     """`relay_bytes`: the pinned ring of the disk relay (counted as CPU buffers when disk is used);
     `kv_blocks`: blocks of gpu batches whose KV cache a pipeline stage keeps; `pipeline_hidden`:
     GPU batches' hidden states a pipeline stage holds for its traffic (see Engine._plan);
-    `prefill_chunk`: prompt tokens a layer's forward takes at a time (None: the whole prompt)."""
+    `prefill_chunk`: prompt tokens a layer's forward takes at a time (None: the whole prompt);
+    `weight_formats`: (bits, group size) of the weights kept in the checkpoint's own blocks."""
     itemsize = torch.empty((), dtype=dtype).element_size()
 
     # Weights: one entry per checkpoint key, in layer order.
     specs = {s.key: s for layer in layers for s in layer.weight_specs()}
-    sizes = {key: weight_bytes(spec, policy, itemsize) for key, spec in specs.items()}
+    formats = weight_formats or {}
+    sizes = {key: weight_bytes(spec, policy, itemsize, formats.get(key)) for key, spec in specs.items()}
     keys = list(sizes)
     weight_tiers = dict(zip(keys, assign_tiers([sizes[k] for k in keys],
                                                policy.weight_gpu_percent, policy.weight_cpu_percent)))
@@ -226,6 +235,8 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
                       kv_scratch_slots=2 if scatters else 0, cache_len=cache_len,
                       prefill_tokens=policy.kv.prefill_tokens(work.prompt_len, work.max_len),
                       prefill_chunk=chunk, prefill_buffer_tokens=work.prompt_len if buffered else 0,
+                      weight_formats={k: f for k, f in formats.items() if k in keys and policy.compress_weight
+                                      is not None and len(specs[k].shape) == 2},
                       compressed_weights={k for k in keys if policy.compress_weight is not None
                                           and len(specs[k].shape) == 2}, kv_blocks=kv_blocks)
     for key, tier in weight_tiers.items():

@@ -151,6 +151,12 @@ def add_compression_args(parser: argparse.ArgumentParser) -> None:
                         "hold and to stream; a fused kernel dequantizes inside the matmul")
     c.add_argument("--compress-cache", action="store_true",
                    help="store the KV cache 4-bit in every tier; decode attention reads it packed")
+    c.add_argument("--cache-codec", choices=["kivi", "token"], default=None,
+                   help="how --compress-cache groups the cache. kivi: keys per channel over blocks of 32 tokens "
+                        "(keys have outlier channels), values per token in groups of 32, each sequence's newest "
+                        "tokens kept exact until their block of 32 fills (KIVI); the default with --kv-policy "
+                        "full. token: keys and values in groups of --quant-group-size along the head dimension "
+                        "(FlexGen's scheme); the default, and the only codec, with h2o, sink and hip")
     c.add_argument("--requantize-weights", action="store_true",
                    help="with --compress-weight: quantize the weights a checkpoint already stores in 4/8-bit "
                         "blocks (a GGUF file's Q4_0, Q4_1, Q8_0) again with --quant-bits / --quant-group-size; by "
@@ -292,12 +298,15 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
     if args.requantize_weights and not args.compress_weight:
         raise EngineError("--requantize-weights applies to compressed weights.", "Add --compress-weight or drop it.")
     quant = Compression(args.quant_bits, args.quant_group_size)
+    if args.cache_codec is not None and not args.compress_cache:
+        raise EngineError("--cache-codec applies to a compressed KV cache.", "Add --compress-cache or drop it.")
+    codec = args.cache_codec or ("kivi" if getattr(args, "kv_policy", "full") == "full" else "token")
     return Policy.from_percent(
         args.percent, gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
         overlap=args.overlap, pin_weight=args.pin_weight, cpu_cache_compute=args.cpu_cache_compute,
         sep_layer=args.sep_layer, weight_buffers=args.weight_buffers, cuda_graphs=args.cuda_graphs,
         compress_weight=replace(quant, requantize=args.requantize_weights) if args.compress_weight else None,
-        compress_cache=quant if args.compress_cache else None,
+        compress_cache=replace(quant, keys_per_channel=codec == "kivi") if args.compress_cache else None,
         kv=kv_settings_from_args(args))
 
 

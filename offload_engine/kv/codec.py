@@ -22,6 +22,7 @@ class PlainCodec:
     """Tokens stored in the compute dtype."""
 
     packed = False
+    blocked = False  # tokens are written home as they arrive (ChannelKeyCodec: a block at a time)
 
     def __init__(self, dtype: torch.dtype, head_dim: int):
         self.dtype, self.head_dim = dtype, head_dim
@@ -50,6 +51,7 @@ class PackedCodec:
     cache directly (the full-precision cache is never materialised)."""
 
     packed = True
+    blocked = False
 
     def __init__(self, spec, compute_dtype: torch.dtype, head_dim: int):
         self.spec, self.compute_dtype, self.head_dim = spec, compute_dtype, head_dim
@@ -79,7 +81,49 @@ class PackedCodec:
         return out[:, None]
 
 
+class ChannelKeyCodec(PackedCodec):
+    """KIVI (kernels/quant/kivi.py): keys per channel over blocks of 32 tokens, values per token.
+    A block is encoded once it is full; the access keeps the newest tokens exact until then
+    (kv/recent.py) and attends the two parts together (`attend_recent`)."""
+
+    blocked = True
+
+    def __init__(self, spec, compute_dtype: torch.dtype, head_dim: int):
+        from offload_engine.kernels.quant.kivi import check_head_dim
+        check_head_dim(head_dim)
+        super().__init__(spec, compute_dtype, head_dim)
+
+    def encode(self, x, out):
+        raise RuntimeError("a per-channel cache is written a block at a time: use encode_blocks")
+
+    encoded = encode
+
+    def decode(self, stored):
+        raise RuntimeError("per-channel keys decode a block at a time: use decode_keys (values: decode_values)")
+
+    def decode_values(self, stored: torch.Tensor) -> torch.Tensor:
+        return super().decode(stored)
+
+    def encode_blocks(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None):
+        """Whole blocks (n * 32, B, H, D) -> their records; `valid` (B, n * 32) marks real tokens."""
+        from offload_engine.kernels.quant.kivi import encode_keys, encode_values
+        return encode_keys(k, self.spec, valid), encode_values(v, self.spec)
+
+    def decode_keys(self, stored: torch.Tensor) -> torch.Tensor:
+        from offload_engine.kernels.quant.kivi import dequantize_keys
+        return dequantize_keys(stored, self.spec, self.compute_dtype)
+
+    def attend_recent(self, q, k, v, flushed: int, recent_k, recent_v, key_valid):
+        """Decode: q (B, 1, Hq, D) over `flushed` packed tokens of k/v (token-major records) and the
+        exact tokens after them (r, B, H, D); key_valid (B, flushed + r)."""
+        from offload_engine.kernels.quant.attention import attention_with_recent
+        out = attention_with_recent(q[:, 0], k, v, self.spec, self.head_dim, flushed, recent_k, recent_v, key_valid)
+        return out[:, None]
+
+
 def make_codec(compression, dtype: torch.dtype, head_dim: int):
     if compression is None:
         return PlainCodec(dtype, head_dim)
+    if compression.keys_per_channel:
+        return ChannelKeyCodec(compression.kernel_spec(), dtype, head_dim)
     return PackedCodec(compression.kernel_spec().for_length(head_dim), dtype, head_dim)

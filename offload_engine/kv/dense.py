@@ -30,7 +30,7 @@ class DenseKV(QueuesCpuAttention):
 
     def access(self, store: KVCacheStore, item: Item, state: BatchState, where: CacheLocation):
         if where.kind == "cpu":
-            return CpuCacheAccess(self.codec, self.profiler, state, where.k, where.v, self)
+            return CpuCacheAccess(self.codec, self.profiler, state, where.k, where.v, self, store, item)
         return CacheAccess(self.codec, store, item, state, where)
 
 
@@ -47,6 +47,8 @@ class CacheAccess:
     def attend(self, q, k, v):
         if self.state.static:
             return self._attend_static(q, k, v)
+        if self.codec.blocked:
+            return self._attend_blocked(q, k, v)
         t, s = self.state.length, q.shape[1]
         k_new, v_new = k.transpose(0, 1), v.transpose(0, 1)  # (s, B, H, D)
         cache_k, cache_v = self.where.k, self.where.v
@@ -69,6 +71,37 @@ class CacheAccess:
                              append=self.state.in_prefill)
         return out
 
+    def _attend_blocked(self, q, k, v):
+        """A codec that writes whole blocks (KIVI): the unfinished block's tokens stay exact beside
+        the attention (kv/recent.py); a decode step attends the packed blocks and those together."""
+        t, s = self.state.length, q.shape[1]
+        k_new, v_new = k.transpose(0, 1), v.transpose(0, 1)  # (s, B, H, D)
+        recent = self.store.recent(self.item, q.device)
+        if self.where.buffer is not None:  # a prefill chunk after the prompt's earlier chunks
+            buf_k, buf_v = self.where.buffer
+            buf_k[t:t + s] = k_new
+            buf_v[t:t + s] = v_new
+            out = token_major_attention(q, buf_k, buf_v, t + s, self.state.mask(s, q.device))
+        elif t == 0:  # prefill: the new tokens are the whole sequence, in the compute dtype
+            out = token_major_attention(q, k_new, v_new, s, self.state.mask(s, q.device))
+        else:
+            flushed = recent.block_start(t)
+            recent_k, recent_v = recent.with_new(t, k_new, v_new)
+            out = self.codec.attend_recent(q, self.where.k, self.where.v, flushed, recent_k, recent_v,
+                                           self.state.key_valid[:, :t + s])
+        done = recent.append(t, k_new, v_new)
+        if done is not None:
+            start, k_block, v_block = done
+            n = k_block.shape[0]
+            valid = self.state.key_valid[:, start:start + n] if self.state.padded else None
+            k_enc, v_enc = self.codec.encode_blocks(k_block, v_block, valid)
+            if self.where.kind == "gpu":
+                self.where.k[start:start + n] = k_enc
+                self.where.v[start:start + n] = v_enc
+            if self.where.writes_home:
+                self.store.store(self.item, start, k_enc, v_enc, append=self.state.in_prefill)
+        return out
+
     def _attend_static(self, q, k, v):
         """A decode step with static shapes for CUDA-graph capture: the cache index, the length
         and where each row's padding ends come from device tensors; the flash-decoding kernel
@@ -86,9 +119,9 @@ class CpuCacheAccess:
     cache is queued on the compute stream (cpu_queue.py) where CUDA allows it, else run inline."""
 
     def __init__(self, codec, profiler: Profiler, state: BatchState, k_home: torch.Tensor, v_home: torch.Tensor,
-                 policy: DenseKV | None = None):
+                 policy: DenseKV | None = None, store: KVCacheStore | None = None, item: Item | None = None):
         self.codec, self.profiler, self.state, self.k_home, self.v_home = codec, profiler, state, k_home, v_home
-        self.policy = policy
+        self.policy, self.store, self.item = policy, store, item
 
     def attend(self, q, k, v):
         t, s = self.state.length, q.shape[1]
@@ -101,6 +134,10 @@ class CpuCacheAccess:
             qkv = torch.cat([q, k, v], dim=2).to("cpu")  # one device-to-host copy: (B, s, H, D)
             q_c, k_c, v_c = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
             cpu = torch.device("cpu")
+            if self.codec.blocked:
+                out = self._attend_blocked(q_c, k_c, v_c)
+                return self.policy.host_return.to_device(out, q.device) if self.policy is not None \
+                    else out.to(q.device)
             self.codec.encode(k_c.transpose(1, 2), self.k_home[:, :, t:t + s])
             self.codec.encode(v_c.transpose(1, 2), self.v_home[:, :, t:t + s])
             order = (2, 0, 1, *range(3, self.k_home.dim()))  # token-major views of the head-major homes
@@ -113,3 +150,28 @@ class CpuCacheAccess:
             else:
                 out = self.codec.attend(q_c, keys, values, t + s, self.state.mask(s, cpu))
         return self.policy.host_return.to_device(out, q.device) if self.policy is not None else out.to(q.device)
+
+    def _attend_blocked(self, q, k, v):
+        """KIVI on the CPU (q/k/v here already): as CacheAccess._attend_blocked, over the head-major home."""
+        t, s = self.state.length, q.shape[1]
+        k_new, v_new = k.transpose(0, 1), v.transpose(0, 1)
+        recent = self.store.recent(self.item, q.device)
+        order = (2, 0, 1, *range(3, self.k_home.dim()))  # token-major views of the head-major homes
+        valid = self.state.key_valid[:, :t + s].to(q.device)
+        if s > 1:  # prefill, in one piece: the packed cache cannot serve a later chunk
+            if t:
+                raise RuntimeError("a CPU-attended compressed cache is prefilled in one piece")
+            out = token_major_attention(q, k_new, v_new, s, self.state.mask(s, q.device))
+        else:
+            recent_k, recent_v = recent.with_new(t, k_new, v_new)
+            out = self.codec.attend_recent(q, self.k_home.permute(order), self.v_home.permute(order),
+                                           recent.block_start(t), recent_k, recent_v, valid)
+        done = recent.append(t, k_new, v_new)
+        if done is not None:
+            start, k_block, v_block = done
+            n = k_block.shape[0]
+            k_enc, v_enc = self.codec.encode_blocks(k_block, v_block, valid[:, start:start + n] if self.state.padded
+                                                    else None)
+            self.k_home[:, :, start:start + n] = k_enc.permute(1, 2, 0, 3, 4)
+            self.v_home[:, :, start:start + n] = v_enc.permute(1, 2, 0, 3, 4)
+        return out

@@ -23,6 +23,7 @@ from ..models.base import Layer
 from ..profiler import Profiler
 from ..io.tiers import Storage, Tier
 from ..io.transfer import Mover, Pending
+from .recent import RecentTokens
 
 Item = tuple[int, int]  # (layer index, gpu batch)
 
@@ -95,6 +96,7 @@ class KVCacheStore:
                                                codec.head_dim)
         self._buffer: tuple[torch.Tensor, torch.Tensor] | None = None
         self._fetched: dict[Item, tuple[int, list[Pending]]] = {}
+        self._recent: dict[Item, RecentTokens] = {}  # a blocked codec's unfinished blocks (kv/recent.py)
         self._next_slot = 0
         self._next_staging = 0
         self.policy = None  # the KV policy: set by the engine, asked for access objects
@@ -154,6 +156,14 @@ class KVCacheStore:
                             self._gpu.allocate(self._buffer_shape, dtype, "kv_prefill_v"))
         heads = self.homes[item][1].shape[2 if not self.head_major[item] else 1]
         return self._buffer[0][..., :heads, :], self._buffer[1][..., :heads, :]
+
+    def recent(self, item: Item, device: torch.device) -> RecentTokens:
+        """The exact tokens of the item's unfinished block, beside its attention on `device`."""
+        if item not in self._recent:
+            home = self.homes[item][1]
+            batch, heads = (home.shape[0], home.shape[1]) if self.head_major[item] else (home.shape[1], home.shape[2])
+            self._recent[item] = RecentTokens(batch, heads, self.codec.head_dim, self.codec.compute_dtype, device)
+        return self._recent[item]
 
     def order_after_stores(self) -> None:
         """Order the current stream after every write-back in flight, without blocking the host

@@ -26,6 +26,10 @@ class Compression:
     bits: int = 4
     group_size: int = 64
     requantize: bool = False
+    # KV cache only: KIVI's layout (kernels/quant/kivi.py), keys per channel over blocks of 32
+    # tokens and values per token in groups of 32, the newest tokens exact until their block
+    # fills; group_size does not apply. False: FlexGen's groups along the head dimension.
+    keys_per_channel: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -44,6 +48,9 @@ class Compression:
 
     def kernel_spec(self):
         from offload_engine.kernels.quant.pack import QuantSpec
+        if self.keys_per_channel:
+            from offload_engine.kernels.quant.kivi import kivi_spec
+            return kivi_spec(self.bits)
         return QuantSpec(bits=self.bits, group_size=self.group_size)
 
 

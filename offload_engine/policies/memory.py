@@ -249,6 +249,12 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
     cpu_meta = kv_counts[Tier.CPU] if policy.cpu_cache_compute else 0
     plan.tiers[Tier.CPU].kv_cache += cpu_meta * meta_item
     plan.tiers[Tier.GPU].kv_cache += (kv_split.count - cpu_meta if attn else 0) * meta_item
+    if attn and policy.compress_cache is not None and policy.compress_cache.keys_per_channel:
+        # KIVI's unfinished block, exact, beside each item's attention (kv/recent.py)
+        from offload_engine.kernels.quant.kivi import BLOCK
+        recent_item = 2 * BLOCK * b * attn[0][1].num_heads * attn[0][1].head_dim * itemsize
+        plan.tiers[Tier.CPU].kv_cache += cpu_meta * recent_item
+        plan.tiers[Tier.GPU].kv_cache += (kv_split.count - cpu_meta) * recent_item
     plan.tiers[Tier.GPU].hot_cache += off_gpu * hot_item
     gpu = plan.tiers[Tier.GPU]
     gpu.buffers = weight_slots * weight_slot + plan.kv_slots * kv_item + buffer_bytes

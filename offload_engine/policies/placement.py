@@ -57,6 +57,10 @@ class Policy:
                     "The rest goes to disk; lower one of the two.")
         if self.weight_buffers == 1 or self.weight_buffers < 0:
             raise EngineError("--weight-buffers must be 0 (automatic) or at least 2 (double buffering).")
+        if self.compress_cache is not None and self.compress_cache.keys_per_channel and self.kv.policy != "full":
+            raise EngineError(f"the KIVI cache codec (keys per channel) works with --kv-policy full, not "
+                              f"{self.kv.policy}: H2O's evictions and HiP's gathers need records that stand alone.",
+                              "Pass --cache-codec token with --compress-cache, or --kv-policy full.")
 
     def _check_types(self) -> None:
         """Python callers can pass anything: a wrong type is named here, not as a TypeError deep inside."""

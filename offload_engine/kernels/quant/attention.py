@@ -13,6 +13,8 @@ attention dequantizes on the fly and never materialises the fp16 cache:
 Layouts: q (B, Hq, D), already scaled. k/v packed (T_max, B, Hkv, G, R) or any strided view in
 that index order (e.g. a head-major (B, Hkv, T_max, G, R) store passed as .permute(2, 0, 1, 3, 4)).
 Query head h reads kv head h // (Hq // Hkv). key_valid (B, length) masks left padding.
+`keys_per_channel`: keys in KIVI's layout (kivi.py: per channel over blocks of 32 tokens; the
+length a whole number of blocks), values per token as usual.
 """
 from __future__ import annotations
 
@@ -20,12 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
+from offload_engine.kernels.quant.kivi import BLOCK, dequantize_keys, dequantize_keys_reference
 from offload_engine.kernels.quant.pack import QuantSpec, dequantize_torch, check_packed, dequantize_reference, half_view, load_f16
 
 NEG_BIG = -1.0e30        # running-max start: finite, so a fully masked tile gives exp(-inf) = 0, not NaN
 
 
-def _check(q, k_packed, v_packed, spec, head_dim, length, key_valid) -> None:
+def _check(q, k_packed, v_packed, spec, head_dim, length, key_valid, keys_per_channel=False) -> None:
     if q.dim() != 3 or not q.is_floating_point() or q.shape[2] != head_dim:
         raise ValueError(f"q must be a float (B, Hq, head_dim={head_dim}) tensor, got {q.dtype} {tuple(q.shape)}.")
     b, hq, _ = q.shape
@@ -41,17 +44,23 @@ def _check(q, k_packed, v_packed, spec, head_dim, length, key_valid) -> None:
         raise ValueError(f"Hq={hq} is not a multiple of Hkv={hkv}; grouped-query attention needs that.")
     if not 1 <= length <= k_packed.shape[0]:
         raise ValueError(f"length={length} must be in [1, T_max={k_packed.shape[0]}].")
+    if keys_per_channel and (length % BLOCK or spec.group_size != BLOCK):
+        raise ValueError(f"per-channel keys are attended in whole blocks of {BLOCK} tokens with groups of {BLOCK}, "
+                         f"got length {length} and {spec}.")
     if key_valid is not None and (key_valid.dtype != torch.bool or tuple(key_valid.shape) != (b, length)):
         raise ValueError(f"key_valid must be a bool ({b}, {length}) tensor, got {key_valid.dtype} "
                          f"{tuple(key_valid.shape)}.")
 
 
 def quant_decode_attention_reference(q, k_packed, v_packed, spec: QuantSpec, head_dim: int, length: int,
-                                     key_valid: torch.Tensor | None = None):
+                                     key_valid: torch.Tensor | None = None, keys_per_channel: bool = False):
     """(out, probs) in float64: dequantize everything, plain softmax. For tests."""
-    _check(q, k_packed, v_packed, spec, head_dim, length, key_valid)
+    _check(q, k_packed, v_packed, spec, head_dim, length, key_valid, keys_per_channel)
     b, hq, d = q.shape
-    k = dequantize_reference(k_packed[:length], spec, head_dim)         # (t, B, Hkv, D)
+    if keys_per_channel:
+        k = dequantize_keys_reference(k_packed[:length], spec)
+    else:
+        k = dequantize_reference(k_packed[:length], spec, head_dim)     # (t, B, Hkv, D)
     v = dequantize_reference(v_packed[:length], spec, head_dim)
     rep = hq // k.shape[2]
     k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
@@ -70,19 +79,25 @@ def _records_contiguous(*packed: torch.Tensor) -> bool:
     return all(p.stride(4) == 1 and p.stride(3) == p.shape[4] for p in packed)
 
 
-def _attention_torch(q, k_packed, v_packed, spec, head_dim, length, key_valid, return_probs, block_tokens):
+def _attention_torch(q, k_packed, v_packed, spec, head_dim, length, key_valid, return_probs, block_tokens,
+                     keys_per_channel=False, return_lse=False):
     b, hq, d = q.shape
     hkv = k_packed.shape[2]
     qf = q.float().reshape(b, hkv, hq // hkv, d)
     if block_tokens is None:  # ~4M dequantized floats per block: bounded memory, cache-sized passes
         block_tokens = max(16, min(2048, (1 << 22) // (b * hkv * d)))
+    if keys_per_channel:
+        block_tokens = -(-block_tokens // BLOCK) * BLOCK
     m = torch.full((b, hkv, hq // hkv, 1), NEG_BIG)
     l = torch.zeros_like(m)
     acc = torch.zeros_like(qf)
     scores_all = torch.empty(b, hkv, hq // hkv, length) if return_probs else None
     for t0 in range(0, length, block_tokens):
         t1 = min(length, t0 + block_tokens)
-        k = dequantize_torch(k_packed[t0:t1].permute(1, 2, 0, 3, 4), spec, head_dim, torch.float32)
+        if keys_per_channel:
+            k = dequantize_keys(k_packed[t0:t1], spec).permute(1, 2, 0, 3)
+        else:
+            k = dequantize_torch(k_packed[t0:t1].permute(1, 2, 0, 3, 4), spec, head_dim, torch.float32)
         v = dequantize_torch(v_packed[t0:t1].permute(1, 2, 0, 3, 4), spec, head_dim, torch.float32)
         s = qf @ k.transpose(-1, -2)                                    # (B, Hkv, rep, tb)
         if key_valid is not None and not bool(key_valid[:, t0:t1].all()):
@@ -98,6 +113,8 @@ def _attention_torch(q, k_packed, v_packed, spec, head_dim, length, key_valid, r
         acc = acc * alpha + p @ v
         m = m_new
     out = (acc / l).view(b, hq, d).to(q.dtype)
+    if return_lse:
+        return out, (m + torch.log(l)).view(b, hq)
     if not return_probs:
         return out
     probs = torch.exp(scores_all - (m + torch.log(l)))
@@ -128,12 +145,38 @@ def _dequant_tile(p_ptr, sm_ptr, rec, g, j, row_ok, G: tl.constexpr, EVEN: tl.co
 
 
 @triton.jit
+def _dequant_key_channel_tile(p_ptr, sm_ptr, rec, base, tj, skt, g, j, row_ok, G: tl.constexpr, EVEN: tl.constexpr,
+                              BITS: tl.constexpr, GS: tl.constexpr):
+    """A block's keys in KIVI's layout (kivi.py): codes per token, each channel's scale and min in
+    the header of record (block start + channel mod 32); same (low half, high half) split."""
+    HALF: tl.constexpr = GS // 2
+    R: tl.constexpr = 4 + GS * BITS // 8
+    gj = (g < G)[:, None] & (j < HALF)[None, :]
+    p_lo = base + tj[None, :] * skt + (g * R)[:, None]                # (G_P2, HALF_P2) channel 32g + j
+    p_hi = p_lo + HALF * skt                                           # channel 32g + 16 + j
+    s_lo = load_f16(p_ptr, sm_ptr, p_lo, gj, EVEN)[None, :, :]
+    mn_lo = load_f16(p_ptr, sm_ptr, p_lo + 2, gj, EVEN)[None, :, :]
+    s_hi = load_f16(p_ptr, sm_ptr, p_hi, gj, EVEN)[None, :, :]
+    mn_hi = load_f16(p_ptr, sm_ptr, p_hi + 2, gj, EVEN)[None, :, :]
+    off = rec[:, None] + (g * R)[None, :]
+    cm = (row_ok[:, None] & (g < G)[None, :])[:, :, None] & (j < HALF)[None, None, :]
+    src = p_ptr + off[:, :, None] + 4 + j[None, None, :]
+    if BITS == 4:
+        byte = tl.load(src, mask=cm, other=0).to(tl.int32)
+        c_lo, c_hi = byte & 15, byte >> 4
+    else:
+        c_lo = tl.load(src, mask=cm, other=0).to(tl.int32)
+        c_hi = tl.load(src + HALF, mask=cm, other=0).to(tl.int32)
+    return c_lo.to(tl.float32) * s_lo + mn_lo, c_hi.to(tl.float32) * s_hi + mn_hi
+
+
+@triton.jit
 def _qattn_kernel(q_ptr, k_ptr, ksm_ptr, v_ptr, vsm_ptr, valid_ptr, pm_ptr, pl_ptr, pacc_ptr, sc_ptr,
                   length, per_split, HQ, REP, D, S,
                   sqb, sqh, skt, skb, skh, svt, svb, svh, svalid,
                   EVEN: tl.constexpr, BITS: tl.constexpr, GS: tl.constexpr, G: tl.constexpr,
                   G_P2: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_T: tl.constexpr,
-                  HAS_MASK: tl.constexpr, WRITE_SCORES: tl.constexpr):
+                  HAS_MASK: tl.constexpr, WRITE_SCORES: tl.constexpr, KEY_CHANNEL: tl.constexpr):
     HALF: tl.constexpr = GS // 2
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -162,7 +205,11 @@ def _qattn_kernel(q_ptr, k_ptr, ksm_ptr, v_ptr, vsm_ptr, valid_ptr, pm_ptr, pl_p
         if HAS_MASK:
             ok = ok & (tl.load(valid_ptr + b.to(tl.int64) * svalid + t, mask=in_range, other=0) != 0)
         tt = t.to(tl.int64)
-        k_lo, k_hi = _dequant_tile(k_ptr, ksm_ptr, kbase + tt * skt, g, j, ok, G, EVEN, BITS, GS)
+        if KEY_CHANNEL:  # the tile is one block: t0 is a multiple of BLOCK_T = 32
+            k_lo, k_hi = _dequant_key_channel_tile(k_ptr, ksm_ptr, kbase + tt * skt, kbase, (t0 + j).to(tl.int64),
+                                                   skt, g, j, ok, G, EVEN, BITS, GS)
+        else:
+            k_lo, k_hi = _dequant_tile(k_ptr, ksm_ptr, kbase + tt * skt, g, j, ok, G, EVEN, BITS, GS)
         s = tl.sum(tl.sum(k_lo * q_lo[None, :, :] + k_hi * q_hi[None, :, :], axis=2), axis=1)
         s = tl.where(ok, s, float("-inf"))
         if WRITE_SCORES:
@@ -199,9 +246,9 @@ def _num_sms(device: torch.device) -> int:
 def quant_decode_attention_triton(q, k_packed, v_packed, spec: QuantSpec, head_dim: int, length: int,
                                   key_valid: torch.Tensor | None = None, return_probs: bool = False,
                                   num_splits: int | None = None, block_t: int | None = None,
-                                  num_warps: int = 4):
+                                  num_warps: int = 4, keys_per_channel: bool = False, return_lse: bool = False):
     """Flash-decoding over the packed cache (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
-    _check(q, k_packed, v_packed, spec, head_dim, length, key_valid)
+    _check(q, k_packed, v_packed, spec, head_dim, length, key_valid, keys_per_channel)
     r = spec.record_bytes
     for name, p in (("k_packed", k_packed), ("v_packed", v_packed)):
         if p.stride(-1) != 1 or (p.stride(-2) != r and p.shape[-2] > 1):
@@ -215,6 +262,8 @@ def quant_decode_attention_triton(q, k_packed, v_packed, spec: QuantSpec, head_d
     g_p2, half_p2 = triton.next_power_of_2(g), triton.next_power_of_2(spec.group_size // 2)
     if block_t is None:  # K and V tiles of ~4K values each
         block_t = max(16, min(64, 4096 // (g_p2 * half_p2 * 2)))
+    if keys_per_channel:
+        block_t = BLOCK
     if num_splits is None:  # ~8 programs per SM (several resident per SM), no split under 4 tiles
         num_splits = max(1, min(triton.cdiv(8 * _num_sms(q.device), b * hq), triton.cdiv(length, 4 * block_t)))
     per_split = triton.cdiv(triton.cdiv(length, num_splits), block_t) * block_t
@@ -235,12 +284,15 @@ def quant_decode_attention_triton(q, k_packed, v_packed, spec: QuantSpec, head_d
         q.stride(0), q.stride(1), *k_packed.stride()[:3], *v_packed.stride()[:3],
         valid.stride(0) if key_valid is not None else 0,
         EVEN=even, BITS=spec.bits, GS=spec.group_size, G=g, G_P2=g_p2, HALF_P2=half_p2, BLOCK_T=block_t,
-        HAS_MASK=key_valid is not None, WRITE_SCORES=return_probs, num_warps=num_warps)
+        HAS_MASK=key_valid is not None, WRITE_SCORES=return_probs, KEY_CHANNEL=keys_per_channel,
+        num_warps=num_warps)
     # Merge the splits (B*Hq*splits numbers: negligible next to the cache read).
     m = pm.amax(-1, keepdim=True)
     w = torch.exp(pm - m)
     l = (pl * w).sum(-1, keepdim=True)
     out = ((pacc * w[..., None]).sum(-2) / l).to(q.dtype)
+    if return_lse:
+        return out, (m + torch.log(l))[..., 0]
     if not return_probs:
         return out
     return out, torch.exp(scores - (m + torch.log(l)))
@@ -265,3 +317,34 @@ def quant_decode_attention(q, k_packed, v_packed, spec: QuantSpec, head_dim: int
                                                    v_packed[:length].permute(heads_first), spec.bits,
                                                    spec.group_size, key_valid)
     return _attention_torch(q, k_packed, v_packed, spec, head_dim, length, key_valid, return_probs, block_tokens)
+
+
+def attention_with_recent(q, k_packed, v_packed, spec: QuantSpec, head_dim: int, flushed: int,
+                          recent_k: torch.Tensor, recent_v: torch.Tensor, key_valid: torch.Tensor | None = None,
+                          keys_per_channel: bool = True):
+    """Decode attention over `flushed` packed tokens followed by the exact tokens KIVI keeps until
+    their block fills: recent_k/recent_v (r, B, Hkv, D) in the compute dtype, r >= 1 (the new
+    token is among them). key_valid (B, flushed + r) or None. The two parts are attended apart
+    and merged by their log-sum-exp; a row with no valid packed key takes the recent part alone."""
+    b, hq, d = q.shape
+    r, hkv = recent_k.shape[0], recent_k.shape[2]
+    qf = q.float().view(b, hkv, hq // hkv, d)
+    s = torch.einsum("bgqd,tbgd->bgqt", qf, recent_k.float())
+    if key_valid is not None:
+        s = s.masked_fill(~key_valid[:, None, None, flushed:flushed + r], float("-inf"))
+    lse = torch.logsumexp(s, -1)                                       # (B, Hkv, rep)
+    out = torch.einsum("bgqt,tbgd->bgqd", torch.softmax(s, -1), recent_v.float())
+    if flushed:
+        valid = key_valid[:, :flushed] if key_valid is not None else None
+        if q.is_cuda:
+            out_p, lse_p = quant_decode_attention_triton(q, k_packed, v_packed, spec, head_dim, flushed, valid,
+                                                         keys_per_channel=keys_per_channel, return_lse=True)
+        else:
+            _check(q, k_packed, v_packed, spec, head_dim, flushed, valid, keys_per_channel)
+            out_p, lse_p = _attention_torch(q, k_packed, v_packed, spec, head_dim, flushed, valid, False, None,
+                                            keys_per_channel, return_lse=True)
+        out_p, lse_p = out_p.float().view_as(out), lse_p.view_as(lse)
+        both = torch.logaddexp(lse, lse_p)
+        out_p = torch.where(torch.isfinite(lse_p)[..., None], out_p, 0.0)
+        out = out * torch.exp(lse - both)[..., None] + out_p * torch.exp(lse_p - both)[..., None]
+    return out.view(b, hq, d).to(q.dtype)

@@ -1,0 +1,47 @@
+"""KIVI's residual: each sequence's newest tokens, exact, until their block of 32 fills.
+
+Keys are quantized per channel over whole blocks of tokens (kernels/quant/kivi.py), so a block
+is written to the cache's home only once its last token has arrived; until then its tokens sit
+here, in the compute dtype, beside the attention that reads them. Blocks are aligned to token
+slots (left padding included), so every sequence of a batch fills its block at the same step.
+"""
+from __future__ import annotations
+
+import torch
+
+from offload_engine.kernels.quant.kivi import BLOCK
+
+
+class RecentTokens:
+    """The tokens of the current, unfinished block of one cache item: (BLOCK, B, H, D) keys and values."""
+
+    def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.k = torch.zeros(BLOCK, batch, heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    @staticmethod
+    def block_start(t: int) -> int:
+        """The first slot of the block holding slot t: every slot before it is in the home."""
+        return t - t % BLOCK
+
+    def with_new(self, t: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact tokens from block_start(t) up to the new ones (t, t + s), token-major."""
+        r = t % BLOCK
+        if r == 0:
+            return k_new, v_new
+        return torch.cat([self.k[:r], k_new]), torch.cat([self.v[:r], v_new])
+
+    def append(self, t: int, k_new: torch.Tensor, v_new: torch.Tensor):
+        """Take tokens [t, t + s); return (start, keys, values) of the whole blocks they complete,
+        exact and token-major, for the caller to encode and write home, or None."""
+        r, s = t % BLOCK, k_new.shape[0]
+        if r + s < BLOCK:
+            self.k[r:r + s] = k_new
+            self.v[r:r + s] = v_new
+            return None
+        k_all, v_all = self.with_new(t, k_new, v_new)
+        whole = (r + s) // BLOCK * BLOCK
+        rest = r + s - whole
+        self.k[:rest] = k_all[whole:]
+        self.v[:rest] = v_all[whole:]
+        return t - r, k_all[:whole], v_all[:whole]

@@ -56,3 +56,16 @@ def test_graphs_refused_where_hip_reads_the_cache_on_the_cpu_or_disk(checkpoints
         opts = EngineOptions(checkpoint=checkpoints["opt"], offload_dir=tmp_path, progress=False, dtype=torch.float32)
         with Engine(from_hf_config(checkpoints["opt"]), policy, Workload(PROMPT, GEN), opts) as engine:
             assert reason in engine.graph_refusal
+
+
+def test_block_start_keys_view_the_whole_length():
+    """A captured step searches over the view of every position the cache can hold: it fits the
+    allocation when the length is a whole number of blocks."""
+    from offload_engine.kv.hot_cache import HotBlockCache
+
+    for max_len, bk in ((64, 2), (63, 2), (96, 4)):
+        hot = HotBlockCache(1, 2, 8, max_len, bk, 4, torch.float32, torch.device("cpu"))
+        keys = torch.randn(1, 2, max_len, 8)
+        hot.write_reps(0, keys)
+        view = hot.rep_keys(max_len)
+        assert torch.equal(view[:, :, ::bk], keys[:, :, ::bk])

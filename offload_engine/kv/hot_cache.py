@@ -32,7 +32,9 @@ class HotBlockCache:
         self.bk, self.capacity = block_size, capacity_blocks
         self.blocks = -(-max_len // block_size)
         shape = (batch, kv_heads)
-        self.reps = torch.zeros(*shape, self.blocks, head_dim, dtype=dtype, device=device)
+        # One spare row: rep_keys' strided view of `length` positions ends d - d / bk elements
+        # past the last block's key.
+        self.reps = torch.zeros(*shape, self.blocks + 1, head_dim, dtype=dtype, device=device)
         self.pool_k = torch.zeros(*shape, (capacity_blocks + 1) * block_size, head_dim, dtype=dtype, device=device)
         self.pool_v = torch.zeros_like(self.pool_k)
         self.slot_of = torch.full((*shape, self.blocks + 1), -1, dtype=torch.int64, device=device)

@@ -157,11 +157,12 @@ class HiPConfig:
 
     def hot_cache_bytes(self, batch: int, kv_heads: int, group: int, head_dim: int, max_len: int,
                         itemsize: int) -> int:
-        """GPU bytes of one item's hot cache (offload_engine/kv/hot_cache.py): the block-start keys,
-        the key and value pool (plus one spare block) and the int64 maps (plus spare columns)."""
+        """GPU bytes of one item's hot cache (offload_engine/kv/hot_cache.py): the block-start keys
+        (plus one spare row), the key and value pool (plus one spare block) and the int64 maps
+        (plus spare columns)."""
         bk, cap = self.block_size_k, self.hot_blocks(group, max_len)
         blocks = -(-max_len // bk)
-        per_head = (blocks * head_dim + 2 * (cap + 1) * bk * head_dim) * itemsize + (blocks + 1 + 2 * (cap + 1)) * 8
+        per_head = ((blocks + 1) * head_dim + 2 * (cap + 1) * bk * head_dim) * itemsize + (blocks + 1 + 2 * (cap + 1)) * 8
         return batch * kv_heads * per_head
 
     def kernel_config(self):

@@ -27,9 +27,10 @@ def checkpoints(tmp_path_factory):
             "llama": save_checkpoint(tiny_hf_llama(seed=7), tmp_path_factory.mktemp("llama"), "safetensors")}
 
 
-def generate(folder, tmp_path, tier, kv, engine_out=None):
+def generate(folder, tmp_path, tier, kv, engine_out=None, cuda_graphs=True):
     percent, cpu_compute = TIERS[tier]
-    policy = Policy.from_percent(percent, gpu_batch_size=2, num_gpu_batches=2, cpu_cache_compute=cpu_compute, kv=kv)
+    policy = Policy.from_percent(percent, gpu_batch_size=2, num_gpu_batches=2, cpu_cache_compute=cpu_compute, kv=kv,
+                                 cuda_graphs=cuda_graphs)
     ids, mask = random_prompts(4, PROMPT, seed=3)
     cfg = from_hf_config(folder)
     opts = EngineOptions(checkpoint=folder, offload_dir=tmp_path, progress=False, dtype=torch.float32)
@@ -68,7 +69,10 @@ def test_sparse_selection_is_the_same_on_every_tier(checkpoints, tmp_path, famil
 
 def test_selection_is_reused_between_refreshes(checkpoints, tmp_path):
     policies = []
-    generate(checkpoints["opt"], tmp_path, "gpu", KVSettings("hip", hip=HiPConfig(k=8, refresh=4, **SMALL)), policies)
+    # The eager step's record of its selections (a captured step keeps them in fixed buffers:
+    # tests/test_hip_static.py).
+    generate(checkpoints["opt"], tmp_path, "gpu", KVSettings("hip", hip=HiPConfig(k=8, refresh=4, **SMALL)), policies,
+             cuda_graphs=False)
     lengths = {sel.length for sel in policies[0].selections.values()}
     assert lengths == {PROMPT + 8}  # selected at steps 1, 5 and 9 after the prompt: the last at length 48
 
@@ -126,8 +130,11 @@ def test_a_4bit_home_equals_dense_attention_over_the_same_4bit_cache(checkpoints
 
     hip, dense = run(KVSettings("hip", hip=HiPConfig(k=64, **SMALL))), run(KVSettings())
     assert torch.equal(hip.tokens, dense.tokens)
+    # Compiled, the two sides are different fp32 kernels (the packed-cache kernel against the hot
+    # pool's block-sparse one) whose reduction orders differ: 2-4e-5 on an H100, 1e-6 interpreted.
+    tolerance = 1e-4 if torch.cuda.is_available() else 1e-5
     for a, b in zip(hip.step_logits[1:], dense.step_logits[1:]):
-        assert rel_err(a, b) < 1e-5
+        assert rel_err(a, b) < tolerance
     plain = generate(checkpoints[family], tmp_path, tier, KVSettings("hip", hip=HiPConfig(k=64, **SMALL)))
     assert rel_err(hip.step_logits[-1], plain.step_logits[-1]) > 1e-3
 

@@ -42,12 +42,23 @@ def expected(pool_k, pool_v, home_k, home_v, blocks, slots, length, bk):
     return out_k, out_v
 
 
+def fetch(impl, pool_k, pool_v, home_k, home_v, blocks, slots, *rest):
+    """Run `impl` where it runs (the Triton kernel on the GPU when there is one: device memory
+    here, pinned host memory below); returns the pools on the CPU."""
+    if impl is fetch_blocks_triton and torch.cuda.is_available():
+        tensors = [x.cuda() for x in (pool_k, pool_v, home_k, home_v, blocks, slots)]
+        impl(*tensors, *rest)
+        return tensors[0].cpu(), tensors[1].cpu()
+    impl(pool_k, pool_v, home_k, home_v, blocks, slots, *rest)
+    return pool_k, pool_v
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("impl", [fetch_blocks_torch, fetch_blocks_triton])
 def test_fetch_copies_the_listed_blocks_and_nothing_else(seed, impl):
     (pool_k, pool_v, home_k, home_v, blocks, slots), length, bk = case(seed)
     want_k, want_v = expected(pool_k, pool_v, home_k, home_v, blocks, slots, length, bk)
-    impl(pool_k, pool_v, home_k, home_v, blocks, slots, length, bk)
+    pool_k, pool_v = fetch(impl, pool_k, pool_v, home_k, home_v, blocks, slots, length, bk)
     assert torch.equal(pool_k.nan_to_num(7.0), want_k.nan_to_num(7.0))  # untouched slots stay poisoned
     assert torch.equal(pool_v.nan_to_num(7.0), want_v.nan_to_num(7.0))
 
@@ -78,6 +89,6 @@ def test_a_packed_home_arrives_dequantized(bits, group, impl):
     packed = [quantize(x, spec) for x in (home_k, home_v)]  # (T, B, H, G, R)
     plain = [dequantize_reference(x, spec, 40).float() for x in packed]
     want_k, want_v = expected(pool_k, pool_v, plain[0], plain[1], blocks, slots, length, bk)
-    impl(pool_k, pool_v, packed[0], packed[1], blocks, slots, length, bk, spec)
+    pool_k, pool_v = fetch(impl, pool_k, pool_v, packed[0], packed[1], blocks, slots, length, bk, spec)
     assert torch.equal(pool_k.nan_to_num(7.0), want_k.nan_to_num(7.0))
     assert torch.equal(pool_v.nan_to_num(7.0), want_v.nan_to_num(7.0))

@@ -27,8 +27,8 @@ def checkpoints(tmp_path_factory):
             "llama": save_checkpoint(tiny_hf_llama(seed=32), tmp_path_factory.mktemp("llama"), "safetensors")}
 
 
-def generate(folder, tmp_path, place: str, static: bool, compress=None):
-    policy = Policy.from_percent(PLACES[place], gpu_batch_size=3, kv=HIP, cuda_graphs=static, compress_cache=compress)
+def generate(folder, tmp_path, place: str, static: bool, compress=None, kv=HIP):
+    policy = Policy.from_percent(PLACES[place], gpu_batch_size=3, kv=kv, cuda_graphs=static, compress_cache=compress)
     opts = EngineOptions(checkpoint=folder, offload_dir=tmp_path, progress=False, dtype=torch.float32,
                          eager_static_decode=static and not ON_GPU)
     with Engine(from_hf_config(folder), policy, Workload(PROMPT, GEN), opts) as engine:
@@ -47,6 +47,20 @@ def test_static_hip_step_equals_the_eager_one(checkpoints, tmp_path, family, pla
         assert torch.equal(a.tokens, b.tokens)
         for x, y in zip(a.step_logits, b.step_logits):
             assert rel_err(x, y) < 1e-5
+
+
+def test_static_dense_layers_attend_everything(checkpoints, tmp_path):
+    """HiP's first layers attending densely (`dense_layers`) do so in a captured step too."""
+    from dataclasses import replace
+
+    kv = replace(HIP, hip=replace(HIP.hip, dense_layers=2))
+    static, eager = (generate(checkpoints["llama"], tmp_path, "gpu", s, kv=kv) for s in (True, False))
+    sparse = generate(checkpoints["llama"], tmp_path, "gpu", True)
+    for a, b, c in zip(static, eager, sparse):
+        assert torch.equal(a.tokens, b.tokens)
+        for x, y in zip(a.step_logits, b.step_logits):
+            assert rel_err(x, y) < 1e-5
+        assert rel_err(a.step_logits[-1], c.step_logits[-1]) > 1e-4  # the dense layers changed the result
 
 
 def test_graphs_refused_where_hip_reads_the_cache_on_the_cpu_or_disk(checkpoints, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from offload_engine.kernels.decode_attention import decode_attention
 from offload_engine.kernels.hip.attention import block_sparse_attention
 
 
@@ -29,6 +30,8 @@ class StaticDecode:
         if self.where.kind == "gpu":
             self.where.k.index_copy_(0, position, k_new[None])
             self.where.v.index_copy_(0, position, v_new[None])
+            if self.item[0] in p.dense:  # the first layers attend everything written so far
+                return decode_attention(q[:, 0], self.where.k, self.where.v, st.end_t, st.key_start_t)[:, None]
             keys, values = self.where.k.permute(1, 2, 0, 3), self.where.v.permute(1, 2, 0, 3)
             if p.static_refresh:
                 self._keep_selection(qh, keys, q_idx, key_start)

@@ -5,9 +5,10 @@
 Rows (SmolLM2-135M on the KJV corpus by default): full attention; H2O at 5/10/20/50% (half heavy
 hitters, half recent; real eviction and the masked simulation); the sink + recent baseline at
 the same budgets; HiP at k = 128/256/512 (estimated selection, and the exact top-k blocks as its
-upper bound); 4-bit KV; H2O 20% with 4-bit KV; compressed weights as the GGUF stores them (its
+upper bound); 4-bit KV per token (FlexGen's scheme) and in KIVI's layout (keys per channel), 8-bit
+KIVI; H2O 20% with 4-bit KV per token; compressed weights as the GGUF stores them (its
 Q4_1 and Q8_0 blocks kept bit for bit: the full row's perplexity); 4-bit weights re-quantized
-from them in groups of 64 (FlexGen's setting) and of 32; the GGUF's weights with 4-bit KV. Each finished row is appended to
+from them in groups of 64 (FlexGen's setting) and of 32; the GGUF's weights with 4-bit KIVI KV. Each finished row is appended to
 <out>/accuracy_<context>.jsonl at once, so an interrupted run resumes where it stopped;
 <out>/accuracy_<context>.md is the table (perplexity, change vs full, mean keys attended per
 query, KV bytes kept per sequence).
@@ -51,25 +52,28 @@ def rows_to_run(context: int, only: list[str] | None):
     for k in HIP_KS:
         rows += [(f"hip k={k}", KVSettings("hip", hip=HiPConfig(k=k)), {}),
                  (f"hip k={k} exact top-k", KVSettings("hip", hip=HiPConfig(k=k, exact=True)), {})]
-    rows += [("4-bit KV", KVSettings(), dict(compress_cache=q4)),
-             ("h2o 20% + 4-bit KV", h2o(0.2, context), dict(compress_cache=q4)),
+    kivi4, kivi8 = Compression(4, keys_per_channel=True), Compression(8, keys_per_channel=True)
+    rows += [("4-bit KV, per token (FlexGen's groups of 64)", KVSettings(), dict(compress_cache=q4)),
+             ("4-bit KV, KIVI", KVSettings(), dict(compress_cache=kivi4)),
+             ("8-bit KV, KIVI", KVSettings(), dict(compress_cache=kivi8)),
+             ("h2o 20% + 4-bit KV, per token", h2o(0.2, context), dict(compress_cache=q4)),
              ("weights as the GGUF stores them (Q4_1 + Q8_0)", KVSettings(), dict(compress_weight=q4)),
              ("4-bit weights re-quantized, groups of 64", KVSettings(),
               dict(compress_weight=Compression(4, 64, requantize=True))),
              ("4-bit weights re-quantized, groups of 32", KVSettings(),
               dict(compress_weight=Compression(4, 32, requantize=True))),
-             ("GGUF weights + 4-bit KV", KVSettings(), dict(compress_weight=q4, compress_cache=q4))]
+             ("GGUF weights + 4-bit KV, KIVI", KVSettings(), dict(compress_weight=q4, compress_cache=kivi4))]
     return [r for r in rows if not only or any(r[0].startswith(o) for o in only)]
 
 
 def markdown(rows: list[dict]) -> str:
     full = next((r["ppl"] for r in rows if r["name"] == "full"), None)
-    lines = ["| policy | perplexity | change vs full | mean keys attended / query | KV bytes kept / sequence |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| policy | perplexity | change vs full | mean keys attended / query | KV bytes kept / sequence | "
+             "KV bytes / context token |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         change = f"{r['ppl'] / full - 1:+.1%}" if full else "-"
         lines.append(f"| {r['name']} | {r['ppl']:.3f} | {change} | {r['mean_keys_attended']:.0f} | "
-                     f"{r['kv_bytes_per_sequence'] / 2**20:.1f} MiB |")
+                     f"{r['kv_bytes_per_sequence'] / 2**20:.1f} MiB | {r['kv_bytes_per_sequence'] / r['context']:,.0f} |")
     return "\n".join(lines) + "\n"
 
 

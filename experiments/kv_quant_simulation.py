@@ -10,6 +10,7 @@ rotation, as the engine caches them); the `recent` newest tokens of each query s
   token   keys and values grouped per token along the head dimension, groups of 64: the
           engine's codec today (FlexGen's)
   kivi    keys grouped per channel over blocks of 32 tokens, values per token (KIVI)
+  chan    keys centred and scaled per channel (from the first 32 tokens), then per token
 This is a probe of the codec's design, not the engine's path: the engine's own numbers are in
 experiments/results/accuracy. Writes <out>/kv_quant_simulation_<context>.json and prints a table.
 """
@@ -33,9 +34,8 @@ from offload_engine.metrics import git_commit, hardware, write_json_atomic  # no
 from offload_engine.perplexity import text_windows  # noqa: E402
 from offload_engine.text import resolve_with_tokenizer  # noqa: E402
 
-SCHEMES = [("exact", 16, 0), ("chan", 4, 1), ("chan", 4, 32), ("chan", 2, 32), ("chan", 2, 128)]
-ALL_SCHEMES = [("exact", 16, 0), ("token", 4, 1), ("token", 4, 32), ("kivi", 4, 1), ("kivi", 4, 32), ("kivi", 4, 128),
-           ("token", 2, 128), ("kivi", 2, 32), ("kivi", 2, 128)]
+SCHEMES = [("exact", 16, 0), ("token", 4, 1), ("token", 4, 32), ("kivi", 4, 1), ("kivi", 4, 32), ("kivi", 4, 128),
+           ("chan", 4, 1), ("chan", 4, 32), ("token", 2, 128), ("kivi", 2, 32), ("kivi", 2, 128)]
 
 
 def round_trip(x: torch.Tensor, bits: int, group: int, dim: int) -> torch.Tensor:

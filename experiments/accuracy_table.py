@@ -6,7 +6,7 @@ Rows (SmolLM2-135M on the KJV corpus by default): full attention; H2O at 5/10/20
 hitters, half recent; real eviction and the masked simulation); the sink + recent baseline at
 the same budgets; HiP at k = 128/256/512 (estimated selection, and the exact top-k blocks as its
 upper bound); 4-bit KV per token (FlexGen's scheme) and in KIVI's layout (keys per channel), 8-bit
-KIVI; H2O 20% with 4-bit KV per token; compressed weights as the GGUF stores them (its
+KIVI; H2O 20% with 4-bit KV per token (the 32 newest tokens exact); compressed weights as the GGUF stores them (its
 Q4_1 and Q8_0 blocks kept bit for bit: the full row's perplexity); 4-bit weights re-quantized
 from them in groups of 64 (FlexGen's setting) and of 32; the GGUF's weights with 4-bit KIVI KV. Each finished row is appended to
 <out>/accuracy_<context>.jsonl at once, so an interrupted run resumes where it stopped;
@@ -56,7 +56,7 @@ def rows_to_run(context: int, only: list[str] | None):
     rows += [("4-bit KV, per token (FlexGen's groups of 64)", KVSettings(), dict(compress_cache=q4)),
              ("4-bit KV, KIVI", KVSettings(), dict(compress_cache=kivi4)),
              ("8-bit KV, KIVI", KVSettings(), dict(compress_cache=kivi8)),
-             ("h2o 20% + 4-bit KV, per token", h2o(0.2, context), dict(compress_cache=q4)),
+             ("h2o 20% + 4-bit KV, per token, 32 newest exact", h2o(0.2, context), dict(compress_cache=q4)),
              ("weights as the GGUF stores them (Q4_1 + Q8_0)", KVSettings(), dict(compress_weight=q4)),
              ("4-bit weights re-quantized, groups of 64", KVSettings(),
               dict(compress_weight=Compression(4, 64, requantize=True))),

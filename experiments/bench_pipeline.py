@@ -37,6 +37,7 @@ from offload_engine.sweep.results import append_line, read_records  # noqa: E402
 from offload_engine.sweep.runner import run_process  # noqa: E402
 
 COMMON = ["--prompt-len", "512", "--gen-len", "32", "--gpu-mem", "16GiB"]
+FLEXGEN_CACHE = ["--compress-cache", "--cache-codec", "token"]  # the 4-bit cache in FlexGen's scheme, as it ran
 Batch = tuple[int, int]  # (gpu_batch_size, num_gpu_batches) of one block; a pipeline has one block per stage
 
 
@@ -69,15 +70,15 @@ RUNS: dict[str, tuple[list[str], list[Batch]]] = {
     # OPT-175B: each stage streams ~80 GiB of fp16 weights per micro-batch, so the batch is what
     # pays: 16x2 per micro-batch plans 398 of the host's 504 GiB (4-bit cache; 24x2's 442 leaves
     # too little for four processes' own memory); with 4-bit weights too, 64x2 plans 446.
-    "opt175b-4gpu": point("opt-175b", 4, "5 95 0 100 0 100", [(16, 2), (8, 2)], "--compress-cache",
+    "opt175b-4gpu": point("opt-175b", 4, "5 95 0 100 0 100", [(16, 2), (8, 2)], *FLEXGEN_CACHE,
                           "--cut-gen-len", "5"),
     # The same with the 4-bit cache attended on the GPU: ~10 GB of packed cache a block pass crosses
     # PCIe beside ~84 GB of weights, instead of the CPU dequantizing it.
-    "opt175b-4gpu-gpu-attention": point("opt-175b", 4, "5 95 0 100 0 100", [(16, 2), (8, 2)], "--compress-cache",
+    "opt175b-4gpu-gpu-attention": point("opt-175b", 4, "5 95 0 100 0 100", [(16, 2), (8, 2)], *FLEXGEN_CACHE,
                                         "--cut-gen-len", "5", cpu_attention=False),
     "opt175b-4gpu-4bit": point("opt-175b", 4, "0 100 0 100 0 100", [(64, 2), (48, 2), (32, 2)], "--compress-weight",
-                               "--compress-cache", "--cut-gen-len", "5"),
-    "opt175b-8gpu": point("opt-175b", 8, "22 78 0 100 0 100", [(8, 2), (4, 2), (2, 2)], "--compress-cache",
+                               *FLEXGEN_CACHE, "--cut-gen-len", "5"),
+    "opt175b-8gpu": point("opt-175b", 8, "22 78 0 100 0 100", [(8, 2), (4, 2), (2, 2)], *FLEXGEN_CACHE,
                           "--cut-gen-len", "5"),
 }
 

@@ -67,9 +67,14 @@ class Ours(SystemPolicy):
     recent_ratio: float | None = None
     cuda_graphs: bool | None = None  # None: the engine's default; only for an engine that has the flag
     cut_gen_len: int | None = None  # decode this many steps and extrapolate (a step's cost must not grow)
+    # A compressed cache in FlexGen's scheme (per token, groups of 64): the same bytes and work as
+    # the peer it is compared with; None: the engine's default (KIVI with full attention).
+    cache_codec: str | None = "token"
 
     def flags(self, batch: Batch) -> list[str]:
         flags = self.common_flags(batch)
+        if self.compress_cache and self.cache_codec is not None:
+            flags += ["--cache-codec", self.cache_codec]
         if self.kv_policy != "full":
             flags += ["--kv-policy", self.kv_policy]
             flags += ["--hh-ratio", f"{self.hh_ratio:g}"] if self.hh_ratio is not None else []

@@ -93,13 +93,32 @@ def test_scan_equals_decode_steps_off_the_gpu(checkpoints, tmp_path, tier):
                                placement))
 
 
-def test_scan_equals_masked_simulation_and_packed_cache(checkpoints, tmp_path):
+@pytest.mark.parametrize("exact_tokens", [6, 11])
+def test_scan_equals_masked_simulation_and_packed_cache(checkpoints, tmp_path, monkeypatch, exact_tokens):
+    """The packed cache's rounding, with the newest tokens of each query read exact (a window
+    shorter than the blocks of 4 queries plus the budget, and one longer)."""
+    from offload_engine.kv import recent
+
+    monkeypatch.setattr(recent, "RECENT_EXACT", exact_tokens)
     sim = KVSettings("h2o", H2OConfig(hh_size=5, recent_size=3, simulate=True))
     assert_windows_equal(*both(checkpoints["llama"], tmp_path, sim))
     packed = Policy(compress_cache=Compression(4, 16))  # decode steps attend the 4-bit cache's rounding
-    scan, decoded = both(checkpoints["llama"], tmp_path, KVSettings("h2o", H2OConfig(hh_size=5, recent_size=3)),
-                         packed)
+    kv = KVSettings("h2o", H2OConfig(hh_size=5, recent_size=3))
+    scan, decoded = both(checkpoints["llama"], tmp_path, kv, packed)
     assert_windows_equal(scan, decoded, tol=1e-4)
+    plain = perplexity(from_hf_config(checkpoints["llama"]), windows(), kv, options(checkpoints["llama"], tmp_path))
+    assert abs(scan.nll / plain.nll - 1) > 1e-4  # older tokens are read rounded
+
+
+def test_exact_newest_tokens_covering_the_window_give_the_unpacked_result(checkpoints, tmp_path, monkeypatch):
+    from offload_engine.kv import recent
+
+    monkeypatch.setattr(recent, "RECENT_EXACT", CONTEXT)
+    kv = KVSettings("h2o", H2OConfig(hh_size=5, recent_size=3))
+    packed, plain = (both(checkpoints["llama"], tmp_path, kv, Policy(compress_cache=c)) for c in
+                     (Compression(4, 16), None))
+    for a, b in zip(packed, plain):  # scan and decode steps alike
+        assert a.window_nll == pytest.approx(b.window_nll, rel=1e-5)
 
 
 def test_chunked_prefill_and_split_batches_score_the_same(checkpoints, tmp_path, monkeypatch):

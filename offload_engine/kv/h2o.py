@@ -38,6 +38,7 @@ from ..profiler import Profiler
 from .codec import PlainCodec
 from .cpu_queue import QueuesCpuAttention
 from .h2o_scan import ScanState, h2o_scan
+from .recent import ExactRing
 from .store import CacheLocation, Item, KVCacheStore
 
 NO_POSITION = -1
@@ -67,6 +68,8 @@ class H2OKV(QueuesCpuAttention):
         self.teacher_forced = False
         self.on_scan = None
         self.scan_states: dict[Item, ScanState] = {}  # a chunked teacher-forced prefill's state so far
+        # A packed cache's newest tokens, exact (kv/recent.py): attended instead of their records.
+        self.exact: dict[Item, ExactRing] = {}
 
     streams_cache = True  # an off-GPU cache is copied whole into a GPU slot each step
     chunks_need_buffer = True  # the cache holds the budget, not the prompt the next chunk attends
@@ -210,8 +213,10 @@ class H2OAccess:
             p.scan_states[self.item] = ScanState.empty(k.shape[0], k.shape[2], self.state.prompt_len, k.device)
         state = p.scan_states[self.item]
         codec = self.codec
-        attended = [x if isinstance(codec, PlainCodec) else codec.decode(codec.encoded(x)) for x in (keys, values)]
-        out = h2o_scan(q, *attended, v[:, 0], state, p.budget, p.recent, p.sinks)
+        packed = not isinstance(codec, PlainCodec)
+        attended = [codec.decode(codec.encoded(x)) if packed else x for x in (keys, values)]
+        out = h2o_scan(q, *attended, v[:, 0], state, p.budget, p.recent, p.sinks,
+                       exact=(keys, values) if packed else None)
         if end == self.state.prompt_len:
             del p.scan_states[self.item]
             # Evicted tokens at -inf: the selection after prefill keeps exactly the scan's tokens
@@ -248,6 +253,9 @@ class H2OAccess:
         capacity = self.store.capacity
         attended_on_cpu = self.store.attended_on_cpu(self.item)
         home = torch.device("cpu") if attended_on_cpu else k.device
+        if not isinstance(self.codec, PlainCodec):
+            ring = p.exact[self.item] = ExactRing(k.shape[0], k.shape[2], k.shape[3], self.codec.compute_dtype, home)
+            ring.write_prompt(k, v)
         pad = capacity - position.shape[-1]
         slots = SlotState(torch.nn.functional.pad(position, (0, pad), value=NO_POSITION).to(home),
                           torch.nn.functional.pad(score, (0, pad)).to(home))
@@ -290,6 +298,10 @@ class H2OAccess:
         # Slots beyond t + 1 were never written in this generation (and may hold anything).
         used = min(self.store.capacity, t + 1)
         keys, values = self._views(cache_k, cache_v, head_major, used)
+        if self.item in p.exact:
+            ring = p.exact[self.item]
+            ring.write(t, k_new, v_new)
+            keys, values = ring.substitute(keys, values, slots.position[..., :used], t)
         valid = slots.position[..., :used] >= 0
         if head_major and isinstance(self.codec, PlainCodec) and use_cpp():  # on the CPU, beside its cache
             out, probs = cpu_slot_attention(q[:, 0], keys, values, valid)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from offload_engine.kernels.quant.kivi import BLOCK
+from offload_engine.policies.kv_policy import RECENT_EXACT_TOKENS
 
 
 class RecentTokens:
@@ -45,3 +46,39 @@ class RecentTokens:
         self.k[:rest] = k_all[whole:]
         self.v[:rest] = v_all[whole:]
         return t - r, k_all[:whole], v_all[:whole]
+
+
+RECENT_EXACT = RECENT_EXACT_TOKENS  # read at use, so tests can shorten it
+
+
+class ExactRing:
+    """Each sequence's newest RECENT_EXACT tokens, exact, by position mod RECENT_EXACT: a cache
+    whose records stand alone (per-token groups, as H2O's slots need) is written packed at once,
+    and attention reads these tokens from here instead of their rounded records: KIVI's finding
+    that the newest tokens matter most, for a layout without blocks."""
+
+    def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 size: int | None = None):
+        self.size = size or RECENT_EXACT
+        self.k = torch.zeros(batch, heads, self.size, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def write_prompt(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The prompt's last tokens; k/v (B, s, H, D) at positions 0..s-1."""
+        s = k.shape[1]
+        positions = torch.arange(max(0, s - self.size), s, device=k.device)
+        self.k[:, :, positions.to(self.k.device) % self.size] = k[:, positions].transpose(1, 2).to(self.k)
+        self.v[:, :, positions.to(self.k.device) % self.size] = v[:, positions].transpose(1, 2).to(self.v)
+
+    def write(self, position: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A decode step's token (B, H, D)."""
+        self.k[:, :, position % self.size] = k
+        self.v[:, :, position % self.size] = v
+
+    def substitute(self, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, newest: int):
+        """keys/values (B, H, C, D) read from the records of the tokens at `position` (B, H, C; -1:
+        none); those within RECENT_EXACT of `newest` are replaced by their exact values."""
+        near = ((position > newest - self.size) & (position >= 0))[..., None]
+        index = (position.clamp(min=0) % self.size)[..., None].expand(-1, -1, -1, keys.shape[-1])
+        return (torch.where(near, self.k.gather(2, index).to(keys.dtype), keys),
+                torch.where(near, self.v.gather(2, index).to(values.dtype), values))

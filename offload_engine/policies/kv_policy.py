@@ -15,6 +15,11 @@ from offload_engine.errors import EngineError
 KV_POLICIES = ("full", "h2o", "sink", "hip")
 
 
+# A per-token packed cache (H2O's slots) keeps each sequence's newest tokens exact beside its
+# records and attends those instead (kv/recent.py): they matter most (KIVI).
+RECENT_EXACT_TOKENS = 32
+
+
 @dataclass(frozen=True)
 class Compression:
     """Group-wise asymmetric quantization (FlexGen's: 4 bits, groups of 64).

@@ -249,10 +249,13 @@ def plan_memory(layers: list[Layer], policy: Policy, work: Workload, dtype: torc
     cpu_meta = kv_counts[Tier.CPU] if policy.cpu_cache_compute else 0
     plan.tiers[Tier.CPU].kv_cache += cpu_meta * meta_item
     plan.tiers[Tier.GPU].kv_cache += (kv_split.count - cpu_meta if attn else 0) * meta_item
-    if attn and policy.compress_cache is not None and policy.compress_cache.keys_per_channel:
-        # KIVI's unfinished block, exact, beside each item's attention (kv/recent.py)
+    if attn and policy.compress_cache is not None and (policy.compress_cache.keys_per_channel or policy.kv.evicts):
+        # The newest tokens, exact, beside each item's attention (kv/recent.py): KIVI's unfinished
+        # block, or H2O's ring over its packed slots
         from offload_engine.kernels.quant.kivi import BLOCK
-        recent_item = 2 * BLOCK * b * attn[0][1].num_heads * attn[0][1].head_dim * itemsize
+        from .kv_policy import RECENT_EXACT_TOKENS
+        tokens = BLOCK if policy.compress_cache.keys_per_channel else RECENT_EXACT_TOKENS
+        recent_item = 2 * tokens * b * attn[0][1].num_heads * attn[0][1].head_dim * itemsize
         plan.tiers[Tier.CPU].kv_cache += cpu_meta * recent_item
         plan.tiers[Tier.GPU].kv_cache += (kv_split.count - cpu_meta) * recent_item
     plan.tiers[Tier.GPU].hot_cache += off_gpu * hot_item

@@ -57,6 +57,8 @@ def rows_to_run(context: int, only: list[str] | None):
              ("4-bit KV, KIVI", KVSettings(), dict(compress_cache=kivi4)),
              ("8-bit KV, KIVI", KVSettings(), dict(compress_cache=kivi8)),
              ("h2o 20% + 4-bit KV, per token, 32 newest exact", h2o(0.2, context), dict(compress_cache=q4)),
+             ("h2o 20% + 4-bit KV, per token in groups of 32, 32 newest exact", h2o(0.2, context),
+              dict(compress_cache=Compression(4, 32))),
              ("weights as the GGUF stores them (Q4_1 + Q8_0)", KVSettings(), dict(compress_weight=q4)),
              ("4-bit weights re-quantized, groups of 64", KVSettings(),
               dict(compress_weight=Compression(4, 64, requantize=True))),

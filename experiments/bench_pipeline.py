@@ -37,7 +37,7 @@ from offload_engine.sweep.results import append_line, read_records  # noqa: E402
 from offload_engine.sweep.runner import run_process  # noqa: E402
 
 COMMON = ["--prompt-len", "512", "--gen-len", "32", "--gpu-mem", "16GiB"]
-FLEXGEN_CACHE = ["--compress-cache", "--cache-codec", "token"]  # the 4-bit cache in FlexGen's scheme, as it ran
+FLEXGEN_CACHE = ["--compress-cache", "--cache-codec", "token", "--quant-group-size", "64"]  # FlexGen's 4-bit cache
 Batch = tuple[int, int]  # (gpu_batch_size, num_gpu_batches) of one block; a pipeline has one block per stage
 
 

@@ -74,7 +74,8 @@ class Ours(SystemPolicy):
     def flags(self, batch: Batch) -> list[str]:
         flags = self.common_flags(batch)
         if self.compress_cache and self.cache_codec is not None:
-            flags += ["--cache-codec", self.cache_codec]
+            flags += ["--cache-codec", self.cache_codec] + (["--quant-group-size", "64"] if self.cache_codec == "token"
+                                                            else [])
         if self.kv_policy != "full":
             flags += ["--kv-policy", self.kv_policy]
             flags += ["--hh-ratio", f"{self.hh_ratio:g}"] if self.hh_ratio is not None else []

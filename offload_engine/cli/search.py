@@ -180,7 +180,7 @@ def run_search(args: argparse.Namespace, model, work: Workload, top: int, dtype=
 
     batches = tuple(b for b in SearchSpace().gpu_batch_sizes if b <= args.max_batch)
     space = SearchSpace(gpu_batch_sizes=batches, compression=tuple(args.compress), kv=(kv_settings_from_args(args),),
-                        quant=Compression(getattr(args, "quant_bits", 4), getattr(args, "quant_group_size", 64)))
+                        quant=Compression(getattr(args, "quant_bits", 4), getattr(args, "quant_group_size", None) or 64))
     hw = hardware_for(args)
     dtype = dtype or sizing_dtype(args, cuda=not hw.cpu_device)
     _refuse_oversized(model, work, hw, space, dtype)

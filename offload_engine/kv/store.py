@@ -158,12 +158,16 @@ class KVCacheStore:
         return self._buffer[0][..., :heads, :], self._buffer[1][..., :heads, :]
 
     def recent(self, item: Item, device: torch.device) -> RecentTokens:
-        """The exact tokens of the item's unfinished block, beside its attention on `device`."""
+        """The exact tokens of the item's unfinished block, beside its attention on `device` (a
+        CPU-attended item's prefill runs on the GPU: its tokens follow it to the CPU once)."""
         if item not in self._recent:
             home = self.homes[item][1]
             batch, heads = (home.shape[0], home.shape[1]) if self.head_major[item] else (home.shape[1], home.shape[2])
             self._recent[item] = RecentTokens(batch, heads, self.codec.head_dim, self.codec.compute_dtype, device)
-        return self._recent[item]
+        recent = self._recent[item]
+        if recent.k.device != device:
+            recent.k, recent.v = recent.k.to(device), recent.v.to(device)
+        return recent
 
     def order_after_stores(self) -> None:
         """Order the current stream after every write-back in flight, without blocking the host

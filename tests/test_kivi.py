@@ -27,7 +27,6 @@ from offload_engine.sampling import GenerationConfig
 from conftest import random_prompts, rel_err, save_checkpoint, transformers
 
 SPEC = kivi_spec(4)
-KIVI = Compression(4, keys_per_channel=True)
 
 
 def outlier_keys(t: int, b: int, h: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -58,22 +57,24 @@ def channel_params(keys: torch.Tensor, valid: torch.Tensor):
 
 
 @pytest.mark.parametrize("pads", [[0, 0], [0, 37], [5, 64]])
-def test_keys_round_trip_within_half_a_step_of_their_channel(pads):
+@pytest.mark.parametrize("bits", [4, 2])
+def test_keys_round_trip_within_half_a_step_of_their_channel(pads, bits):
     t, b, h, d = 96, 2, 3, 64
+    spec = kivi_spec(bits)
     keys, valid = outlier_keys(t, b, h, d), left_padding(b, t, pads)
     keys[~valid.T] = 1000.0  # padding far outside every range: it must not widen one
-    packed = encode_keys(keys, SPEC, valid)
-    assert packed.shape == (t, b, h, d // BLOCK, SPEC.record_bytes)
-    back = dequantize_keys_reference(packed, SPEC)
-    assert (dequantize_keys(packed, SPEC).double() - back).abs().max() < 1e-5
+    packed = encode_keys(keys, spec, valid)
+    assert packed.shape == (t, b, h, d // BLOCK, spec.record_bytes)
+    back = dequantize_keys_reference(packed, spec)
+    assert (dequantize_keys(packed, spec).double() - back).abs().max() < 1e-5
     lo, hi = channel_params(keys, valid)
-    step = ((hi - lo) / SPEC.levels)                                               # (n, B, H, D)
+    step = ((hi - lo) / spec.levels)                                               # (n, B, H, D)
     step = step[:, None].expand(-1, BLOCK, -1, -1, -1).reshape(t, b, h, d)
     err = (back - keys.double()).abs()
     real = valid.T[..., None, None].expand_as(err)
     assert (err[real] <= step[real] * 0.5 * (1 + 1e-3) + 1e-3).all()
     # One group per channel and block: grouping along the head dimension does far worse here.
-    per_token = dequantize_reference(quantize_reference(keys, SPEC), SPEC, d)
+    per_token = dequantize_reference(quantize_reference(keys, spec), spec, d)
     assert err[real].mean() < 0.5 * (per_token - keys.double()).abs()[real].mean()
 
 
@@ -88,23 +89,25 @@ def test_key_records_hold_each_channel_as_one_pack_group():
         assert torch.equal(packed[i, 0, 0, g, :4], along_tokens[channel, 0, :4])
 
 
-@pytest.mark.parametrize("length,pads,splits", [(32, [0, 0], 1), (96, [0, 41], 2), (160, [70, 3], 3)])
-def test_packed_attention_equals_attention_over_the_dequantized_cache(length, pads, splits):
+@pytest.mark.parametrize("length,pads,splits,bits", [(32, [0, 0], 1, 4), (96, [0, 41], 2, 4), (160, [70, 3], 3, 4),
+                                                    (96, [0, 41], 2, 2)])
+def test_packed_attention_equals_attention_over_the_dequantized_cache(length, pads, splits, bits):
     b, hkv, hq, d = 2, 2, 4, 64
+    spec = kivi_spec(bits)
     keys, values = outlier_keys(length, b, hkv, d, seed=1), torch.randn(length, b, hkv, d)
     valid = left_padding(b, length, pads)
-    kp, vp = encode_keys(keys, SPEC, valid), encode_values(values, SPEC)
+    kp, vp = encode_keys(keys, spec, valid), encode_values(values, spec)
     q = torch.randn(b, hq, d) * 0.1
-    ref, _ = quant_decode_attention_reference(q, kp, vp, SPEC, d, length, valid, keys_per_channel=True)
-    out = quant_decode_attention_triton(q, kp, vp, SPEC, d, length, valid, num_splits=splits, keys_per_channel=True)
+    ref, _ = quant_decode_attention_reference(q, kp, vp, spec, d, length, valid, keys_per_channel=True)
+    out = quant_decode_attention_triton(q, kp, vp, spec, d, length, valid, num_splits=splits, keys_per_channel=True)
     assert (out.double() - ref).abs().max() < 1e-5
     head_major = (kp.permute(1, 2, 0, 3, 4).contiguous().permute(2, 0, 1, 3, 4),
                   vp.permute(1, 2, 0, 3, 4).contiguous().permute(2, 0, 1, 3, 4))
     recent_k, recent_v = torch.randn(3, b, hkv, d), torch.randn(3, b, hkv, d)
     with_recent = torch.cat([valid, torch.ones(b, 3, dtype=torch.bool)], 1)
-    merged = attention_with_recent(q, *head_major, SPEC, d, length, recent_k, recent_v, with_recent)
-    k_all = torch.cat([dequantize_keys_reference(kp, SPEC), recent_k.double()]).repeat_interleave(2, 2)
-    v_all = torch.cat([dequantize_reference(vp, SPEC, d), recent_v.double()]).repeat_interleave(2, 2)
+    merged = attention_with_recent(q, *head_major, spec, d, length, recent_k, recent_v, with_recent)
+    k_all = torch.cat([dequantize_keys_reference(kp, spec), recent_k.double()]).repeat_interleave(2, 2)
+    v_all = torch.cat([dequantize_reference(vp, spec, d), recent_v.double()]).repeat_interleave(2, 2)
     scores = torch.einsum("bhd,tbhd->bht", q.double(), k_all).masked_fill(~with_recent[:, None], float("-inf"))
     assert (merged.double() - torch.einsum("bht,tbhd->bhd", scores.softmax(-1), v_all)).abs().max() < 1e-5
 
@@ -160,9 +163,14 @@ def llama(tmp_path_factory):
     return model, save_checkpoint(model, tmp_path_factory.mktemp("llama64"), "safetensors")
 
 
-def kivi_eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
-    """transformers' eager attention over the cache as KIVI stores it: in a decode step, the whole
-    blocks before the new token's block are rounded (float64 reference rules), the rest exact."""
+def kivi_eager_attention(spec):
+    """transformers' eager attention over the cache as KIVI stores it with `spec`: in a decode
+    step, the whole blocks before the new token's block are rounded (float64 reference rules),
+    the rest exact."""
+    return lambda *args, **kw: _kivi_eager(spec, *args, **kw)
+
+
+def _kivi_eager(spec, module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
     if query.shape[2] == 1:
         t = key.shape[2] - 1
         flushed = t - t % BLOCK
@@ -170,8 +178,8 @@ def kivi_eager_attention(module, query, key, value, attention_mask, scaling, dro
         if flushed:
             k_tok = key[:, :, :flushed].permute(2, 0, 1, 3)
             ok = valid[:, :flushed] if valid is not None else None
-            k_q = dequantize_keys_reference(encode_keys(k_tok, SPEC, ok), SPEC).float()
-            v_q = dequantize_reference(quantize_reference(value[:, :, :flushed], SPEC), SPEC, value.shape[-1]).float()
+            k_q = dequantize_keys_reference(encode_keys(k_tok, spec, ok), spec).float()
+            v_q = dequantize_reference(quantize_reference(value[:, :, :flushed], spec), spec, value.shape[-1]).float()
             key = torch.cat([k_q.permute(1, 2, 0, 3), key[:, :, flushed:]], 2)
             value = torch.cat([v_q, value[:, :, flushed:]], 2)
     rep = query.shape[1] // key.shape[1]
@@ -182,10 +190,10 @@ def kivi_eager_attention(module, query, key, value, attention_mask, scaling, dro
     return (scores.softmax(-1) @ value).transpose(1, 2).contiguous(), None
 
 
-def engine_run(folder, tmp_path, tier, chunk=None):
+def engine_run(folder, tmp_path, tier, chunk=None, bits=4):
     percent, cpu_compute = TIERS[tier]
     policy = Policy.from_percent(percent, gpu_batch_size=2, num_gpu_batches=2, cpu_cache_compute=cpu_compute,
-                                 compress_cache=KIVI)
+                                 compress_cache=Compression(bits, keys_per_channel=True))
     ids, mask = random_prompts(4, PROMPT, seed=3)
     mask[1, :30], ids[1, :30] = 0, 1  # one row whose first block is nearly all padding
     opts = EngineOptions(checkpoint=folder, offload_dir=tmp_path, progress=False, dtype=torch.float32,
@@ -194,13 +202,13 @@ def engine_run(folder, tmp_path, tier, chunk=None):
         return engine.generate(ids, mask, GenerationConfig(max_new_tokens=GEN), collect_logits=True), ids, mask
 
 
-@pytest.mark.parametrize("tier", list(TIERS))
-def test_engine_equals_transformers_attending_the_same_rounded_cache(llama, tmp_path, tier, monkeypatch):
+@pytest.mark.parametrize("tier,bits", [(tier, 4) for tier in TIERS] + [("gpu", 2)])
+def test_engine_equals_transformers_attending_the_same_rounded_cache(llama, tmp_path, tier, bits, monkeypatch):
     from transformers.models.llama import modeling_llama
 
     model, folder = llama
-    result, ids, mask = engine_run(folder, tmp_path, tier)
-    monkeypatch.setitem(modeling_llama.ALL_ATTENTION_FUNCTIONS, "eager", kivi_eager_attention)
+    result, ids, mask = engine_run(folder, tmp_path, tier, bits=bits)
+    monkeypatch.setitem(modeling_llama.ALL_ATTENTION_FUNCTIONS, "eager", kivi_eager_attention(kivi_spec(bits)))
     model.generation_config.eos_token_id = None
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=mask, max_new_tokens=GEN, do_sample=False, output_logits=True,

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from offload_engine.kernels.quant.pack import (QuantSpec, dequantize, dequantize_reference, dequantize_triton, quantize,
-                           quantize_reference, quantize_triton)
+                                               quantize_reference, quantize_triton, unpack_codes)
 from offload_engine.kernels.quant.attention import (quant_decode_attention, quant_decode_attention_reference,
                                      quant_decode_attention_triton)
 from offload_engine.kernels.quant.linear import quant_linear, quant_linear_reference, quant_linear_triton
@@ -76,6 +76,7 @@ def test_spec_sizes():
 @pytest.mark.parametrize("bits,gs,n,lead", [
     (4, 32, 64, (3, 5)), (4, 64, 100, (7,)), (4, 64, 200, (2, 1, 3)), (4, 6, 13, (4,)),
     (8, 32, 33, (5,)), (8, 64, 100, (2, 3)), (8, 2, 5, (3,)),
+    (2, 32, 64, (3, 5)), (2, 8, 13, (4,)), (2, 4, 6, (3,)), (2, 32, 70, (2, 2)),
 ])
 def test_round_trip_bound_and_identical_bytes(bits, gs, n, lead):
     spec = QuantSpec(bits, gs)
@@ -84,7 +85,7 @@ def test_round_trip_bound_and_identical_bytes(bits, gs, n, lead):
     check_quantized(x.half(), spec)                          # half input: converted exactly to float32
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 def test_hard_rounding_cases(bits):
     """Groups far from zero (float32 sums round), exact half-way ties, constants, tiny ranges:
     a naive float32 quantizer diverges from the exact rule here."""
@@ -105,9 +106,7 @@ def test_hard_rounding_cases(bits):
     packed = check_quantized(x, spec)
     assert (scales(packed, spec, 64)[24:32] == 0).all()
     assert (packed[40:, :, :4] == 0).all()                                # +0 scale and min, never -0
-    codes = packed[32:40, :, 4:].to(torch.int64)
-    if bits == 4:
-        codes = torch.cat([codes & 15, codes >> 4], -1)
+    codes = unpack_codes(packed[32:40, :, 4:].to(torch.int64), bits)
     assert torch.equal(codes.flatten(1), (c + 1).long())                  # ties round half up
 
 
@@ -149,7 +148,7 @@ def test_out_into_cache_views_and_dim():
         assert rel_err(back, y) < 0.1                            # 4-bit: ~4% typical
 
 
-@pytest.mark.parametrize("bits,gs", [(4, 32), (4, 64), (8, 64), (4, 10)])
+@pytest.mark.parametrize("bits,gs", [(4, 32), (4, 64), (8, 64), (4, 10), (2, 32), (2, 12)])
 def test_exactly_representable_values_round_trip_bit_exact(bits, gs):
     spec = QuantSpec(bits, gs)
     rows, groups, g = 5, 3, gen(7 + bits + gs)
@@ -241,6 +240,7 @@ def packed_cache(spec, t_max, b, hkv, d, layout, seed):
 CASES = [  # (bits, gs, d, hq, hkv, layout)
     (4, 32, 40, 4, 2, "token"), (4, 32, 40, 4, 2, "head"),
     (8, 64, 64, 3, 3, "token"), (4, 64, 64, 3, 3, "head"),
+    (2, 32, 64, 4, 2, "token"), (2, 16, 40, 3, 3, "head"),
 ]
 
 
@@ -288,7 +288,8 @@ def test_quant_decode_attention_fp16_default_splits(path):
     assert out.dtype == torch.float16 and rel_err(out, ref_out) < 2e-3
 
 
-@pytest.mark.parametrize("bits,gs,d,hq,hkv,layout", CASES + [(8, 32, 40, 6, 2, "head")])  # 8-bit partial group
+@pytest.mark.parametrize("bits,gs,d,hq,hkv,layout",  # the C++ kernel reads 4/8-bit; 8-bit partial group
+                         [c for c in CASES if c[0] != 2] + [(8, 32, 40, 6, 2, "head")])
 @pytest.mark.parametrize("padded", [False, True])
 def test_quant_decode_attention_cpp(bits, gs, d, hq, hkv, layout, padded):
     """The C++ kernel over a packed cache (what the CPU path runs when no probabilities are asked
@@ -336,8 +337,10 @@ def test_quant_decode_attention_cpp_refuses_what_it_would_read_past():
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_input_raises_value_error():
-    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+    with pytest.raises(ValueError, match="bits must be 2, 4 or 8"):
         QuantSpec(bits=3)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        QuantSpec(2, 6)
     with pytest.raises(ValueError, match="even integer"):
         QuantSpec(4, 33)
     with pytest.raises(ValueError, match="even integer"):

@@ -165,7 +165,8 @@ def add_compression_args(parser: argparse.ArgumentParser) -> None:
                         "blocks (a GGUF file's Q4_0, Q4_1, Q8_0) again with --quant-bits / --quant-group-size; by "
                         "default those blocks are kept as they are (bit for bit: the same results as the "
                         "checkpoint dequantized) and the flags apply to its floating-point tensors")
-    c.add_argument("--quant-bits", type=int, choices=[4, 8], default=4, help="bits per value (default: 4)")
+    c.add_argument("--quant-bits", type=int, choices=[2, 4, 8], default=4,
+                   help="bits per value (default: 4; 2 for the KV cache only, not with HiP)")
     c.add_argument("--quant-group-size", type=positive_int, default=None,
                    help="values per group sharing a scale and minimum; weights are grouped along their input "
                         "dimension (default 64, FlexGen's), the token codec's KV cache along the head dimension "

@@ -37,8 +37,11 @@ class Compression:
     keys_per_channel: bool = False
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise EngineError(f"--quant-bits must be 4 or 8, got {self.bits}.")
+        if self.bits not in (2, 4, 8):
+            raise EngineError(f"--quant-bits must be 2, 4 or 8, got {self.bits}.")
+        if self.bits == 2 and self.group_size % 4:
+            raise EngineError(f"2-bit groups pack four values a byte: --quant-group-size must be a multiple of 4, "
+                              f"got {self.group_size}.")
         if self.group_size < 2 or self.group_size % 2:
             raise EngineError(f"--quant-group-size must be an even number >= 2, got {self.group_size}.")
 

@@ -57,6 +57,11 @@ class Policy:
                     "The rest goes to disk; lower one of the two.")
         if self.weight_buffers == 1 or self.weight_buffers < 0:
             raise EngineError("--weight-buffers must be 0 (automatic) or at least 2 (double buffering).")
+        if self.compress_weight is not None and self.compress_weight.bits == 2:
+            raise EngineError("2-bit storage is for the KV cache: weights are stored 4 or 8-bit.",
+                              "Pass --quant-bits 2 with --compress-cache alone.")
+        if self.compress_cache is not None and self.compress_cache.bits == 2 and self.kv.policy == "hip":
+            raise EngineError("HiP's hot cache reads a 4 or 8-bit host cache, not 2-bit.", "Pass --quant-bits 4 or 8.")
         if self.compress_cache is not None and self.compress_cache.keys_per_channel and self.kv.policy != "full":
             raise EngineError(f"the KIVI cache codec (keys per channel) works with --kv-policy full, not "
                               f"{self.kv.policy}: H2O's evictions and HiP's gathers need records that stand alone.",

@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from offload_engine.kernels.quant.kivi import BLOCK, dequantize_keys, dequantize_keys_reference
-from offload_engine.kernels.quant.pack import QuantSpec, dequantize_torch, check_packed, dequantize_reference, half_view, load_f16
+from offload_engine.kernels.quant.pack import (QuantSpec, check_packed, codes_of_halves, dequantize_reference,
+                                               dequantize_torch, half_view, load_f16)
 
 NEG_BIG = -1.0e30        # running-max start: finite, so a fully masked tile gives exp(-inf) = 0, not NaN
 
@@ -133,14 +134,8 @@ def _dequant_tile(p_ptr, sm_ptr, rec, g, j, row_ok, G: tl.constexpr, EVEN: tl.co
     ok = row_ok[:, None] & (g < G)[None, :]
     s = load_f16(p_ptr, sm_ptr, off, ok, EVEN)[:, :, None]
     mn = load_f16(p_ptr, sm_ptr, off + 2, ok, EVEN)[:, :, None]
-    src = p_ptr + off[:, :, None] + 4 + j[None, None, :]
     cm = ok[:, :, None] & (j < HALF)[None, None, :]
-    if BITS == 4:
-        byte = tl.load(src, mask=cm, other=0).to(tl.int32)
-        c_lo, c_hi = byte & 15, byte >> 4
-    else:
-        c_lo = tl.load(src, mask=cm, other=0).to(tl.int32)
-        c_hi = tl.load(src + HALF, mask=cm, other=0).to(tl.int32)
+    c_lo, c_hi = codes_of_halves(p_ptr, off[:, :, None] + 4, j[None, None, :], cm, BITS, HALF)
     return c_lo.to(tl.float32) * s + mn, c_hi.to(tl.float32) * s + mn
 
 
@@ -160,13 +155,7 @@ def _dequant_key_channel_tile(p_ptr, sm_ptr, rec, base, tj, skt, g, j, row_ok, G
     mn_hi = load_f16(p_ptr, sm_ptr, p_hi + 2, gj, EVEN)[None, :, :]
     off = rec[:, None] + (g * R)[None, :]
     cm = (row_ok[:, None] & (g < G)[None, :])[:, :, None] & (j < HALF)[None, None, :]
-    src = p_ptr + off[:, :, None] + 4 + j[None, None, :]
-    if BITS == 4:
-        byte = tl.load(src, mask=cm, other=0).to(tl.int32)
-        c_lo, c_hi = byte & 15, byte >> 4
-    else:
-        c_lo = tl.load(src, mask=cm, other=0).to(tl.int32)
-        c_hi = tl.load(src + HALF, mask=cm, other=0).to(tl.int32)
+    c_lo, c_hi = codes_of_halves(p_ptr, off[:, :, None] + 4, j[None, None, :], cm, BITS, HALF)
     return c_lo.to(tl.float32) * s_lo + mn_lo, c_hi.to(tl.float32) * s_hi + mn_hi
 
 
@@ -309,7 +298,7 @@ def quant_decode_attention(q, k_packed, v_packed, spec: QuantSpec, head_dim: int
     _check(q, k_packed, v_packed, spec, head_dim, length, key_valid)
     if key_valid is not None and not bool(key_valid.any(-1).all()):
         raise ValueError("key_valid leaves a row without any valid key; every sequence needs at least one.")
-    if not return_probs and block_tokens is None and _records_contiguous(k_packed, v_packed):
+    if not return_probs and block_tokens is None and spec.bits != 2 and _records_contiguous(k_packed, v_packed):
         from offload_engine.kernels.cpu_attention import cpu_packed_decode_attention_cpp, use_cpp
         if use_cpp():  # one pass, dequantizing a row at a time in L1 (the PyTorch path writes fp32 blocks)
             heads_first = (1, 2, 0, 3, 4)

@@ -5,12 +5,12 @@ the rest, so a group along the head dimension (pack.py's per-token records) spen
 levels on the outlier and rounds every other channel to a few codes. Within one channel, a
 block of consecutive tokens spans a narrow range, so keys are grouped along tokens instead.
 
-Both keys and values use pack.py's records with groups of 32 (4-bit: 20 bytes, 2 per element
-+ 4 per 32 elements), one (G = head_dim / 32, R) row of records per token, so every tier, copy
+Both keys and values use pack.py's records with groups of 32 (4-bit: 20 bytes, 2-bit: 12: the codes
+plus 4 per 32 elements), one (G = head_dim / 32, R) row of records per token, so every tier, copy
 and gather treats the cache as per-token records like any other packed cache:
 - values: record (t, g) is token t's channels [32g, 32g + 32), quantized together (pack.py);
 - keys, in blocks of 32 tokens: record (t, g) holds token t's codes of channels [32g, 32g + 32)
-  (byte j: channel 32g + j low nibble, 32g + j + 16 high, as pack.py lays out a group) and in
+  (in pack.py's order: 4-bit byte j holds channels 32g + j and 32g + j + 16) and in
   its 4 header bytes the scale and minimum of channel 32g + i of the whole block, i = t mod 32.
   Those are pack.py's parameters of the channel's 32 values along the block's tokens, so the
   rounding rule and its bound (|error| <= scale / 2) are pack.py's exactly.
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .pack import QuantSpec, dequantize_reference, quantize
+from .pack import QuantSpec, dequantize_reference, pack_codes, quantize, unpack_codes
 
 BLOCK = 32  # tokens per key block = elements per value group
 
@@ -35,17 +35,6 @@ def check_head_dim(head_dim: int) -> None:
         raise ValueError(f"the per-channel KV codec needs a head dimension divisible by {BLOCK}, got {head_dim}.")
 
 
-def _unpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(..., 32 * bits / 8) code bytes -> (..., 32) codes, pack.py's nibble order."""
-    if bits == 4:
-        return torch.cat([codes & 15, codes >> 4], -1)
-    return codes
-
-
-def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    if bits == 4:
-        return codes[..., : BLOCK // 2] | (codes[..., BLOCK // 2:] << 4)
-    return codes
 
 
 def encode_keys(keys: torch.Tensor, spec: QuantSpec, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,8 +52,8 @@ def encode_keys(keys: torch.Tensor, spec: QuantSpec, valid: torch.Tensor | None 
         x = torch.where(valid.T.reshape(n, BLOCK, b)[..., None, None], x, x[:, BLOCK - 1:])
     per_channel = quantize(x.permute(0, 2, 3, 4, 1), spec)                 # (n, B, H, D, 1, R)
     head, codes = per_channel[..., 0, :4], per_channel[..., 0, 4:]
-    codes = _unpack(codes, spec.bits).permute(0, 4, 1, 2, 3)                # (n, token, B, H, D)
-    codes = _pack(codes.reshape(n, BLOCK, b, h, g, BLOCK), spec.bits)
+    codes = unpack_codes(codes, spec.bits).permute(0, 4, 1, 2, 3)                # (n, token, B, H, D)
+    codes = pack_codes(codes.reshape(n, BLOCK, b, h, g, BLOCK), spec.bits)
     head = head.reshape(n, b, h, g, BLOCK, 4).permute(0, 4, 1, 2, 3, 5)    # channel 32g + i -> record (i, g)
     return torch.cat([head, codes], -1).reshape(t, b, h, g, spec.record_bytes)
 
@@ -83,7 +72,7 @@ def dequantize_keys(packed: torch.Tensor, spec: QuantSpec, dtype: torch.dtype = 
     except RuntimeError:
         sm = blocks[..., :4].contiguous().view(torch.float16).float()
     sm = sm.permute(0, 2, 3, 4, 1, 5)[:, None]                              # (n, 1, B, H, G, channel, 2)
-    codes = _unpack(blocks[..., 4:], spec.bits).float()                     # (n, token, B, H, G, channel)
+    codes = unpack_codes(blocks[..., 4:], spec.bits).float()                     # (n, token, B, H, G, channel)
     vals = torch.addcmul(sm[..., 1], codes, sm[..., 0])
     return vals.reshape(t, b, h, g * BLOCK).to(dtype)
 
@@ -93,8 +82,8 @@ def dequantize_keys_reference(packed: torch.Tensor, spec: QuantSpec) -> torch.Te
     t, b, h, g, r = packed.shape
     n = t // BLOCK
     blocks = packed.reshape(n, BLOCK, b, h, g, r)
-    codes = _unpack(blocks[..., 4:].to(torch.int32), spec.bits)            # (n, token, B, H, G, channel)
-    along_tokens = _pack(codes.permute(0, 2, 3, 4, 5, 1), spec.bits).to(torch.uint8)  # (n, B, H, G, ch, tok)
+    codes = unpack_codes(blocks[..., 4:].to(torch.int32), spec.bits)            # (n, token, B, H, G, channel)
+    along_tokens = pack_codes(codes.permute(0, 2, 3, 4, 5, 1), spec.bits).to(torch.uint8)  # (n, B, H, G, ch, tok)
     head = blocks[..., :4].permute(0, 2, 3, 4, 1, 5)                        # (n, B, H, G, channel, 4)
     groups = torch.cat([head, along_tokens], -1)[..., None, :]              # one group of 32 tokens
     vals = dequantize_reference(groups, spec, BLOCK)                        # (n, B, H, G, channel, token)

@@ -7,7 +7,10 @@ last dim (N zero-padded to G * group_size; the caller remembers N):
     bytes 0-1 scale (float16, little-endian), bytes 2-3 min (float16), bytes 4.. the codes;
     value = code * scale + min in float32;
     4-bit: byte j holds element j (low nibble) and element j + group_size/2 (high nibble),
-    which with group_size 32 is exactly llama.cpp's GGUF Q4_1 block; 8-bit: byte j = element j.
+    which with group_size 32 is exactly llama.cpp's GGUF Q4_1 block; 8-bit: byte j = element j;
+    2-bit: byte j holds elements j, j + q, j + 2q, j + 3q (q = group_size/4) in bits 0-1, 2-3,
+    4-5, 6-7: its low nibble covers the group's first half and its high nibble the second, as
+    in 4-bit, so kernels split a group into the same two halves.
 The packed layout always has the grouped dim last; `dim=` moves another dim there and back.
 
 The rounding rule is exact (not "whatever float32 gives"), so the bound
@@ -31,6 +34,27 @@ import triton
 import triton.language as tl
 
 from .spec import FP16_MAX, QuantSpec, check_float, check_packed, half_view, lead3  # noqa: F401  (re-exported)
+
+
+# ----------------------------------------------------------------------------- code bytes
+
+def pack_codes(c: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (..., group) as uint8 -> the record's code bytes (the layout above)."""
+    if bits == 8:
+        return c
+    parts = c.chunk(8 // bits, -1)
+    out = parts[0]
+    for i, part in enumerate(parts[1:], 1):
+        out = out | (part << (bits * i))
+    return out
+
+
+def unpack_codes(b: torch.Tensor, bits: int) -> torch.Tensor:
+    """The record's code bytes -> codes (..., group), any integer dtype."""
+    if bits == 8:
+        return b
+    mask = (1 << bits) - 1
+    return torch.cat([(b >> (bits * i)) & mask for i in range(8 // bits)], -1)
 
 
 # ----------------------------------------------------------------------------- float64 reference
@@ -64,9 +88,7 @@ def quantize_reference(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     c = torch.where(xg >= mh[..., None] + (c + 0.5) * sd, c + 1, c)   # exact half-up corrections
     c = torch.where(xg < mh[..., None] + (c - 0.5) * sd, c - 1, c).clamp(0, lv)
     c = torch.where(sd > 0, c, torch.zeros_like(c))
-    c = F.pad(c.flatten(-2)[..., :n], (0, pad)).unflatten(-1, (g, gs)).to(torch.uint8)
-    if spec.bits == 4:
-        c = c[..., : gs // 2] | (c[..., gs // 2:] << 4)
+    c = pack_codes(F.pad(c.flatten(-2)[..., :n], (0, pad)).unflatten(-1, (g, gs)).to(torch.uint8), spec.bits)
     sm = torch.stack([s, m16], -1).view(torch.int16).to(torch.int32) & 0xFFFF
     head = torch.stack([sm[..., 0] & 255, sm[..., 0] >> 8, sm[..., 1] & 255, sm[..., 1] >> 8], -1)
     return torch.cat([head.to(torch.uint8), c], -1)
@@ -81,9 +103,7 @@ def dequantize_reference(packed: torch.Tensor, spec: QuantSpec, n: int) -> torch
         bits = p[..., lo_byte] + 256 * p[..., lo_byte + 1]            # little-endian
         return torch.where(bits >= 32768, bits - 65536, bits).to(torch.int16).view(torch.float16).double()
 
-    scale, mn, codes = f16(0), f16(2), p[..., 4:]
-    if spec.bits == 4:
-        codes = torch.cat([codes & 15, codes >> 4], -1)
+    scale, mn, codes = f16(0), f16(2), unpack_codes(p[..., 4:], spec.bits)
     vals = codes.double() * scale[..., None] + mn[..., None]
     return vals.flatten(-2)[..., :n]
 
@@ -150,8 +170,7 @@ def _quantize_torch_rows(x: torch.Tensor, spec: QuantSpec, out: torch.Tensor) ->
         c = _codes(xg, m16.float()[..., None], s16.float()[..., None], spec.levels).to(torch.uint8)
         if pad:
             c.view(-1, g * gs)[:, n:] = 0
-        if spec.bits == 4:
-            c = c[..., : gs // 2] | (c[..., gs // 2:] << 4)
+        c = pack_codes(c, spec.bits)
         o = out[r0:r0 + step]
         o[..., :4].copy_(torch.stack([s16, m16], -1).view(torch.uint8))
         o[..., 4:].copy_(c)
@@ -163,9 +182,7 @@ def dequantize_torch(packed: torch.Tensor, spec: QuantSpec, n: int, dtype: torch
         sm = packed[..., :4].view(torch.float16).float()
     except RuntimeError:                                       # odd strides: copy the 4-byte heads
         sm = packed[..., :4].contiguous().view(torch.float16).float()
-    codes = packed[..., 4:]
-    if spec.bits == 4:
-        codes = torch.cat([codes & 15, codes >> 4], -1)
+    codes = unpack_codes(packed[..., 4:], spec.bits)
     vals = torch.addcmul(sm[..., 1:2], codes.float(), sm[..., 0:1])  # exact product: fma-proof
     return vals.flatten(-2)[..., :n].to(dtype)
 
@@ -193,6 +210,24 @@ def load_f16(u8_ptr, f16_ptr, off, mask, EVEN: tl.constexpr):
         lo = tl.load(u8_ptr + off, mask=mask, other=0).to(tl.int32)
         hi = tl.load(u8_ptr + off + 1, mask=mask, other=0).to(tl.int32)
         return _f16_from_bits(lo | (hi << 8)).to(tl.float32)
+
+
+@triton.jit
+def codes_of_halves(p_ptr, code_off, j, mask, BITS: tl.constexpr, HALF: tl.constexpr):
+    """Codes of lanes j < HALF of a group's first and second halves, from the code bytes at byte
+    offset `code_off` (broadcast against j): the layout's bytes, read per lane."""
+    if BITS == 4:
+        byte = tl.load(p_ptr + code_off + j, mask=mask, other=0).to(tl.int32)
+        return byte & 15, byte >> 4
+    elif BITS == 2:
+        Q: tl.constexpr = HALF // 2
+        byte = tl.load(p_ptr + code_off + j % Q, mask=mask, other=0).to(tl.int32)
+        shift = 2 * (j // Q)
+        return (byte >> shift) & 3, (byte >> (shift + 4)) & 3
+    else:
+        lo = tl.load(p_ptr + code_off + j, mask=mask, other=0).to(tl.int32)
+        hi = tl.load(p_ptr + code_off + j + HALF, mask=mask, other=0).to(tl.int32)
+        return lo, hi
 
 
 @triton.jit
@@ -250,6 +285,15 @@ def _quantize_kernel(x_ptr, out_ptr, total, N, G, sx, S1, S2, st0, st1, st2,
     dst = out_ptr + rec[:, None] + 4 + j[None, :]
     if BITS == 4:
         tl.store(dst, (c_lo | (c_hi << 4)).to(tl.uint8), mask=jm)
+    elif BITS == 2:  # lane j < q packs elements j, j + q (first half) and their twins in the second half
+        Q: tl.constexpr = HALF // 2
+        qm = gvalid[:, None] & (j < Q)[None, :]
+        m_lo2, m_hi2 = qm & (e_lo + Q < N), qm & (e_hi + Q < N)
+        x_lo2 = tl.load(xrow + e_lo + Q, mask=m_lo2, other=0.0).to(tl.float32)
+        x_hi2 = tl.load(xrow + e_hi + Q, mask=m_hi2, other=0.0).to(tl.float32)
+        c_lo2 = tl.where(m_lo2, _tl_codes(x_lo2, mh[:, None], s[:, None], L), 0)
+        c_hi2 = tl.where(m_hi2, _tl_codes(x_hi2, mh[:, None], s[:, None], L), 0)
+        tl.store(dst, (c_lo | (c_lo2 << 2) | (c_hi << 4) | (c_hi2 << 6)).to(tl.uint8), mask=qm)
     else:
         tl.store(dst, c_lo.to(tl.uint8), mask=jm)
         tl.store(dst + HALF, c_hi.to(tl.uint8), mask=jm)
@@ -279,13 +323,7 @@ def _dequantize_kernel(p_ptr, sm_ptr, out_ptr, total, N, G, S1, S2, st0, st1, st
     mn = load_f16(p_ptr, sm_ptr, rec + 2, gvalid, EVEN)[:, None]
     j = tl.arange(0, HALF_P2)
     jm = gvalid[:, None] & (j < HALF)[None, :]
-    src = p_ptr + rec[:, None] + 4 + j[None, :]
-    if BITS == 4:
-        byte = tl.load(src, mask=jm, other=0).to(tl.int32)
-        c_lo, c_hi = byte & 15, byte >> 4
-    else:
-        c_lo = tl.load(src, mask=jm, other=0).to(tl.int32)
-        c_hi = tl.load(src + HALF, mask=jm, other=0).to(tl.int32)
+    c_lo, c_hi = codes_of_halves(p_ptr, rec[:, None] + 4, j[None, :], jm, BITS, HALF)
     e_lo = (g * GS)[:, None] + j[None, :]
     dst = out_ptr + (row * N)[:, None]
     ty = out_ptr.dtype.element_ty

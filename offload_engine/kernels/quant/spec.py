@@ -14,18 +14,20 @@ FP16_MAX = 65504.0
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """Bits per code (4 or 8) and elements per group (even, >= 2)."""
+    """Bits per code (2, 4 or 8) and elements per group (even, >= 2; 2-bit: a multiple of 4)."""
 
     bits: int = 4
     group_size: int = 64
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in (4, 8):
-            raise ValueError(f"QuantSpec.bits must be 4 or 8, got {self.bits!r}; pick one of those.")
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or self.bits not in (2, 4, 8):
+            raise ValueError(f"QuantSpec.bits must be 2, 4 or 8, got {self.bits!r}; pick one of those.")
         gs = self.group_size
         if not isinstance(gs, int) or isinstance(gs, bool) or gs < 2 or gs % 2:
             raise ValueError(f"QuantSpec.group_size must be an even integer >= 2, got {gs!r}; "
                              "use an even size such as 32 or 64.")
+        if self.bits == 2 and gs % 4:
+            raise ValueError(f"2-bit groups pack four codes a byte: group_size must be a multiple of 4, got {gs}.")
 
     @property
     def levels(self) -> int:
@@ -34,7 +36,8 @@ class QuantSpec:
     def for_length(self, n: int) -> "QuantSpec":
         """The spec for rows of n elements: a group longer than the row is one group per row (the
         row's length rounded up to even), not a row padded out to the group."""
-        group = min(self.group_size, max(2, n + n % 2))
+        step = 4 if self.bits == 2 else 2
+        group = min(self.group_size, max(step, -(-n // step) * step))
         return self if group == self.group_size else QuantSpec(self.bits, group)
 
     @property

@@ -5,13 +5,14 @@
 Rows (SmolLM2-135M on the KJV corpus by default): full attention; H2O at 5/10/20/50% (half heavy
 hitters, half recent; real eviction and the masked simulation); the sink + recent baseline at
 the same budgets; HiP at k = 128/256/512 (estimated selection, and the exact top-k blocks as its
-upper bound); 4-bit KV per token (FlexGen's scheme) and in KIVI's layout (keys per channel), 8-bit
-KIVI; H2O 20% with 4-bit KV per token (the 32 newest tokens exact); compressed weights as the GGUF stores them (its
-Q4_1 and Q8_0 blocks kept bit for bit: the full row's perplexity); 4-bit weights re-quantized
-from them in groups of 64 (FlexGen's setting) and of 32; the GGUF's weights with 4-bit KIVI KV. Each finished row is appended to
-<out>/accuracy_<context>.jsonl at once, so an interrupted run resumes where it stopped;
-<out>/accuracy_<context>.md is the table (perplexity, change vs full, mean keys attended per
-query, KV bytes kept per sequence).
+upper bound); 4-bit KV per token (FlexGen's scheme) and in KIVI's layout (keys per channel);
+8-bit and 2-bit KIVI; 2-bit per token; H2O 20% with 4-bit KV per token (groups of 64 and of 32,
+the 32 newest tokens exact); compressed weights as the GGUF stores them (its Q4_1 and Q8_0
+blocks kept bit for bit: the full row's perplexity); 4-bit weights re-quantized from them in
+groups of 64 (FlexGen's setting) and of 32; the GGUF's weights with 4-bit KIVI KV. Each
+finished row is appended to <out>/accuracy_<context>.jsonl at once, so an interrupted run
+resumes where it stopped; <out>/accuracy_<context>.md is the table (perplexity, change vs full,
+mean keys attended per query, KV bytes kept per sequence and per context token).
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def rows_to_run(context: int, only: list[str] | None):
     rows += [("4-bit KV, per token (FlexGen's groups of 64)", KVSettings(), dict(compress_cache=q4)),
              ("4-bit KV, KIVI", KVSettings(), dict(compress_cache=kivi4)),
              ("8-bit KV, KIVI", KVSettings(), dict(compress_cache=kivi8)),
+             ("2-bit KV, KIVI", KVSettings(), dict(compress_cache=Compression(2, keys_per_channel=True))),
+             ("2-bit KV, per token (groups of 64)", KVSettings(), dict(compress_cache=Compression(2, 64))),
              ("h2o 20% + 4-bit KV, per token, 32 newest exact", h2o(0.2, context), dict(compress_cache=q4)),
              ("h2o 20% + 4-bit KV, per token in groups of 32, 32 newest exact", h2o(0.2, context),
               dict(compress_cache=Compression(4, 32))),

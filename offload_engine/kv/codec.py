@@ -109,6 +109,17 @@ class ChannelKeyCodec(PackedCodec):
         from offload_engine.kernels.quant.kivi import encode_keys, encode_values
         return encode_keys(k, self.spec, valid), encode_values(v, self.spec)
 
+    def finished_blocks(self, recent, t: int, k_new: torch.Tensor, v_new: torch.Tensor,
+                        key_valid: torch.Tensor | None):
+        """Hand tokens [t, t + s) (s, B, H, D) to `recent` (kv/recent.py); the records of the blocks
+        they complete, (start, keys, values), or None. key_valid (B, >= t + s), None: no padding."""
+        done = recent.append(t, k_new, v_new)
+        if done is None:
+            return None
+        start, k, v = done
+        valid = key_valid[:, start:start + k.shape[0]] if key_valid is not None else None
+        return (start, *self.encode_blocks(k, v, valid))
+
     def decode_keys(self, stored: torch.Tensor) -> torch.Tensor:
         from offload_engine.kernels.quant.kivi import dequantize_keys
         return dequantize_keys(stored, self.spec, self.compute_dtype)

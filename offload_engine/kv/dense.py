@@ -89,15 +89,12 @@ class CacheAccess:
             recent_k, recent_v = recent.with_new(t, k_new, v_new)
             out = self.codec.attend_recent(q, self.where.k, self.where.v, flushed, recent_k, recent_v,
                                            self.state.key_valid[:, :t + s])
-        done = recent.append(t, k_new, v_new)
+        done = self.codec.finished_blocks(recent, t, k_new, v_new, self.state.key_valid if self.state.padded else None)
         if done is not None:
-            start, k_block, v_block = done
-            n = k_block.shape[0]
-            valid = self.state.key_valid[:, start:start + n] if self.state.padded else None
-            k_enc, v_enc = self.codec.encode_blocks(k_block, v_block, valid)
+            start, k_enc, v_enc = done
             if self.where.kind == "gpu":
-                self.where.k[start:start + n] = k_enc
-                self.where.v[start:start + n] = v_enc
+                self.where.k[start:start + k_enc.shape[0]] = k_enc
+                self.where.v[start:start + k_enc.shape[0]] = v_enc
             if self.where.writes_home:
                 self.store.store(self.item, start, k_enc, v_enc, append=self.state.in_prefill)
         return out
@@ -152,26 +149,21 @@ class CpuCacheAccess:
         return self.policy.host_return.to_device(out, q.device) if self.policy is not None else out.to(q.device)
 
     def _attend_blocked(self, q, k, v):
-        """KIVI on the CPU (q/k/v here already): as CacheAccess._attend_blocked, over the head-major home."""
-        t, s = self.state.length, q.shape[1]
+        """A KIVI decode step on the CPU (q/k/v here already; the prompt was prefilled on the GPU,
+        written home as a "prefill" item): as CacheAccess._attend_blocked, over the head-major home."""
+        t = self.state.length
+        if q.shape[1] != 1:
+            raise RuntimeError("a CPU-attended per-channel cache is attended in decode steps only")
         k_new, v_new = k.transpose(0, 1), v.transpose(0, 1)
         recent = self.store.recent(self.item, q.device)
         order = (2, 0, 1, *range(3, self.k_home.dim()))  # token-major views of the head-major homes
-        valid = self.state.key_valid[:, :t + s].to(q.device)
-        if s > 1:  # prefill, in one piece: the packed cache cannot serve a later chunk
-            if t:
-                raise RuntimeError("a CPU-attended compressed cache is prefilled in one piece")
-            out = token_major_attention(q, k_new, v_new, s, self.state.mask(s, q.device))
-        else:
-            recent_k, recent_v = recent.with_new(t, k_new, v_new)
-            out = self.codec.attend_recent(q, self.k_home.permute(order), self.v_home.permute(order),
-                                           recent.block_start(t), recent_k, recent_v, valid)
-        done = recent.append(t, k_new, v_new)
+        valid = self.state.key_valid[:, :t + 1].to(q.device)
+        recent_k, recent_v = recent.with_new(t, k_new, v_new)
+        out = self.codec.attend_recent(q, self.k_home.permute(order), self.v_home.permute(order),
+                                       recent.block_start(t), recent_k, recent_v, valid)
+        done = self.codec.finished_blocks(recent, t, k_new, v_new, valid if self.state.padded else None)
         if done is not None:
-            start, k_block, v_block = done
-            n = k_block.shape[0]
-            k_enc, v_enc = self.codec.encode_blocks(k_block, v_block, valid[:, start:start + n] if self.state.padded
-                                                    else None)
-            self.k_home[:, :, start:start + n] = k_enc.permute(1, 2, 0, 3, 4)
-            self.v_home[:, :, start:start + n] = v_enc.permute(1, 2, 0, 3, 4)
+            start, k_enc, v_enc = done
+            self.k_home[:, :, start:start + k_enc.shape[0]] = k_enc.permute(1, 2, 0, 3, 4)
+            self.v_home[:, :, start:start + k_enc.shape[0]] = v_enc.permute(1, 2, 0, 3, 4)
         return out

@@ -1,9 +1,11 @@
-"""KIVI's residual: each sequence's newest tokens, exact, until their block of 32 fills.
+"""The newest tokens of each sequence, kept exact beside a packed cache's attention.
 
-Keys are quantized per channel over whole blocks of tokens (kernels/quant/kivi.py), so a block
-is written to the cache's home only once its last token has arrived; until then its tokens sit
-here, in the compute dtype, beside the attention that reads them. Blocks are aligned to token
-slots (left padding included), so every sequence of a batch fills its block at the same step.
+- RecentTokens, KIVI's residual: keys are quantized per channel over whole blocks of tokens
+  (kernels/quant/kivi.py), so a block is written to the cache's home only once its last token
+  has arrived; until then its tokens sit here, in the compute dtype. Blocks are aligned to
+  token slots (left padding included), so every sequence of a batch fills its block at once.
+- ExactRing, for per-token records (H2O's slots): each token is packed at once, and the newest
+  RECENT_EXACT of them are also kept here and attended instead of their records.
 """
 from __future__ import annotations
 

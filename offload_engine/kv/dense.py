@@ -55,21 +55,28 @@ class CacheAccess:
         if cache_k is not None:
             self.codec.encode(k_new, cache_k[t:t + s])
             self.codec.encode(v_new, cache_v[t:t + s])
-        if self.where.buffer is not None:  # a prefill chunk after the prompt's earlier chunks
-            buf_k, buf_v = self.where.buffer
-            buf_k[t:t + s] = k_new
-            buf_v[t:t + s] = v_new
-            out = token_major_attention(q, buf_k, buf_v, t + s, self.state.mask(s, q.device))
-        elif t == 0:  # prefill: the new tokens are the whole sequence, in the compute dtype
-            out = token_major_attention(q, k_new, v_new, s, self.state.mask(s, q.device))
-        elif self.codec.packed:
+        out = self._attend_prompt(q, k_new, v_new)
+        if out is None and self.codec.packed:
             out = self.codec.attend(q, cache_k, cache_v, t + s, None, self.state.key_valid[:, :t + s])
-        else:
+        elif out is None:
             out = self.codec.attend(q, cache_k, cache_v, t + s, self.state.mask(s, q.device))
         if self.where.writes_home:  # from fresh tensors: the slot is reused by the next prefetch
             self.store.store(self.item, t, self.codec.encoded(k_new), self.codec.encoded(v_new),
                              append=self.state.in_prefill)
         return out
+
+    def _attend_prompt(self, q, k_new, v_new):
+        """A prefill step's attention, over exact tokens in the compute dtype (also when the cache
+        is stored packed); None in a decode step. k_new/v_new (s, B, H, D)."""
+        t, s = self.state.length, q.shape[1]
+        if self.where.buffer is not None:  # a prefill chunk after the prompt's earlier chunks
+            buf_k, buf_v = self.where.buffer
+            buf_k[t:t + s] = k_new
+            buf_v[t:t + s] = v_new
+            return token_major_attention(q, buf_k, buf_v, t + s, self.state.mask(s, q.device))
+        if t == 0:  # prefill: the new tokens are the whole sequence
+            return token_major_attention(q, k_new, v_new, s, self.state.mask(s, q.device))
+        return None
 
     def _attend_blocked(self, q, k, v):
         """A codec that writes whole blocks (KIVI): the unfinished block's tokens stay exact beside
@@ -77,14 +84,8 @@ class CacheAccess:
         t, s = self.state.length, q.shape[1]
         k_new, v_new = k.transpose(0, 1), v.transpose(0, 1)  # (s, B, H, D)
         recent = self.store.recent(self.item, q.device)
-        if self.where.buffer is not None:  # a prefill chunk after the prompt's earlier chunks
-            buf_k, buf_v = self.where.buffer
-            buf_k[t:t + s] = k_new
-            buf_v[t:t + s] = v_new
-            out = token_major_attention(q, buf_k, buf_v, t + s, self.state.mask(s, q.device))
-        elif t == 0:  # prefill: the new tokens are the whole sequence, in the compute dtype
-            out = token_major_attention(q, k_new, v_new, s, self.state.mask(s, q.device))
-        else:
+        out = self._attend_prompt(q, k_new, v_new)
+        if out is None:
             flushed = recent.block_start(t)
             recent_k, recent_v = recent.with_new(t, k_new, v_new)
             out = self.codec.attend_recent(q, self.where.k, self.where.v, flushed, recent_k, recent_v,

@@ -170,8 +170,8 @@ def add_compression_args(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--quant-group-size", type=positive_int, default=None,
                    help="values per group sharing a scale and minimum; weights are grouped along their input "
                         "dimension (default 64, FlexGen's), the token codec's KV cache along the head dimension "
-                        "(default 32: with groups of 64, keys' outlier channels cost H2O 20%% eight points of "
-                        "perplexity on SmolLM2-135M). A group size that does not divide the dimension pads the "
+                        "(default 32: keys' outlier channels spoil a whole group; on SmolLM2-135M a 4-bit cache "
+                        "adds 1.3%% to H2O 20%%'s perplexity in groups of 64, 0.1%% in groups of 32). A group size that does not divide the dimension pads the "
                         "last group, and one longer than a row is one group per row")
 
 

@@ -4,9 +4,6 @@ rounding bound, the packed attention kernels, the merge with the exact tokens, a
 against transformers running the same rounding in its attention."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -226,17 +223,15 @@ def test_chunked_prefill_writes_the_same_blocks(llama, tmp_path):
         assert rel_err(a, b) < 1e-5
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "offload_engine", *args], capture_output=True, text=True, timeout=120)
+def test_the_codec_flags_say_what_to_change(capsys):
+    from offload_engine.cli import main
 
-
-def test_the_codec_flags_say_what_to_change():
-    common = ("run", "--model", "opt-125m", "--dry-run", "--prompt-len", "64", "--gen-len", "8")
-    out = run_cli(*common, "--cache-codec", "kivi")
-    assert out.returncode == 2 and "--cache-codec applies to a compressed KV cache" in out.stderr
-    out = run_cli(*common, "--compress-cache", "--cache-codec", "kivi", "--kv-policy", "h2o")
-    assert out.returncode == 2 and "--cache-codec token" in out.stderr
-    assert "Traceback" not in out.stderr
+    common = ["run", "--model", "opt-125m", "--dry-run", "--prompt-len", "64", "--gen-len", "8"]
+    assert main(common + ["--cache-codec", "kivi"]) == 2
+    assert "--cache-codec applies to a compressed KV cache" in capsys.readouterr().err
+    assert main(common + ["--compress-cache", "--cache-codec", "kivi", "--kv-policy", "h2o"]) == 2
+    err = capsys.readouterr().err
+    assert "--cache-codec token" in err and "Traceback" not in err
 
 
 def test_default_codec_follows_the_kv_policy():

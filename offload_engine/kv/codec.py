@@ -99,10 +99,7 @@ class ChannelKeyCodec(PackedCodec):
     encoded = encode
 
     def decode(self, stored):
-        raise RuntimeError("per-channel keys decode a block at a time: use decode_keys (values: decode_values)")
-
-    def decode_values(self, stored: torch.Tensor) -> torch.Tensor:
-        return super().decode(stored)
+        raise RuntimeError("a per-channel cache is attended packed (attend_recent), never decoded token by token")
 
     def encode_blocks(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None):
         """Whole blocks (n * 32, B, H, D) -> their records; `valid` (B, n * 32) marks real tokens."""
@@ -119,10 +116,6 @@ class ChannelKeyCodec(PackedCodec):
         start, k, v = done
         valid = key_valid[:, start:start + k.shape[0]] if key_valid is not None else None
         return (start, *self.encode_blocks(k, v, valid))
-
-    def decode_keys(self, stored: torch.Tensor) -> torch.Tensor:
-        from offload_engine.kernels.quant.kivi import dequantize_keys
-        return dequantize_keys(stored, self.spec, self.compute_dtype)
 
     def attend_recent(self, q, k, v, flushed: int, recent_k, recent_v, key_valid):
         """Decode: q (B, 1, Hq, D) over `flushed` packed tokens of k/v (token-major records) and the

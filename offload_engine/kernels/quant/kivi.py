@@ -88,7 +88,3 @@ def dequantize_keys_reference(packed: torch.Tensor, spec: QuantSpec) -> torch.Te
     groups = torch.cat([head, along_tokens], -1)[..., None, :]              # one group of 32 tokens
     vals = dequantize_reference(groups, spec, BLOCK)                        # (n, B, H, G, channel, token)
     return vals.permute(0, 5, 1, 2, 3, 4).reshape(t, b, h, g * BLOCK)
-
-
-def dequantize_values_reference(packed: torch.Tensor, spec: QuantSpec, head_dim: int) -> torch.Tensor:
-    return dequantize_reference(packed, spec, head_dim)

@@ -9,6 +9,9 @@ stream, through the GPU's mapping of the home (io/tiers.py's device_view), not b
 would queue in the copy engine behind the next layers' weights (a 15 ms wait in every streamed
 layer of OPT-30B at `20 80`). A prefill's (hundreds of MB) are copied: the copy engine reads
 host memory faster than a kernel does (prefill 3.22 s read by a kernel against 2.97 copied).
+
+A captured decode step (decode_graph.py) keeps its hidden states on the GPU whatever their tier:
+they are batch x hidden elements, and the tier exists for the prefill's prompt x batch.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ class ActivationStore:
     def __init__(self, tiers: list[Tier], storages: dict[Tier, Storage], max_elems: int, dtype: torch.dtype,
                  device: torch.device, mover: Mover):
         self.tiers, self.device, self.mover = tiers, device, mover
+        self.decode_on_gpu = False  # set by the engine when the decode step is captured
         self.homes = [None if t == Tier.GPU else storages[t].allocate((max_elems,), dtype, f"hidden_{k}")
                       for k, t in enumerate(tiers)]
         self._resident: list[torch.Tensor | None] = [None] * len(tiers)
@@ -33,8 +37,8 @@ class ActivationStore:
         self._loaded: list[tuple[torch.Tensor, Pending] | None] = [None] * len(tiers)
         self._mapped = [device_view(h, device) if t == Tier.CPU else None for h, t in zip(self.homes, tiers)]
 
-    def put(self, k: int, x: torch.Tensor) -> None:
-        if self.homes[k] is None:
+    def put(self, k: int, x: torch.Tensor, decode: bool = False) -> None:
+        if self.homes[k] is None or decode and self.decode_on_gpu:
             self._resident[k] = x
             return
         home = self.homes[k][: x.numel()].view(x.shape)
@@ -58,7 +62,7 @@ class ActivationStore:
                                                 after=[stored]))
 
     def get(self, k: int) -> torch.Tensor:
-        if self.homes[k] is None:
+        if self._resident[k] is not None:
             x, self._resident[k] = self._resident[k], None
             return x
         if self._reads_mapped(k):

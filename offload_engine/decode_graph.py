@@ -3,7 +3,8 @@ once in a CUDA graph and replayed.
 
 A decode step of a GPU-resident model is bound by Python and kernel launches (about 20 a
 layer), not by the bytes it reads. It can be captured when nothing in it moves between tiers
-and every shape is fixed: weights, KV cache and hidden states on the GPU, and an uncompressed
+and every shape is fixed: weights and KV cache on the GPU (a decode step's hidden states stay
+there whatever their tier, activations.py), and an uncompressed
 cache, full or with H2O's real eviction (a fixed number of slots); or HiP, also with its cache
 (16- or 4-bit) in pinned host memory, which its hot cache reads in place (kv/hip_static.py). The attention then reads the
 cache index, the length and where each row's padding ends from device tensors (BatchState's
@@ -34,8 +35,8 @@ def graphs_apply(policy, plan, device: torch.device, profiling: bool) -> str | N
     kv_tiers = set(plan.kv_tiers.values())
     # HiP reads a cache in pinned host memory through its hot cache, written and fetched in place.
     hip_home = policy.kv.policy == "hip" and kv_tiers <= {Tier.GPU, Tier.CPU} and not policy.cpu_cache_compute
-    if (kv_tiers - {Tier.GPU} and not hip_home) or any(t != Tier.GPU for t in plan.act_tiers):
-        return "the KV cache or hidden states leave the GPU"
+    if kv_tiers - {Tier.GPU} and not hip_home:
+        return "the KV cache leaves the GPU"
     if policy.compress_cache is not None and policy.kv.policy != "hip":
         return "a compressed cache is decoded per step"
     if policy.kv.policy == "hip" and policy.kv.hip.dense_layers and Tier.CPU in kv_tiers:

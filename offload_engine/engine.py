@@ -200,6 +200,7 @@ class Engine:
         on_gpu = self.device.type == "cuda"
         self.decode_graph = DecodeGraph(self.scheduler, self.states, self.device, eager=opts.eager_static_decode) \
             if self.graph_refusal is None and (on_gpu or opts.eager_static_decode) else None
+        self.acts.decode_on_gpu = self.decode_graph is not None
 
     def _plan(self, opts: EngineOptions) -> MemoryPlan:
         """The memory plan, refused before any allocation if it does not fit.

@@ -60,7 +60,7 @@ class Scheduler:
                         kv = self.kv.access((j, ids[k]), states[k], prefill) if layer.kv_spec is not None else None
                         y = layer.forward(x, weights, LayerContext(views[k], kv, all_logits))
                 if j + 1 < n_layers:
-                    self.acts.put(k, y)
+                    self.acts.put(k, y, decode=not prefill)
                 else:
                     outputs[k] = y
         if advance:

@@ -51,6 +51,22 @@ def test_static_decode_equals_transformers(models, tmp_path, name, batches):
                 assert rel_err(ours, theirs) < 1e-5
 
 
+@pytest.mark.parametrize("act_cpu", [100, 50])
+def test_hidden_states_homed_off_the_gpu_stay_there_in_a_captured_step(models, tmp_path, act_cpu):
+    """Activations homed on the CPU (all or half the batches) hold the prefill's hidden states; the
+    captured decode step keeps its own on the GPU, and the tokens and logits stay transformers'."""
+    model, folder = models["llama"]
+    ids, mask = random_prompts(4, PROMPT, seed=31)
+    tokens, step_logits, _ = llama_reference(model, ids, mask, GEN)
+    with engine(folder, tmp_path, 2, act_gpu_percent=100 - act_cpu, act_cpu_percent=act_cpu) as e:
+        assert e.decode_graph is not None and e.acts.decode_on_gpu
+        assert sum(h is not None for h in e.acts.homes) == act_cpu // 50
+        out = e.generate(ids, mask, GenerationConfig(max_new_tokens=GEN), collect_logits=True)
+    assert torch.equal(out.tokens, tokens)
+    for ours, theirs in zip(out.step_logits, step_logits):
+        assert rel_err(ours, theirs) < 1e-5
+
+
 def test_a_new_batch_reuses_the_graph(models, tmp_path):
     _, folder = models["opt"]
     with engine(folder, tmp_path) as e:
@@ -65,10 +81,10 @@ def test_a_new_batch_reuses_the_graph(models, tmp_path):
 
 @pytest.mark.parametrize("percent,kv,reason", [
     ((50, 50, 100, 0, 100, 0), KVSettings(), "weights are streamed"),
-    ((100, 0, 50, 50, 100, 0), KVSettings(), "leave the GPU"),
+    ((100, 0, 50, 50, 100, 0), KVSettings(), "leaves the GPU"),
     ((100, 0, 100, 0, 100, 0), KVSettings("h2o", H2OConfig(simulate=True)), "masked simulation"),
     ((100, 0, 100, 0, 100, 0), KVSettings("hip", hip=HiPConfig(exact=True)), "exact top-k"),
-    ((100, 0, 0, 0, 100, 0), KVSettings("hip"), "leave the GPU"),  # HiP's cache on disk
+    ((100, 0, 0, 0, 100, 0), KVSettings("hip"), "leaves the GPU"),  # HiP's cache on disk
 ])
 def test_where_graphs_do_not_apply(models, tmp_path, percent, kv, reason):
     _, folder = models["opt"]

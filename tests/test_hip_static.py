@@ -64,8 +64,8 @@ def test_static_dense_layers_attend_everything(checkpoints, tmp_path):
 
 
 def test_graphs_refused_where_hip_reads_the_cache_on_the_cpu_or_disk(checkpoints, tmp_path):
-    for percent, cpu_compute, reason in (((100, 0, 0, 100, 100, 0), True, "leave the GPU"),
-                                         ((100, 0, 0, 0, 100, 0), False, "leave the GPU")):
+    for percent, cpu_compute, reason in (((100, 0, 0, 100, 100, 0), True, "leaves the GPU"),
+                                         ((100, 0, 0, 0, 100, 0), False, "leaves the GPU")):
         policy = Policy.from_percent(percent, gpu_batch_size=2, kv=HIP, cpu_cache_compute=cpu_compute)
         opts = EngineOptions(checkpoint=checkpoints["opt"], offload_dir=tmp_path, progress=False, dtype=torch.float32)
         with Engine(from_hf_config(checkpoints["opt"]), policy, Workload(PROMPT, GEN), opts) as engine:

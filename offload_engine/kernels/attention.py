@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 # cuDNN's attention builds an execution plan for every new key length, i.e. every decode
 # step (about 2 ms per layer on an H100); flash and memory-efficient kernels need no plan.
@@ -19,9 +20,17 @@ _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBack
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Scaled dot-product attention (scale 1: the model scales q); fp16 runs natively on CPU too."""
     s, t = q.shape[2], k.shape[2]
-    if mask is None and 1 < s < t:  # SDPA's is_causal aligns queries to the first keys, not the last
-        mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
     gqa = q.shape[1] != k.shape[1]
+    if mask is None and 1 < s < t:
+        # A chunk of the prompt after the cache so far: causal aligned to the last keys. The lower-right
+        # bias reaches the flash kernel on a GPU; a boolean mask with grouped-query heads would fall to
+        # the math kernel, which materialises every score (48 GiB for a chunk of 8192 at 128k, batch 3).
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(s, t), scale=1.0,
+                                              enable_gqa=gqa)
+    if mask is not None and gqa and q.is_cuda:
+        # The memory-efficient kernel takes a mask but not grouped heads: give it whole heads.
+        group = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), False
     with sdpa_kernel(_BACKENDS):
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=1.0, enable_gqa=gqa)

@@ -10,6 +10,7 @@
 #   hip-128k          HiP, batch 1, 128,000 + 64 tokens, cache in host memory
 #   hip-128k-profile  the same, 24 tokens, with --profile (the decode step's split by category)
 #   hip4-128k-b8      HiP, batch 8, 4-bit host cache, hidden states in host memory
+#   hip4-128k-bk4-b12 the same with key blocks of 4 (half the GPU's block-start keys): batch 12
 #   full-128k-b3      full attention, batch 3 (the largest that fits), cache on the GPU
 #   hip-128k-512      HiP, batch 1, 128,000 + 512 (FlexGen's throughput definition over a long decode)
 #   hip4-1m           HiP, batch 1, 1,000,000 + 16 tokens, 4-bit host cache (--max-positions)
@@ -25,6 +26,8 @@ flags_for() {
         hip-128k-profile) echo "${host_kv[*]} --prompt-len 128000 --gen-len 24 --gpu-batch-size 1 --profile" ;;
         hip4-128k-b8) echo "--percent 100 0 0 100 0 100 --kv-policy hip --compress-cache --prompt-len 128000 \
 --gen-len 32 --gpu-batch-size 8" ;;
+        hip4-128k-bk4-b12) echo "--percent 100 0 0 100 0 100 --kv-policy hip --hip-block-k 4 --compress-cache \
+--prompt-len 128000 --gen-len 32 --gpu-batch-size 12" ;;
         full-128k-b3) echo "--percent 100 0 100 0 100 0 --prompt-len 128000 --gen-len 32 --gpu-batch-size 3" ;;
         hip-128k-512) echo "${host_kv[*]} --prompt-len 128000 --gen-len 512 --gpu-batch-size 1" ;;
         hip4-1m) echo "--percent 100 0 0 100 0 100 --kv-policy hip --compress-cache --max-positions 1048576 \

@@ -13,6 +13,7 @@ from offload_engine.engine import Engine, EngineOptions
 from offload_engine.errors import EngineError
 from offload_engine.kernels import h2o_scan_block as kernel
 from offload_engine.kernels.cpu_attention import use_cpp
+from offload_engine.kernels.cpu_decode_job import run_job as h2o_job_run
 from offload_engine.kv import h2o_scan
 from offload_engine.perplexity import perplexity
 from offload_engine.policies import Compression, H2OConfig, KVSettings
@@ -108,6 +109,22 @@ def test_scan_equals_masked_simulation_and_packed_cache(checkpoints, tmp_path, m
     assert_windows_equal(scan, decoded, tol=1e-4)
     plain = perplexity(from_hf_config(checkpoints["llama"]), windows(), kv, options(checkpoints["llama"], tmp_path))
     assert abs(scan.nll / plain.nll - 1) > 1e-4  # older tokens are read rounded
+
+
+@pytest.mark.skipif(not use_cpp(), reason="C++ kernel did not build here")
+def test_packed_cache_attended_on_the_cpu_scores_as_the_scan(checkpoints, tmp_path, monkeypatch):
+    """Decode steps over a 4-bit cache attended on the CPU, where one C++ job per item reads the
+    records and the exact ring (kernels/cpu_decode_job.py), score as the scan does."""
+    from offload_engine.kv import h2o, recent
+
+    monkeypatch.setattr(recent, "RECENT_EXACT", 6)
+    jobs = []
+    monkeypatch.setattr(h2o, "run_job", lambda job: (jobs.append(job.bits), h2o_job_run(job)))
+    percent, cpu_compute = TIERS["cpu-attention"]
+    placement = Policy.from_percent(percent, cpu_cache_compute=cpu_compute, compress_cache=Compression(4, 16))
+    kv = KVSettings("h2o", H2OConfig(hh_size=5, recent_size=3))
+    assert_windows_equal(*both(checkpoints["llama"], tmp_path, kv, placement), tol=1e-4)
+    assert jobs and set(jobs) == {4}
 
 
 def test_exact_newest_tokens_covering_the_window_give_the_unpacked_result(checkpoints, tmp_path, monkeypatch):

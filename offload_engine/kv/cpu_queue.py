@@ -20,11 +20,13 @@ import ctypes
 import os
 import weakref
 from collections import deque
+from dataclasses import replace
 
 import torch
 
 from offload_engine.kernels.cpu_attention import BACKEND_ENV, use_cpp
-from offload_engine.kernels.cpu_decode_job import decode_job, decode_job_function, h2o_job, h2o_job_function
+from offload_engine.kernels.cpu_decode_job import (PackedSlots, decode_job, decode_job_function, h2o_job,
+                                                   h2o_job_function)
 
 from ..io.tiers import device_view
 
@@ -87,6 +89,7 @@ class CpuAttentionQueue:
     def __init__(self):
         self._inflight: deque = deque()  # (done event, job, tensors the job points at)
         self._staging: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self._records: dict[tuple, torch.Tensor] = {}  # a packed cache's new records, staged
         self._finalizer = weakref.finalize(self, _drain, self._inflight)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_home: torch.Tensor, v_home: torch.Tensor,
@@ -99,13 +102,29 @@ class CpuAttentionQueue:
 
     def attend_h2o(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_home: torch.Tensor,
                    v_home: torch.Tensor, position: torch.Tensor, score: torch.Tensor, t: int, budget: int,
-                   recent: int, sinks: bool) -> torch.Tensor:
+                   recent: int, sinks: bool, packed: PackedSlots | None = None) -> torch.Tensor:
         """H2O's decode item (kernels/cpu_decode_job.py's H2OJob): as `attend`, over the slot homes
         (B, Hkv, >= C, D), with the slots' positions and scores (B, Hkv, C) on the host updated in
-        stream order (read them only after the stream has run the item)."""
+        stream order (read them only after the stream has run the item). A packed cache's `packed`
+        has the new token's records on the GPU (staged here) and its exact ring on the host."""
+        keep = (k_home, v_home, position, score)
+        if packed is not None:
+            records = self._stage(("records", *packed.records.shape), packed.records)
+            packed = replace(packed, records=records)
+            keep += (records, packed.ring_k, packed.ring_v)
         return self._submit(q, k, v, lambda qkv, out: h2o_job(qkv, k_home, v_home, position, score, t, budget,
-                                                              recent, sinks, out),
-                            h2o_job_function(), (k_home, v_home, position, score))
+                                                              recent, sinks, out, packed=packed),
+                            h2o_job_function(), keep)
+
+    def _stage(self, key: tuple, x: torch.Tensor) -> torch.Tensor:
+        """A pinned host copy of x, made in the current stream's order into a buffer reused per
+        stream and shape (the stream runs this item's job before the next item's copy)."""
+        key = (torch.cuda.current_stream(x.device).cuda_stream, *key)
+        if key not in self._records:
+            self._records[key] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        host = self._records[key]
+        host.copy_(x, non_blocking=True)
+        return host
 
     def _submit(self, q, k, v, make_job, function: int, keep: tuple) -> torch.Tensor:
         """Stage q/k/v, queue `function` over make_job(qkv_host, out_host), read the output back;

@@ -29,6 +29,7 @@ import torch
 
 from offload_engine.kernels.attention_scores import attention_with_column_sums
 from offload_engine.kernels.cpu_attention import use_cpp
+from offload_engine.kernels.cpu_decode_job import PackedSlots, h2o_job, run_job
 from offload_engine.kernels.cpu_slot_attention import cpu_slot_attention
 
 from ..batch import BatchState
@@ -152,7 +153,7 @@ class H2OAccess:
                 p, slots = self.policy, self.policy.slots[self.item]
                 with p.profiler.span("cpu_attention", torch.cuda.current_stream(q.device)):
                     return queue.attend_h2o(q, k, v, self.where.k, self.where.v, slots.position, slots.score,
-                                            self.state.length, p.budget, p.recent, p.sinks)
+                                            self.state.length, p.budget, p.recent, p.sinks, self._packed_slots(k, v))
             with self.policy.profiler.span("cpu_attention", None, host=True):
                 hq, hkv = q.shape[2], k.shape[2]
                 qkv = torch.cat([q, k, v], dim=2).to("cpu")  # one device-to-host copy
@@ -163,10 +164,26 @@ class H2OAccess:
     def _cpu_queue(self, q):
         """The policy's queue where this decode item can run as one C++ job (cpu_queue.py), else None."""
         p = self.policy
-        if p.simulate or self.state.static or q.shape[1] != 1 or not isinstance(self.codec, PlainCodec) \
-                or self.where.k.dtype != q.dtype:
+        if p.simulate or self.state.static or q.shape[1] != 1 or not self._job_reads_cache(q.dtype):
             return None
         return p.cpu_queue(q.device)
+
+    def _job_reads_cache(self, dtype: torch.dtype) -> bool:
+        """Whether the C++ job (kernels/cpu_decode_job.py) reads this cache: plain in the compute
+        dtype, or 4/8-bit per-token records with their exact ring."""
+        if isinstance(self.codec, PlainCodec):
+            return self.where.k.dtype == dtype
+        return (not self.codec.blocked and self.codec.spec.bits in (4, 8) and self.codec.compute_dtype == dtype
+                and self.item in self.policy.exact)
+
+    def _packed_slots(self, k, v) -> PackedSlots | None:
+        """A packed cache's part of the job: the new token's records, encoded where k and v are
+        (B, 1, Hkv, D), keys then values, and the item's exact ring."""
+        if isinstance(self.codec, PlainCodec):
+            return None
+        ring = self.policy.exact[self.item]
+        records = torch.stack([self.codec.encoded(k[:, 0]), self.codec.encoded(v[:, 0])], dim=1)
+        return PackedSlots(records, ring.k, ring.v, self.codec.spec.bits, self.codec.spec.group_size)
 
     def _prefill(self, q, k, v):
         """Attend the prompt (or one chunk of it after the chunks before, summing the attention
@@ -278,6 +295,9 @@ class H2OAccess:
         if self.state.static:
             return self._decode_static(q, k, v)
         p, t = self.policy, self.state.length
+        if self.where.kind == "cpu" and not p.simulate and not isinstance(self.codec, PlainCodec) \
+                and use_cpp() and self._job_reads_cache(q.dtype):
+            return self._decode_job(q, k, v)
         slots = p.slots[self.item]
         k_new, v_new = k[:, 0], v[:, 0]  # (B, Hkv, D)
         b, h = k_new.shape[:2]
@@ -313,6 +333,18 @@ class H2OAccess:
         if self.where.kind == "slot":
             self.store.scatter(self.item, free, k_enc, v_enc)
         return out[:, None]
+
+    def _decode_job(self, q, k, v):
+        """`_decode` of a packed CPU cache as one C++ job on this thread (the job the compute stream
+        queues on a GPU machine): the same bytes in, the same slots and output out."""
+        p, slots = self.policy, self.policy.slots[self.item]
+        hq = q.shape[2]
+        out = torch.empty(q.shape[0], hq, q.shape[3], dtype=torch.float32)
+        qkv = torch.cat([q, k, v], dim=2)[:, 0].contiguous()
+        packed = self._packed_slots(k, v)  # held here: the job holds its tensors' addresses only
+        run_job(h2o_job(qkv, self.where.k, self.where.v, slots.position, slots.score, self.state.length, p.budget,
+                        p.recent, p.sinks, out, packed=packed))
+        return out.to(q.dtype)[:, None]
 
     def _decode_static(self, q, k, v):
         """`_decode` for a captured step (a GPU-resident, uncompressed cache with real eviction):

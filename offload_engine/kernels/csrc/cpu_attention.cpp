@@ -329,29 +329,55 @@ void run_list(const float* q, const char* k, const char* v, const int32_t* token
   }
 }
 
+// A packed slot cache's rows with each sequence's newest tokens exact (offload_engine/kv/recent.py's
+// ExactRing): slot i holds position pos[i]; one within `ring` of `newest` is read from the ring
+// (ring rows by position mod ring, in format RDT), any other is dequantized from its record.
+template <int BITS, int RDT>
+struct RingPackedRows {
+  static constexpr int DT = F32;
+  PackedRows<BITS> packed;
+  const char* ring;
+  const int64_t* pos;
+  int64_t size, newest;
+  const void* row(int64_t slot, float* buf) const {
+    const int64_t p = pos[slot];
+    if (p < 0 || p <= newest - size) return packed.row(slot, buf);
+    const char* r = ring + (p % size) * packed.D * (RDT == F32 ? 4 : 2);
+    for (int64_t i = 0; i < packed.D; ++i) buf[i] = load1<RDT>(r, i);
+    return buf;
+  }
+};
+
 // One H2O decode item over a CPU-attended slot cache, laid out as kernels/cpu_decode_job.py's
 // H2OJob, with offload_engine/kv/h2o.py's rule. Per (sequence, KV head): the new token goes into
 // the first free slot (slot 0 if none is free), the KV head's query heads attend the occupied
 // slots among the first `used` = min(C, t + 1), each slot's score grows by the attention it got
 // (not with `sinks`, whose scores are fixed), and above the budget the lowest-scoring occupied
 // slot older than the recent window (ties: the earliest position) is freed. A host function too.
+// A packed cache (bits 4 or 8) takes the new token's records as given (encoded where q/k/v were
+// computed) and keeps its exact keys and values in the ring, which attention reads instead.
 struct H2OJob {
-  const void* qkv;        // (B, Hq + 2 Hkv, D) contiguous, cache dtype: q (already scaled), k, v
-  void* k_home;           // (B, Hkv, >= C, D) with element strides ksb, ksh, kst
+  const void* qkv;        // (B, Hq + 2 Hkv, D) contiguous, compute dtype: q (already scaled), k, v
+  void* k_home;           // (B, Hkv, >= C, row) with byte strides ksb, ksh, kst
   void* v_home;
   int64_t* position;      // (B, Hkv, C) contiguous: the position each slot holds, -1 when free
   float* score;           // (B, Hkv, C) contiguous: accumulated attention
   float* out;             // (B, Hq, D) contiguous fp32
+  const uint8_t* records; // packed: (B, 2, Hkv, record) contiguous, the new keys' then values' records
+  void* ring_k;           // packed: (B, Hkv, ring, D) contiguous, compute dtype
+  void* ring_v;
   int64_t B, Hq, Hkv, D, C, t, budget, recent;
   int64_t ksb, ksh, kst, vsb, vsh, vst;
-  int32_t dtype, nthreads, sinks;
-  int32_t rc;             // 0, or 1 for a bad dtype
+  int64_t record, ring, group_size;  // packed: bytes of a token's record, ring slots, elements per group
+  int32_t dtype, nthreads, sinks, bits;
+  int32_t rc;             // 0, or 1 for a bad dtype, bits or group size
 };
 
-template <int DT>
+template <int DT, int BITS>
 void h2o_job(H2OJob& j) {
   constexpr int64_t es = DT == F32 ? 4 : 2;
   const int64_t rep = j.Hq / j.Hkv, tasks = j.B * j.Hkv, used = std::min(j.C, j.t + 1), row = j.Hq + 2 * j.Hkv;
+  const int64_t stored = BITS ? j.record : j.D * es;  // bytes of one token in a home
   const char* src = static_cast<const char*>(j.qkv);
   char *kh = static_cast<char*>(j.k_home), *vh = static_cast<char*>(j.v_home);
   const int64_t by_work = 2 * tasks * used * j.D / (int64_t(1) << 16);
@@ -359,27 +385,49 @@ void h2o_job(H2OJob& j) {
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> q(static_cast<size_t>(rep * j.D)), scores(static_cast<size_t>(used * rep)),
-        mx(static_cast<size_t>(rep)), sum(static_cast<size_t>(rep)), probs(static_cast<size_t>(used));
+        mx(static_cast<size_t>(rep)), sum(static_cast<size_t>(rep)), probs(static_cast<size_t>(used)),
+        buf(static_cast<size_t>(j.D));
     std::vector<uint8_t> valid(static_cast<size_t>(used));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / j.Hkv, h = task % j.Hkv;
       const char* r = src + b * row * j.D * es;
+      const char *k_new = r + (j.Hq + h) * j.D * es, *v_new = r + (j.Hq + j.Hkv + h) * j.D * es;
+      char *k_rows = kh + b * j.ksb + h * j.ksh, *v_rows = vh + b * j.vsb + h * j.vsh;
       int64_t* pos = j.position + task * j.C;
       float* sc = j.score + task * j.C;
       int64_t slot = 0;
       while (slot < j.C && pos[slot] >= 0) ++slot;
       if (slot == j.C) slot = 0;
-      std::memcpy(kh + (b * j.ksb + h * j.ksh + slot * j.kst) * es, r + (j.Hq + h) * j.D * es, j.D * es);
-      std::memcpy(vh + (b * j.vsb + h * j.vsh + slot * j.vst) * es, r + (j.Hq + j.Hkv + h) * j.D * es, j.D * es);
+      if constexpr (BITS == 0) {
+        std::memcpy(k_rows + slot * j.kst, k_new, stored);
+        std::memcpy(v_rows + slot * j.vst, v_new, stored);
+      } else {
+        std::memcpy(k_rows + slot * j.kst, j.records + ((b * 2) * j.Hkv + h) * stored, stored);
+        std::memcpy(v_rows + slot * j.vst, j.records + ((b * 2 + 1) * j.Hkv + h) * stored, stored);
+        const int64_t at = (task * j.ring + j.t % j.ring) * j.D * es;
+        std::memcpy(static_cast<char*>(j.ring_k) + at, k_new, j.D * es);
+        std::memcpy(static_cast<char*>(j.ring_v) + at, v_new, j.D * es);
+      }
       pos[slot] = j.t;
       sc[slot] = j.sinks ? -float(j.t) : 0.0f;
       const char* qr = r + h * rep * j.D * es;
       for (int64_t i = 0; i < rep * j.D; ++i) q[i] = load1<DT>(qr, i);
       for (int64_t i = 0; i < used; ++i) valid[i] = pos[i] >= 0;
-      const DenseRows<DT> keys{kh + (b * j.ksb + h * j.ksh) * es, j.kst}, vals{vh + (b * j.vsb + h * j.vsh) * es, j.vst};
-      attend_task(q.data(), keys, vals, valid.data(), nullptr, used, j.D, rep, scores.data(), mx.data(), sum.data(),
-                  nullptr, j.out + (b * j.Hq + h * rep) * j.D, probs.data());
+      float* out = j.out + (b * j.Hq + h * rep) * j.D;
+      if constexpr (BITS == 0) {
+        const DenseRows<DT> keys{k_rows, j.kst / es}, vals{v_rows, j.vst / es};
+        attend_task(q.data(), keys, vals, valid.data(), nullptr, used, j.D, rep, scores.data(), mx.data(),
+                    sum.data(), buf.data(), out, probs.data());
+      } else {
+        const int64_t ring_at = task * j.ring * j.D * es;
+        const RingPackedRows<BITS, DT> keys{{k_rows, j.kst, j.D, j.group_size},
+                                            static_cast<const char*>(j.ring_k) + ring_at, pos, j.ring, j.t};
+        const RingPackedRows<BITS, DT> vals{{v_rows, j.vst, j.D, j.group_size},
+                                            static_cast<const char*>(j.ring_v) + ring_at, pos, j.ring, j.t};
+        attend_task(q.data(), keys, vals, valid.data(), nullptr, used, j.D, rep, scores.data(), mx.data(),
+                    sum.data(), buf.data(), out, probs.data());
+      }
       if (!j.sinks)
         for (int64_t i = 0; i < used; ++i) sc[i] += probs[i];
       int64_t occupied = 0, victim = -1;
@@ -394,6 +442,20 @@ void h2o_job(H2OJob& j) {
         sc[victim] = 0.0f;
       }
     }
+  }
+}
+
+template <int DT>
+void h2o_job_of_bits(H2OJob& j) {
+  if (j.bits != 0 && (j.group_size < 2 || j.group_size % 2 || j.ring < 1)) {
+    j.rc = 1;
+    return;
+  }
+  switch (j.bits) {
+    case 0: h2o_job<DT, 0>(j); break;
+    case 4: h2o_job<DT, 4>(j); break;
+    case 8: h2o_job<DT, 8>(j); break;
+    default: j.rc = 1;
   }
 }
 
@@ -527,9 +589,9 @@ void cpu_decode_job(void* arg) {
 void cpu_h2o_job(void* arg) {
   H2OJob& j = *static_cast<H2OJob*>(arg);
   switch (j.dtype) {
-    case F32: h2o_job<F32>(j); break;
-    case F16: h2o_job<F16>(j); break;
-    case BF16: h2o_job<BF16>(j); break;
+    case F32: h2o_job_of_bits<F32>(j); break;
+    case F16: h2o_job_of_bits<F16>(j); break;
+    case BF16: h2o_job_of_bits<BF16>(j); break;
     default: j.rc = 1;
   }
 }

@@ -42,8 +42,8 @@ def make_cache(b, hkv, d, t, dtype, seed):
     return homes, SlotState(position, score)
 
 
-def inline_access(slots, k_home, v_home, dtype, sinks, hh=HH, codec=None, ring=None):
-    cfg = types.SimpleNamespace(simulate=False, sizes=lambda n: (hh, RECENT))
+def inline_access(slots, k_home, v_home, dtype, sinks, hh=HH, codec=None, ring=None, decay=1.0):
+    cfg = types.SimpleNamespace(simulate=False, sizes=lambda n: (hh, RECENT), decay=decay)
     codec = codec or PlainCodec(dtype, k_home.shape[-1])
     policy = H2OKV(cfg, codec, None, types.SimpleNamespace(prompt_len=0), sinks=sinks)
     policy.slots[0] = slots
@@ -62,12 +62,13 @@ def same(a, b):
 @pytest.mark.parametrize("shape", [(3, 4, 4, 32), (2, 6, 2, 16)], ids=["mha", "gqa"])
 @pytest.mark.parametrize("sinks", [False, True], ids=["h2o", "sinks"])
 @pytest.mark.parametrize("hh", [HH, 2 * C], ids=["evicting", "budget-above-slots"])
-def test_job_equals_inline_decode_step_after_step(dtype, shape, sinks, hh):
+@pytest.mark.parametrize("decay", [1.0, 0.5])
+def test_job_equals_inline_decode_step_after_step(dtype, shape, sinks, hh, decay):
     b, hq, hkv, d = shape
     t0 = 20
     (k_home, v_home), slots = make_cache(b, hkv, d, t0, dtype, seed=hq + d)
     ref_homes, ref_slots = [x.clone() for x in (k_home, v_home)], SlotState(slots.position.clone(), slots.score.clone())
-    access = inline_access(ref_slots, *ref_homes, dtype, sinks, hh)
+    access = inline_access(ref_slots, *ref_homes, dtype, sinks, hh, decay=decay)
     g = torch.Generator().manual_seed(7)
     evicted = 0
     for t in range(t0, t0 + 6):
@@ -76,7 +77,8 @@ def test_job_equals_inline_decode_step_after_step(dtype, shape, sinks, hh):
         qkv = qkv.to(dtype)
         out = torch.empty(b, hq, d)
         before = int((slots.position >= 0).sum())
-        run_job(h2o_job(qkv, k_home, v_home, slots.position, slots.score, t, hh + RECENT, RECENT, sinks, out))
+        run_job(h2o_job(qkv, k_home, v_home, slots.position, slots.score, t, hh + RECENT, RECENT, sinks, out,
+                        decay=decay))
         evicted += before + b * hkv - int((slots.position >= 0).sum())
         access.state.length = t
         exp = access._decode(qkv[:, None, :hq], qkv[:, None, hq:hq + hkv], qkv[:, None, hq + hkv:])

@@ -65,10 +65,11 @@ def assert_windows_equal(scan, decoded, tol=1e-5):
     assert scan.kv_bytes_per_sequence == decoded.kv_bytes_per_sequence
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
-@pytest.mark.parametrize("kind", ["h2o", "sink"])
-def test_scan_equals_decode_steps(checkpoints, tmp_path, family, kind):
-    kv = KVSettings(kind, H2OConfig(hh_size=3, recent_size=4))
+@pytest.mark.parametrize("family,kind,decay", [("llama", "h2o", 1.0), ("opt", "h2o", 1.0), ("llama", "sink", 1.0),
+                                               ("opt", "sink", 1.0), ("llama", "h2o", 0.7), ("opt", "h2o", 0.0)])
+def test_scan_equals_decode_steps(checkpoints, tmp_path, family, kind, decay):
+    """H2O's sum (decay 1), an exponential moving sum and TOVA's last step (decay 0), the sink baseline."""
+    kv = KVSettings(kind, H2OConfig(hh_size=3, recent_size=4, decay=decay))
     scan, decoded = both(checkpoints[family], tmp_path, kv)
     assert_windows_equal(scan, decoded)
     full = perplexity(from_hf_config(checkpoints[family]), windows(), KVSettings(),
@@ -85,13 +86,13 @@ def test_batched_scan_equals_each_window_decoded_alone(checkpoints, tmp_path):
         assert batched.window_nll[i] == pytest.approx(alone.window_nll[0], rel=1e-5)
 
 
-@pytest.mark.parametrize("tier", ["cpu-attention", "disk"])
-def test_scan_equals_decode_steps_off_the_gpu(checkpoints, tmp_path, tier):
+@pytest.mark.parametrize("tier,decay", [("cpu-attention", 1.0), ("disk", 1.0), ("cpu-attention", 0.5)])
+def test_scan_equals_decode_steps_off_the_gpu(checkpoints, tmp_path, tier, decay):
     """The decode steps' cache on the CPU (its C++ job attends and evicts) or on disk."""
     percent, cpu_compute = TIERS[tier]
     placement = Policy.from_percent(percent, cpu_cache_compute=cpu_compute)
-    assert_windows_equal(*both(checkpoints["llama"], tmp_path, KVSettings("h2o", H2OConfig(hh_size=4, recent_size=2)),
-                               placement))
+    kv = KVSettings("h2o", H2OConfig(hh_size=4, recent_size=2, decay=decay))
+    assert_windows_equal(*both(checkpoints["llama"], tmp_path, kv, placement))
 
 
 @pytest.mark.parametrize("exact_tokens", [6, 11])
@@ -186,17 +187,17 @@ def block_state(seed: int, k0: int, b=2, hkv=3, rep=2, n=7, before=20):
 
 
 @pytest.mark.skipif(not use_cpp(), reason="the C++ kernel could not be built here")
-@pytest.mark.parametrize("sinks", [False, True])
+@pytest.mark.parametrize("sinks,decay", [(False, 1.0), (True, 1.0), (False, 0.6), (False, 0.0)])
 @pytest.mark.parametrize("budget, recent", [(9, 3), (9, 9), (12, 1), (30, 4)])
-def test_cpp_block_equals_torch_block(sinks, budget, recent):
+def test_cpp_block_equals_torch_block(sinks, decay, budget, recent):
     """Softmax over the kept columns, scores and evictions of a block of 7 after 20 positions."""
     k0 = min(20, budget)
     logits, kept, score, pos = block_state(budget + recent, k0)
     if sinks:
         score = -pos.float() * kept
     ref_kept, ref_score = kept.clone(), score.clone()
-    ref = kernel.scan_block_torch(logits, ref_kept, ref_score, pos, k0, budget, recent, sinks)
-    out = kernel.scan_block_cpp(logits, kept, score, pos, k0, budget, recent, sinks)
+    ref = kernel.scan_block_torch(logits, ref_kept, ref_score, pos, k0, budget, recent, sinks, decay)
+    out = kernel.scan_block_cpp(logits, kept, score, pos, k0, budget, recent, sinks, decay)
     assert torch.equal(kept, ref_kept)
     assert torch.allclose(score, ref_score, rtol=1e-6, atol=1e-6)
     assert torch.allclose(out, ref, rtol=1e-6, atol=1e-7)

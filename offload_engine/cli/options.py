@@ -196,6 +196,10 @@ def add_kv_policy_args(parser: argparse.ArgumentParser) -> None:
                    help="H2O recent window as a token count, taken as given (overrides the ratio and its floor)")
     k.add_argument("--h2o-simulate", action="store_true", default=None,
                    help="dense attention with the H2O mask applied, nothing evicted (the paper's masked simulation)")
+    k.add_argument("--h2o-decay", type=fraction, default=None,
+                   help="H2O: each step scales the heavy-hitter scores by this before adding its attention: 1 is "
+                        "H2O's accumulated sum (old tokens, seen by more queries, collect more); 0 keeps the last "
+                        "step's attention alone (TOVA); in between, an exponential moving sum (default: 1)")
     k.add_argument("--hip-k", type=positive_int, default=None,
                    help="HiP: tokens selected per query block (default: 512)")
     k.add_argument("--hip-block-q", type=positive_int, default=None, help="HiP: queries per block (default: 32)")
@@ -212,7 +216,7 @@ def add_kv_policy_args(parser: argparse.ArgumentParser) -> None:
 
 
 # The KV flags each --kv-policy reads (argument names); the others must not be given with it.
-H2O_FLAGS = ("hh_ratio", "recent_ratio", "hh_size", "recent_size", "h2o_simulate")
+H2O_FLAGS = ("hh_ratio", "recent_ratio", "hh_size", "recent_size", "h2o_simulate", "h2o_decay")
 HIP_FLAGS = ("hip_k", "hip_block_q", "hip_block_k", "hip_sink", "hip_window", "hip_refresh", "hip_dense_layers",
              "hip_gpu_cache")
 KV_FLAGS_READ = {"full": (), "h2o": H2O_FLAGS, "sink": ("recent_ratio", "hh_size", "recent_size", "h2o_simulate"),
@@ -240,7 +244,7 @@ def kv_settings_from_args(args: argparse.Namespace):
     if args.kv_policy in ("h2o", "sink"):
         hh_size = args.hh_size if args.hh_size is not None or args.kv_policy == "h2o" else 4
         h2o = H2OConfig(given("hh_ratio", 0.1), given("recent_ratio", 0.1), hh_size, args.recent_size,
-                        bool(args.h2o_simulate))
+                        bool(args.h2o_simulate), given("h2o_decay", 1.0))
     if args.kv_policy == "hip":
         d = HiPConfig()
         hip = HiPConfig(given("hip_k", d.k), given("hip_block_q", d.block_size_q), given("hip_block_k", d.block_size_k),

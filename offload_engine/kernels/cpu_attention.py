@@ -196,7 +196,7 @@ def _build_and_load(flag_sets=FLAG_SETS) -> ctypes.CDLL:
         lib.cpu_decode_job.restype = None
         lib.cpu_h2o_job.argtypes = [p]
         lib.cpu_h2o_job.restype = None
-        lib.cpu_h2o_scan_block.argtypes = [p] * 5 + [i64] * 7 + [ctypes.c_int, ctypes.c_int]
+        lib.cpu_h2o_scan_block.argtypes = [p] * 5 + [i64] * 7 + [ctypes.c_int, ctypes.c_float, ctypes.c_int]
         lib.cpu_h2o_scan_block.restype = ctypes.c_int
         lib.cpu_decode_attention_isa.restype = ctypes.c_char_p
         return lib

@@ -74,7 +74,8 @@ class H2OJob(ctypes.Structure):
                 + [(name, ctypes.c_int64) for name in ("B", "Hq", "Hkv", "D", "C", "t", "budget", "recent",
                                                        "ksb", "ksh", "kst", "vsb", "vsh", "vst",
                                                        "record", "ring", "group_size")]
-                + [(name, ctypes.c_int32) for name in ("dtype", "nthreads", "sinks", "bits", "rc")])
+                + [(name, ctypes.c_int32) for name in ("dtype", "nthreads", "sinks", "bits")]
+                + [("decay", ctypes.c_float), ("rc", ctypes.c_int32)])
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,10 @@ class PackedSlots:
 
 def h2o_job(qkv: torch.Tensor, k_home: torch.Tensor, v_home: torch.Tensor, position: torch.Tensor,
             score: torch.Tensor, t: int, budget: int, recent: int, sinks: bool, out: torch.Tensor,
-            num_threads: int | None = None, packed: PackedSlots | None = None) -> H2OJob:
+            num_threads: int | None = None, packed: PackedSlots | None = None, decay: float = 1.0) -> H2OJob:
     """An H2OJob over CPU tensors: qkv and out as for `decode_job`; homes (B, Hkv, >= C, D) in
     qkv's dtype, or with `packed` (B, Hkv, >= C, G, R) uint8 records; position (B, Hkv, C) int64
-    and score (B, Hkv, C) float32, contiguous, updated in place."""
+    and score (B, Hkv, C) float32, contiguous, updated in place; `decay` as H2OConfig's."""
     b, hkv, cap = k_home.shape[:3]
     _check_qkv(qkv, k_home, v_home, out, packed=packed is not None)
     extra = (0, 0, 0, 0, 0, 0) if packed is None else _check_packed(packed, qkv, k_home, v_home)
@@ -112,7 +113,7 @@ def h2o_job(qkv: torch.Tensor, k_home: torch.Tensor, v_home: torch.Tensor, posit
     return H2OJob(qkv.data_ptr(), k_home.data_ptr(), v_home.data_ptr(), position.data_ptr(), score.data_ptr(),
                   out.data_ptr(), *extra[:3], b, out.shape[1], hkv, qkv.shape[-1], c, t, budget, recent, *strides,
                   *extra[3:], DTYPE_CODE[qkv.dtype], num_threads or torch.get_num_threads(), int(sinks),
-                  0 if packed is None else packed.bits, 0)
+                  0 if packed is None else packed.bits, decay, 0)
 
 
 def _check_packed(packed: PackedSlots, qkv: torch.Tensor, k_home: torch.Tensor, v_home: torch.Tensor) -> tuple:

@@ -4,8 +4,9 @@ step by step, over the columns the block may attend.
 Columns (B, Hkv, K) hold ascending positions: the k0 tokens kept before the block, then the
 block's own n tokens (query i's token is column k0 + i). Step i keeps its column with a score
 of 0 (minus its position for the sink baseline, whose scores never grow), takes the softmax of
-its query rows' logits over the kept columns up to its own, adds the probabilities, summed over
-the KV head's query heads, to the scores, and once its position is past the budget frees the
+its query rows' logits over the kept columns up to its own, scales the scores by `decay` (1:
+H2O's sum; 0: TOVA's last step alone) and adds the probabilities, summed over the KV head's
+query heads, and once its position is past the budget frees the
 lowest-scoring kept column older than the recent window (ties: the earliest position): H2O's
 rule (kv/h2o.py). Only softmax and eviction are left here: the logits before and the outputs
 after are two matmuls over the whole block.
@@ -42,7 +43,7 @@ def _check(logits: torch.Tensor, kept: torch.Tensor, score: torch.Tensor, pos: t
 
 
 def scan_block_torch(logits: torch.Tensor, kept: torch.Tensor, score: torch.Tensor, pos: torch.Tensor, k0: int,
-                     budget: int, recent: int, sinks: bool) -> torch.Tensor:
+                     budget: int, recent: int, sinks: bool, decay: float = 1.0) -> torch.Tensor:
     """The PyTorch loop (the reference)."""
     _check(logits, kept, score, pos, k0)
     probs = torch.zeros_like(logits)
@@ -55,7 +56,7 @@ def scan_block_torch(logits: torch.Tensor, kept: torch.Tensor, score: torch.Tens
         p = logits[:, :, i, :, :used].masked_fill(~kept[:, :, None, :used], float("-inf")).softmax(-1)
         probs[:, :, i, :, :used] = p
         if not sinks:
-            score[..., :used] += p.sum(2)
+            score[..., :used].mul_(decay).add_(p.sum(2))
         if t + 1 > budget:
             old = kept[..., :used] & (pos[..., :used] < t + 1 - recent)
             victim = score[..., :used].masked_fill(~old, float("inf")).argmin(-1, keepdim=True)  # first = earliest
@@ -65,7 +66,8 @@ def scan_block_torch(logits: torch.Tensor, kept: torch.Tensor, score: torch.Tens
 
 
 def scan_block_cpp(logits: torch.Tensor, kept: torch.Tensor, score: torch.Tensor, pos: torch.Tensor, k0: int,
-                   budget: int, recent: int, sinks: bool, num_threads: int | None = None) -> torch.Tensor:
+                   budget: int, recent: int, sinks: bool, decay: float = 1.0,
+                   num_threads: int | None = None) -> torch.Tensor:
     """The C++ loop on CPU tensors (RuntimeError if the kernel could not be built here)."""
     _check(logits, kept, score, pos, k0)
     lib = library()
@@ -77,21 +79,21 @@ def scan_block_cpp(logits: torch.Tensor, kept: torch.Tensor, score: torch.Tensor
     probs = torch.empty_like(logits)
     rc = lib.cpu_h2o_scan_block(logits.data_ptr(), probs.data_ptr(), kept.view(torch.uint8).data_ptr(),
                                 score.data_ptr(), pos.data_ptr(), b * hkv, n, rep, k, k0, budget, recent, int(sinks),
-                                num_threads or torch.get_num_threads())
+                                decay, num_threads or torch.get_num_threads())
     if rc:
         raise RuntimeError(f"cpu_h2o_scan_block C++ kernel failed with code {rc}.")
     return probs
 
 
 def scan_block(logits: torch.Tensor, kept: torch.Tensor, score: torch.Tensor, pos: torch.Tensor, k0: int,
-               budget: int, recent: int, sinks: bool) -> torch.Tensor:
+               budget: int, recent: int, sinks: bool, decay: float = 1.0) -> torch.Tensor:
     """The C++ loop on the CPU where it is built (OFFLOAD_ENGINE_CPU_ATTENTION=torch: not), else PyTorch's."""
     if logits.device.type != "cpu":
-        return scan_block_torch(logits, kept, score, pos, k0, budget, recent, sinks)
+        return scan_block_torch(logits, kept, score, pos, k0, budget, recent, sinks, decay)
     if use_cpp():
-        return scan_block_cpp(logits, kept, score, pos, k0, budget, recent, sinks)
+        return scan_block_cpp(logits, kept, score, pos, k0, budget, recent, sinks, decay)
     with intra_op_threads(1):  # a step's ops are a few thousand elements
-        return scan_block_torch(logits, kept, score, pos, k0, budget, recent, sinks)
+        return scan_block_torch(logits, kept, score, pos, k0, budget, recent, sinks, decay)
 
 
 @contextmanager

@@ -102,7 +102,7 @@ class CpuAttentionQueue:
 
     def attend_h2o(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_home: torch.Tensor,
                    v_home: torch.Tensor, position: torch.Tensor, score: torch.Tensor, t: int, budget: int,
-                   recent: int, sinks: bool, packed: PackedSlots | None = None) -> torch.Tensor:
+                   recent: int, sinks: bool, packed: PackedSlots | None = None, decay: float = 1.0) -> torch.Tensor:
         """H2O's decode item (kernels/cpu_decode_job.py's H2OJob): as `attend`, over the slot homes
         (B, Hkv, >= C, D), with the slots' positions and scores (B, Hkv, C) on the host updated in
         stream order (read them only after the stream has run the item). A packed cache's `packed`
@@ -113,7 +113,7 @@ class CpuAttentionQueue:
             packed = replace(packed, records=records)
             keep += (records, packed.ring_k, packed.ring_v)
         return self._submit(q, k, v, lambda qkv, out: h2o_job(qkv, k_home, v_home, position, score, t, budget,
-                                                              recent, sinks, out, packed=packed),
+                                                              recent, sinks, out, packed=packed, decay=decay),
                             h2o_job_function(), keep)
 
     def _stage(self, key: tuple, x: torch.Tensor) -> torch.Tensor:

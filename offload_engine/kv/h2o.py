@@ -60,6 +60,7 @@ class H2OKV(QueuesCpuAttention):
         # "heavy hitters" are the first tokens (the sinks) and the rest leave with the window.
         self.sinks = sinks
         self.hh, self.recent = cfg.sizes(workload.prompt_len)
+        self.decay = cfg.decay
         self.budget = self.hh + self.recent
         self.slots: dict[Item, SlotState] = {}
         self.prompt_scores: dict[Item, torch.Tensor] = {}  # a chunked prefill's scores so far
@@ -153,7 +154,8 @@ class H2OAccess:
                 p, slots = self.policy, self.policy.slots[self.item]
                 with p.profiler.span("cpu_attention", torch.cuda.current_stream(q.device)):
                     return queue.attend_h2o(q, k, v, self.where.k, self.where.v, slots.position, slots.score,
-                                            self.state.length, p.budget, p.recent, p.sinks, self._packed_slots(k, v))
+                                            self.state.length, p.budget, p.recent, p.sinks, self._packed_slots(k, v),
+                                            p.decay)
             with self.policy.profiler.span("cpu_attention", None, host=True):
                 hq, hkv = q.shape[2], k.shape[2]
                 qkv = torch.cat([q, k, v], dim=2).to("cpu")  # one device-to-host copy
@@ -193,7 +195,7 @@ class H2OAccess:
         if self.where.buffer is None:  # the whole prompt at once
             valid = self.state.key_valid[:, :q.shape[1]]
             out, colsum = attention_with_column_sums(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                     key_valid=valid, query_valid=valid)
+                                                     key_valid=valid, query_valid=valid, decay=self.policy.decay)
             self._keep(colsum, k, v)
             return out.transpose(1, 2)
         p, t, end = self.policy, self.state.length, self.state.length + q.shape[1]
@@ -203,10 +205,12 @@ class H2OAccess:
         valid = self.state.key_valid[:, :end]
         out, colsum = attention_with_column_sums(q.transpose(1, 2), buf_k[:end].permute(1, 2, 0, 3),
                                                  buf_v[:end].permute(1, 2, 0, 3), key_valid=valid,
-                                                 query_valid=valid[:, t:])
+                                                 query_valid=valid[:, t:], decay=p.decay)
         if t == 0:
             p.prompt_scores[self.item] = colsum.new_zeros(*colsum.shape[:2], self.state.prompt_len)
         scores = p.prompt_scores[self.item]
+        if p.decay != 1:  # the chunk's own queries are weighted from its end: the earlier ones age by its length
+            scores.mul_(p.decay ** q.shape[1])
         scores[..., :end] += colsum
         if end == self.state.prompt_len:
             del p.prompt_scores[self.item]
@@ -233,7 +237,7 @@ class H2OAccess:
         packed = not isinstance(codec, PlainCodec)
         attended = [codec.decode(codec.encoded(x)) if packed else x for x in (keys, values)]
         out = h2o_scan(q, *attended, v[:, 0], state, p.budget, p.recent, p.sinks,
-                       exact=(keys, values) if packed else None)
+                       exact=(keys, values) if packed else None, decay=p.decay)
         if end == self.state.prompt_len:
             del p.scan_states[self.item]
             # Evicted tokens at -inf: the selection after prefill keeps exactly the scan's tokens
@@ -328,7 +332,7 @@ class H2OAccess:
         else:
             out, probs = attend_slots(q[:, 0], keys, values, valid)
         if not p.sinks:
-            slots.score[..., :used] += probs
+            slots.score[..., :used].mul_(p.decay).add_(probs)
         p.evict(slots, t + 1)
         if self.where.kind == "slot":
             self.store.scatter(self.item, free, k_enc, v_enc)
@@ -343,7 +347,7 @@ class H2OAccess:
         qkv = torch.cat([q, k, v], dim=2)[:, 0].contiguous()
         packed = self._packed_slots(k, v)  # held here: the job holds its tensors' addresses only
         run_job(h2o_job(qkv, self.where.k, self.where.v, slots.position, slots.score, self.state.length, p.budget,
-                        p.recent, p.sinks, out, packed=packed))
+                        p.recent, p.sinks, out, packed=packed, decay=p.decay))
         return out.to(q.dtype)[:, None]
 
     def _decode_static(self, q, k, v):
@@ -366,7 +370,7 @@ class H2OAccess:
         keys, values = self._views(self.where.k, self.where.v, False, self.store.capacity)
         out, probs = attend_slots(q[:, 0], keys, values, slots.position >= 0)
         if not p.sinks:
-            slots.score += probs
+            slots.score.mul_(p.decay).add_(probs)
         p.evict(slots, t + 1)
         return out[:, None]
 

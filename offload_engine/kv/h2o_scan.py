@@ -44,7 +44,7 @@ class ScanState:
 
 def h2o_scan(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first_value: torch.Tensor | None,
              state: ScanState, budget: int, recent: int, sinks: bool,
-             exact: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+             exact: tuple[torch.Tensor, torch.Tensor] | None = None, decay: float = 1.0) -> torch.Tensor:
     """Queries q (B, s, Hq, D), already scaled, of positions start..start + s - 1, where start =
     keys.shape[1] - s, over keys and values (B, start + s, Hkv, D) as the cache returns them (a
     packed cache's rounding included). `first_value` (B, Hkv, D): position 0's value as the
@@ -67,7 +67,7 @@ def h2o_scan(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first_va
             k0 = min(start + i0, budget)  # tokens kept before the block, in every row
             n = min(s - i0, _block(b * hq, k0))
             blocks.append(_scan_block(queries[:, :, i0:i0 + n], keys, values, row0, state, start + i0, k0, budget,
-                                      recent, sinks, exact))
+                                      recent, sinks, exact, decay))
             i0 += n
     out = torch.cat(blocks, 2).view(b, hkv, s, rep, d)
     if start == 0 and first_value is not None:  # the one-token prefill's output is its own value, exactly
@@ -97,7 +97,7 @@ def _block(rows: int, k0: int) -> int:
 
 def _scan_block(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, row0: torch.Tensor,
                 state: ScanState, first: int, k0: int, budget: int, recent: int, sinks: bool,
-                exact: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                exact: tuple[torch.Tensor, torch.Tensor] | None = None, decay: float = 1.0) -> torch.Tensor:
     """Queries (B, Hkv, n, rep, D) of positions first..first + n - 1 over head-major key and
     value rows; returns their outputs (B, Hkv, n * rep, D)."""
     b, hkv, n, rep, d = queries.shape
@@ -115,7 +115,7 @@ def _scan_block(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         near = position[:, None] - tail[..., None, :] < near_tokens  # (B, Hkv, n * rep, w)
         logits[..., -w:] = torch.where(near, (flat @ k_tail.transpose(-1, -2)).float(), logits[..., -w:])
     kept, score = state.kept.gather(2, columns), state.score.gather(2, columns)
-    probs = scan_block(logits.view(b, hkv, n, rep, -1), kept, score, columns, k0, budget, recent, sinks)
+    probs = scan_block(logits.view(b, hkv, n, rep, -1), kept, score, columns, k0, budget, recent, sinks, decay)
     state.kept.scatter_(2, columns, kept)
     state.score.scatter_(2, columns, score)
     probs = probs.view(b, hkv, n * rep, -1).to(v_cols.dtype)

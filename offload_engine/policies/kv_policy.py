@@ -75,6 +75,9 @@ class H2OConfig:
 
     `simulate`: dense attention over the whole cache with the H2O mask applied (the paper's
     masked simulation; nothing is freed): the reference for the real eviction.
+    `decay`: each step scales the scores by it before adding the step's attention: 1 is H2O's
+    accumulated sum, which favours tokens that many queries have seen; 0 keeps the last step's
+    attention alone (TOVA); in between, an exponential moving sum.
     """
 
     hh_ratio: float = 0.1
@@ -82,12 +85,15 @@ class H2OConfig:
     hh_size: int | None = None
     recent_size: int | None = None
     simulate: bool = False
+    decay: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("hh_ratio", "recent_ratio"):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 <= value <= 1):
                 raise EngineError(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}.")
+        if not (math.isfinite(self.decay) and 0 <= self.decay <= 1):
+            raise EngineError(f"--h2o-decay must be between 0 and 1, got {self.decay}.")
         for name in ("hh_size", "recent_size"):
             value = getattr(self, name)
             if value is not None and value < 0:

@@ -351,8 +351,8 @@ struct RingPackedRows {
 // One H2O decode item over a CPU-attended slot cache, laid out as kernels/cpu_decode_job.py's
 // H2OJob, with offload_engine/kv/h2o.py's rule. Per (sequence, KV head): the new token goes into
 // the first free slot (slot 0 if none is free), the KV head's query heads attend the occupied
-// slots among the first `used` = min(C, t + 1), each slot's score grows by the attention it got
-// (not with `sinks`, whose scores are fixed), and above the budget the lowest-scoring occupied
+// slots among the first `used` = min(C, t + 1), each slot's score is scaled by `decay` and grows
+// by the attention it got (not with `sinks`, whose scores are fixed), and above the budget the lowest-scoring occupied
 // slot older than the recent window (ties: the earliest position) is freed. A host function too.
 // A packed cache (bits 4 or 8) takes the new token's records as given (encoded where q/k/v were
 // computed) and keeps its exact keys and values in the ring, which attention reads instead.
@@ -370,6 +370,7 @@ struct H2OJob {
   int64_t ksb, ksh, kst, vsb, vsh, vst;
   int64_t record, ring, group_size;  // packed: bytes of a token's record, ring slots, elements per group
   int32_t dtype, nthreads, sinks, bits;
+  float decay;            // the scores are scaled by it before the step's attention is added
   int32_t rc;             // 0, or 1 for a bad dtype, bits or group size
 };
 
@@ -429,7 +430,7 @@ void h2o_job(H2OJob& j) {
                     sum.data(), buf.data(), out, probs.data());
       }
       if (!j.sinks)
-        for (int64_t i = 0; i < used; ++i) sc[i] += probs[i];
+        for (int64_t i = 0; i < used; ++i) sc[i] = sc[i] * j.decay + probs[i];
       int64_t occupied = 0, victim = -1;
       for (int64_t i = 0; i < j.C; ++i) occupied += pos[i] >= 0;
       if (occupied <= j.budget) continue;
@@ -601,13 +602,13 @@ void cpu_h2o_job(void* arg) {
 // attend, at ascending positions `pos`: those kept before the block, then the block's own (query
 // i's token is column k0 + i). Step i keeps its column (score 0, or minus its position with
 // `sinks`), writes the softmax of its rep query rows over the kept columns up to its own into
-// probs (zeros elsewhere), adds the rows' sum to the scores (not with `sinks`), and past the
-// budget frees the lowest-scoring kept column older than the recent window (ties: the earliest
+// probs (zeros elsewhere), scales the scores by `decay` and adds the rows' sum (not with
+// `sinks`), and past the budget frees the lowest-scoring kept column older than the recent window (ties: the earliest
 // position), offload_engine/kv/h2o.py's rule. logits, probs: (tasks, n, rep, K) contiguous fp32;
 // kept (bytes), score (fp32), pos (int64): (tasks, K) contiguous, kept and score updated.
 int cpu_h2o_scan_block(const float* logits, float* probs, uint8_t* kept, float* score, const int64_t* pos,
                        int64_t tasks, int64_t n, int64_t rep, int64_t K, int64_t k0, int64_t budget, int64_t recent,
-                       int sinks, int nthreads) {
+                       int sinks, float decay, int nthreads) {
   if (k0 < 0 || k0 + n > K || rep < 1) return 1;
   const int64_t by_work = tasks * n * rep * K / (int64_t(1) << 16);
   const int threads = int(std::max<int64_t>(1, std::min<int64_t>({int64_t(nthreads), tasks, by_work})));
@@ -642,7 +643,7 @@ int cpu_h2o_scan_block(const float* logits, float* probs, uint8_t* kept, float* 
           std::fill(p + used, p + K, 0.0f);
         }
         if (!sinks)
-          for (int64_t j = 0; j < used; ++j) sc[j] += acc[j];
+          for (int64_t j = 0; j < used; ++j) sc[j] = sc[j] * decay + acc[j];
         if (t + 1 <= budget) continue;  // no padding: exactly one token over the budget
         int64_t victim = -1;
         for (int64_t j = 0; j < used; ++j)  // ascending positions: the first minimum is the earliest

@@ -19,7 +19,8 @@ defaults, the KV cache in the CPU tier and not attended there: decode selects ov
 block-start keys and brings the selected blocks into the hot-block cache); `hip-gpu` (HiP with
 the cache on the GPU tier: the selection the offloaded path must equal); `h2o` (H2O's default
 ratios of the prompt, real eviction); on request `hip-refresh1` (offloaded HiP selecting anew every
-decode step instead of reusing a selection for 8 steps). Without a GPU the "GPU" tier is the CPU, so every path
+decode step instead of reusing a selection for 8 steps), `sink` (the sink + recent baseline:
+4 sinks and H2O's budget of recent tokens) and `h2o-decay` (H2O with `--h2o-decay 0.99`, the engine's default; `h2o` is the paper's sum). Without a GPU the "GPU" tier is the CPU, so every path
 runs anywhere. The samples of one policy run as batches of `--batch` prompts (all of one length,
 no padding) through one engine.
 
@@ -62,13 +63,15 @@ SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face" 
 ON_GPU = (100, 0, 100, 0, 100, 0)
 CACHE_ON_CPU = (100, 0, 0, 100, 100, 0)
 POLICIES = ("full", "hip", "hip-gpu", "h2o")  # the default set
-EXTRA_POLICIES = ("hip-refresh1",)  # on request
+EXTRA_POLICIES = ("hip-refresh1", "sink", "h2o-decay")  # on request
 OFFLOADED = ("hip", "hip-refresh1")  # the KV cache in the CPU tier
 NOTES = {"full": "dense attention, KV cache on the GPU tier",
          "hip": "HiP defaults (k=512, window 128, sink 4, refresh 8), KV cache in the CPU tier, hot-block cache",
          "hip-gpu": "the same HiP with the KV cache on the GPU tier",
-         "h2o": "H2O, 10% heavy hitters + 10% recent of the prompt, real eviction",
-         "hip-refresh1": "HiP defaults but a new selection every decode step (refresh 1), KV cache in the CPU tier"}
+         "h2o": "H2O, 10% heavy hitters + 10% recent of the prompt, real eviction, the paper's sum (--h2o-decay 1)",
+         "hip-refresh1": "HiP defaults but a new selection every decode step (refresh 1), KV cache in the CPU tier",
+         "sink": "StreamingLLM's baseline: 4 sink tokens + 20% of the prompt recent (H2O's budget + 4), real eviction",
+         "h2o-decay": "H2O's budget with its scores decayed by 0.99 a step (the engine's default), real eviction"}
 
 
 @dataclass(frozen=True)
@@ -176,8 +179,10 @@ def make_samples(builder: PromptBuilder, settings: PasskeySettings) -> list[Pass
 def placement(name: str, batch: int) -> Policy:
     """The engine policy each benchmark policy runs under."""
     kv = {"full": KVSettings(), "hip": KVSettings("hip", hip=HiPConfig()),
-          "hip-gpu": KVSettings("hip", hip=HiPConfig()), "h2o": KVSettings("h2o", H2OConfig()),
-          "hip-refresh1": KVSettings("hip", hip=HiPConfig(refresh=1))}[name]
+          "hip-gpu": KVSettings("hip", hip=HiPConfig()), "h2o": KVSettings("h2o", H2OConfig(decay=1.0)),
+          "hip-refresh1": KVSettings("hip", hip=HiPConfig(refresh=1)),
+          "sink": KVSettings("sink", H2OConfig(hh_ratio=0.0, recent_ratio=0.2, hh_size=4)),
+          "h2o-decay": KVSettings("h2o", H2OConfig(decay=0.99))}[name]
     percent = CACHE_ON_CPU if name in OFFLOADED else ON_GPU
     return Policy.from_percent(percent, gpu_batch_size=batch, kv=kv)
 

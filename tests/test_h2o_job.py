@@ -62,7 +62,7 @@ def same(a, b):
 @pytest.mark.parametrize("shape", [(3, 4, 4, 32), (2, 6, 2, 16)], ids=["mha", "gqa"])
 @pytest.mark.parametrize("sinks", [False, True], ids=["h2o", "sinks"])
 @pytest.mark.parametrize("hh", [HH, 2 * C], ids=["evicting", "budget-above-slots"])
-@pytest.mark.parametrize("decay", [1.0, 0.5])
+@pytest.mark.parametrize("decay", [1.0, 0.99])
 def test_job_equals_inline_decode_step_after_step(dtype, shape, sinks, hh, decay):
     b, hq, hkv, d = shape
     t0 = 20

@@ -56,7 +56,9 @@ def scan_block_torch(logits: torch.Tensor, kept: torch.Tensor, score: torch.Tens
         p = logits[:, :, i, :, :used].masked_fill(~kept[:, :, None, :used], float("-inf")).softmax(-1)
         probs[:, :, i, :, :used] = p
         if not sinks:
-            score[..., :used].mul_(decay).add_(p.sum(2))
+            if decay != 1:
+                score[..., :used].mul_(decay)
+            score[..., :used] += p.sum(2)
         if t + 1 > budget:
             old = kept[..., :used] & (pos[..., :used] < t + 1 - recent)
             victim = score[..., :used].masked_fill(~old, float("inf")).argmin(-1, keepdim=True)  # first = earliest

@@ -109,6 +109,12 @@ class H2OKV(QueuesCpuAttention):
         ordered = kept.masked_fill(kept < 0, s).sort(-1).values  # ascending, placeholders (-1) last
         return ordered.masked_fill(ordered >= s, NO_POSITION)
 
+    def accumulate(self, score: torch.Tensor, probs: torch.Tensor) -> None:
+        """A step's attention into the scores, in place: scaled by the decay first (H2OConfig)."""
+        if self.decay != 1:
+            score.mul_(self.decay)
+        score.add_(probs)
+
     def evict(self, slots: SlotState, length: "int | torch.Tensor") -> None:
         """Above the budget, free the lowest-scoring occupied slot outside the recent window.
         No host sync (no early exit when nothing is over): `length` may be a device tensor, so a
@@ -332,7 +338,7 @@ class H2OAccess:
         else:
             out, probs = attend_slots(q[:, 0], keys, values, valid)
         if not p.sinks:
-            slots.score[..., :used].mul_(p.decay).add_(probs)
+            p.accumulate(slots.score[..., :used], probs)
         p.evict(slots, t + 1)
         if self.where.kind == "slot":
             self.store.scatter(self.item, free, k_enc, v_enc)
@@ -370,7 +376,7 @@ class H2OAccess:
         keys, values = self._views(self.where.k, self.where.v, False, self.store.capacity)
         out, probs = attend_slots(q[:, 0], keys, values, slots.position >= 0)
         if not p.sinks:
-            slots.score.mul_(p.decay).add_(probs)
+            p.accumulate(slots.score, probs)
         p.evict(slots, t + 1)
         return out[:, None]
 

@@ -77,7 +77,9 @@ class H2OConfig:
     masked simulation; nothing is freed): the reference for the real eviction.
     `decay`: each step scales the scores by it before adding the step's attention: 1 is H2O's
     accumulated sum, which favours tokens that many queries have seen; 0 keeps the last step's
-    attention alone (TOVA); in between, an exponential moving sum.
+    attention alone (TOVA); in between, an exponential moving sum. The default 0.99 measured
+    better than the sum at every budget from 5% to 50% at 2048 and 8192 tokens (SmolLM2-135M,
+    experiments/results/accuracy), and than the sink + recent baseline at all but 50% of 8192.
     """
 
     hh_ratio: float = 0.1
@@ -85,7 +87,7 @@ class H2OConfig:
     hh_size: int | None = None
     recent_size: int | None = None
     simulate: bool = False
-    decay: float = 1.0
+    decay: float = 0.99
 
     def __post_init__(self) -> None:
         for name in ("hh_ratio", "recent_ratio"):

@@ -329,6 +329,13 @@ void run_list(const float* q, const char* k, const char* v, const int32_t* token
   }
 }
 
+// score * decay rounded to float before the step's attention is added, as PyTorch's mul_ then
+// add_ do (a fused multiply-add would round once and could flip which slot is evicted).
+inline float decayed(float score, float decay) {
+  volatile float scaled = score * decay;
+  return scaled;
+}
+
 // A packed slot cache's rows with each sequence's newest tokens exact (offload_engine/kv/recent.py's
 // ExactRing): slot i holds position pos[i]; one within `ring` of `newest` is read from the ring
 // (ring rows by position mod ring, in format RDT), any other is dequantized from its record.
@@ -430,7 +437,7 @@ void h2o_job(H2OJob& j) {
                     sum.data(), buf.data(), out, probs.data());
       }
       if (!j.sinks)
-        for (int64_t i = 0; i < used; ++i) sc[i] = sc[i] * j.decay + probs[i];
+        for (int64_t i = 0; i < used; ++i) sc[i] = decayed(sc[i], j.decay) + probs[i];
       int64_t occupied = 0, victim = -1;
       for (int64_t i = 0; i < j.C; ++i) occupied += pos[i] >= 0;
       if (occupied <= j.budget) continue;
@@ -643,7 +650,7 @@ int cpu_h2o_scan_block(const float* logits, float* probs, uint8_t* kept, float* 
           std::fill(p + used, p + K, 0.0f);
         }
         if (!sinks)
-          for (int64_t j = 0; j < used; ++j) sc[j] = sc[j] * decay + acc[j];
+          for (int64_t j = 0; j < used; ++j) sc[j] = decayed(sc[j], decay) + acc[j];
         if (t + 1 <= budget) continue;  // no padding: exactly one token over the budget
         int64_t victim = -1;
         for (int64_t j = 0; j < used; ++j)  // ascending positions: the first minimum is the earliest

@@ -5,8 +5,8 @@
 Rows (SmolLM2-135M on the KJV corpus by default): full attention; H2O at 5/10/20/50% (half heavy
 hitters, half recent; real eviction and the masked simulation); the sink + recent baseline at
 the same budgets; H2O with its scores decayed each step (`--h2o-decay` 0, TOVA's last step
-alone, and 0.9, 0.99) at the same budgets; HiP at k = 128/256/512 (estimated selection, and the exact top-k blocks as its
-upper bound); 4-bit KV per token (FlexGen's scheme) and in KIVI's layout (keys per channel);
+alone, and 0.9, 0.99, 0.999; the "h2o" rows are the paper's sum, `--h2o-decay 1`); HiP at
+k = 128/256/512 (estimated selection, and the exact top-k blocks as its upper bound); 4-bit KV per token (FlexGen's scheme) and in KIVI's layout (keys per channel);
 8-bit and 2-bit KIVI; 2-bit per token; H2O 20% with 4-bit KV per token (groups of 64 and of 32,
 the 32 newest tokens exact); compressed weights as the GGUF stores them (its Q4_1 and Q8_0
 blocks kept bit for bit: the full row's perplexity); 4-bit weights re-quantized from them in

@@ -61,19 +61,10 @@ def run(folder, tmp_path, kv: KVSettings, tier: str, chunk: int | None):
 @pytest.mark.parametrize("policy", list(POLICIES))
 @pytest.mark.parametrize("tier", list(TIERS))
 def test_chunked_prefill_equals_the_whole_prompt(checkpoints, tmp_path, family, policy, tier):
-    check_chunks(checkpoints[family], tmp_path, POLICIES[policy], tier)
-
-
-def test_decayed_h2o_scores_carry_across_chunks(checkpoints, tmp_path):
-    """Earlier chunks' scores age by the later chunks' lengths (H2OConfig.decay)."""
-    check_chunks(checkpoints["llama"], tmp_path, KVSettings("h2o", H2OConfig(hh_size=10, recent_size=6, decay=0.8)),
-                 "gpu")
-
-
-def check_chunks(folder, tmp_path, kv: KVSettings, tier: str) -> None:
-    whole, caches, slots, valid = run(folder, tmp_path, kv, tier, None)
+    kv = POLICIES[policy]
+    whole, caches, slots, valid = run(checkpoints[family], tmp_path, kv, tier, None)
     for chunk in (16, 24):  # 16 + 16 + 8 and 24 + 16
-        part, part_caches, part_slots, _ = run(folder, tmp_path, kv, tier, chunk)
+        part, part_caches, part_slots, _ = run(checkpoints[family], tmp_path, kv, tier, chunk)
         assert torch.equal(part.tokens, whole.tokens)
         assert rel_err(part.prompt_logits[valid], whole.prompt_logits[valid]) < 1e-5
         for a, b in zip(part.step_logits, whole.step_logits):

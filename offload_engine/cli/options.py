@@ -197,10 +197,11 @@ def add_kv_policy_args(parser: argparse.ArgumentParser) -> None:
     k.add_argument("--h2o-simulate", action="store_true", default=None,
                    help="dense attention with the H2O mask applied, nothing evicted (the paper's masked simulation)")
     k.add_argument("--h2o-decay", type=fraction, default=None,
-                   help="H2O: each step scales the heavy-hitter scores by this before adding its attention: 1 is "
-                        "H2O's accumulated sum (old tokens, seen by more queries, collect more); 0 keeps the last "
-                        "step's attention alone (TOVA); in between, an exponential moving sum (default: 0.99, "
-                        "better than the sum at every budget measured on SmolLM2-135M)")
+                   help="H2O: each decode step scales the heavy-hitter scores by this before adding its attention "
+                        "(a prompt's tokens start from H2O's sums over the prompt): 1 is H2O's accumulated sum (old "
+                        "tokens, seen by more queries, collect more); 0 keeps the last step's attention alone "
+                        "(TOVA); in between, an exponential moving sum (default: 0.99, better perplexity than the "
+                        "sum at every budget measured on SmolLM2-135M)")
     k.add_argument("--hip-k", type=positive_int, default=None,
                    help="HiP: tokens selected per query block (default: 512)")
     k.add_argument("--hip-block-q", type=positive_int, default=None, help="HiP: queries per block (default: 32)")

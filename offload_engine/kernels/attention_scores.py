@@ -62,21 +62,10 @@ def _allowed(tq: int, tk: int, key_valid: torch.Tensor | None, device: torch.dev
     return causal | (cols == pos)[None]
 
 
-def query_weights(tq: int, decay: float, device: torch.device) -> torch.Tensor | None:
-    """What each of tq queries adds to the column sums when every later query first scales them
-    by `decay` (H2OConfig.decay): decay ** (tq - 1 - i), float32; None for plain sums (decay 1)."""
-    if decay == 1:
-        return None
-    age = torch.arange(tq - 1, -1, -1, device=device, dtype=torch.float64)
-    return torch.where(age == 0, 1.0, torch.tensor(decay, dtype=torch.float64, device=device) ** age).float()
-
-
 def attention_with_column_sums_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                          key_valid: torch.Tensor | None = None,
-                                         query_valid: torch.Tensor | None = None,
-                                         decay: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 dense masked softmax: (out (B, Hq, Tq, D), colsum (B, Hkv, Tk)), both float64;
-    with `decay`, query i's share of the sums is weighted by decay ** (Tq - 1 - i)."""
+                                         query_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 dense masked softmax: (out (B, Hq, Tq, D), colsum (B, Hkv, Tk)), both float64."""
     _check(q, k, v, key_valid, query_valid, _DTYPES + (torch.float64,))
     b, hq, tq, _ = q.shape
     hkv, tk = k.shape[1], k.shape[2]
@@ -87,14 +76,12 @@ def attention_with_column_sums_reference(q: torch.Tensor, k: torch.Tensor, v: to
     scores = scores.masked_fill(~_allowed(tq, tk, key_valid, q.device)[:, None], float("-inf"))
     p = scores.softmax(-1)
     counted = p * query_valid[:, None, :, None] if query_valid is not None else p
-    if decay != 1:
-        counted = counted * query_weights(tq, decay, q.device).double()[:, None]
     return p @ vr, counted.sum(2).unflatten(1, (hkv, group)).sum(2)
 
 
 def attention_with_column_sums_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                      key_valid: torch.Tensor | None = None, query_valid: torch.Tensor | None = None,
-                                     chunk: int | None = None, decay: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                                     chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch version (the CPU path): queries in chunks of `chunk` rows, so memory stays bounded."""
     _check(q, k, v, key_valid, query_valid)
     b, hq, tq, d = q.shape
@@ -106,7 +93,6 @@ def attention_with_column_sums_torch(q: torch.Tensor, k: torch.Tensor, v: torch.
     qg = q.unflatten(1, (hkv, group))
     out = torch.empty(b, hkv, group, tq, d, dtype=q.dtype, device=q.device)
     colsum = torch.zeros(b, hkv, tk, dtype=torch.float32, device=q.device)
-    weights = query_weights(tq, decay, q.device)
     for i0 in range(0, tq, chunk):
         i1 = min(tq, i0 + chunk)
         t = offset + i1  # the keys these queries can see
@@ -118,8 +104,6 @@ def attention_with_column_sums_torch(q: torch.Tensor, k: torch.Tensor, v: torch.
         out[:, :, :, i0:i1] = (p.flatten(2, 3) @ vf[:, :, :t]).unflatten(2, (group, i1 - i0)).to(q.dtype)
         if query_valid is not None:
             p = p * query_valid[:, None, None, i0:i1, None]
-        if weights is not None:
-            p = p * weights[i0:i1, None]
         colsum[:, :, :t] += p.sum(dim=(2, 3))
     return out.flatten(1, 2), colsum
 
@@ -269,14 +253,10 @@ def attention_with_column_sums_triton(q: torch.Tensor, k: torch.Tensor, v: torch
                                       key_valid: torch.Tensor | None = None, query_valid: torch.Tensor | None = None,
                                       block_m: int | None = None, block_n: int | None = None,
                                       out: torch.Tensor | None = None, colsum: torch.Tensor | None = None,
-                                      decay: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both Triton passes. block_m/block_n are pass 1's query/key tiles and pass 2's key/query tiles
-    (default: by dtype and head dim); `out`/`colsum` may be given (tests pass NaN-filled buffers).
-    A `decay` weight w enters pass 2 as lse - log2(w): p * w = exp2(s - (lse - log2 w))."""
+    (default: by dtype and head dim); `out`/`colsum` may be given (tests pass NaN-filled buffers)."""
     lse, out = attention_forward_triton(q, k, v, key_valid, block_m, block_n, out)
-    weights = query_weights(q.shape[2], decay, q.device)
-    if weights is not None:
-        lse = lse - weights.log2()  # a weight of 0 gives +inf: the row adds nothing
     colsum = column_sums_triton(q, k, lse, key_valid, query_valid, block_m, block_n, colsum)
     return out, colsum
 
@@ -335,13 +315,12 @@ def column_sums_triton(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, key_
 
 
 def attention_with_column_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               key_valid: torch.Tensor | None = None, query_valid: torch.Tensor | None = None,
-                               decay: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, Hq, Tq, D) in q.dtype, colsum (B, Hkv, Tk) float32, each query's share weighted by
-    decay ** (Tq - 1 - i)); Triton on CUDA, PyTorch on CPU."""
+                               key_valid: torch.Tensor | None = None,
+                               query_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Hq, Tq, D) in q.dtype, colsum (B, Hkv, Tk) float32); Triton on CUDA, PyTorch on CPU."""
     if q.is_cuda:
-        return attention_with_column_sums_triton(q, k, v, key_valid, query_valid, decay=decay)
-    return attention_with_column_sums_torch(q, k, v, key_valid, query_valid, decay=decay)
+        return attention_with_column_sums_triton(q, k, v, key_valid, query_valid)
+    return attention_with_column_sums_torch(q, k, v, key_valid, query_valid)
 
 
 def decode_attention_with_probs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -6,9 +6,10 @@ slot, kept beside whatever attends the cache (the GPU, or the CPU with --cpu-cac
 no extra PCIe traffic). Prefill attends densely, sums the attention each prompt token received
 (kernels/attention_scores.py, without materialising the T x T probabilities) and keeps the
 `recent` last tokens plus the `hh` highest-scoring others. Each decode step writes the new token
-into a free slot, attends over all occupied slots, adds this step's probabilities to the
-scores, and, above the budget, frees the lowest-scoring slot outside the recent window (ties:
-the earliest position), so between steps no more than `budget` tokens are kept.
+into a free slot, attends over all occupied slots, scales the scores by the decay (H2OConfig)
+and adds this step's probabilities, and, above the budget, frees the lowest-scoring slot
+outside the recent window (ties: the earliest position), so between steps no more than
+`budget` tokens are kept.
 
 Slots are independent of positions: tokens keep their positions (OPT adds them before the
 layers, Llama rotates keys before caching), so eviction never shifts anything.
@@ -201,7 +202,7 @@ class H2OAccess:
         if self.where.buffer is None:  # the whole prompt at once
             valid = self.state.key_valid[:, :q.shape[1]]
             out, colsum = attention_with_column_sums(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                     key_valid=valid, query_valid=valid, decay=self.policy.decay)
+                                                     key_valid=valid, query_valid=valid)
             self._keep(colsum, k, v)
             return out.transpose(1, 2)
         p, t, end = self.policy, self.state.length, self.state.length + q.shape[1]
@@ -211,12 +212,10 @@ class H2OAccess:
         valid = self.state.key_valid[:, :end]
         out, colsum = attention_with_column_sums(q.transpose(1, 2), buf_k[:end].permute(1, 2, 0, 3),
                                                  buf_v[:end].permute(1, 2, 0, 3), key_valid=valid,
-                                                 query_valid=valid[:, t:], decay=p.decay)
+                                                 query_valid=valid[:, t:])
         if t == 0:
             p.prompt_scores[self.item] = colsum.new_zeros(*colsum.shape[:2], self.state.prompt_len)
         scores = p.prompt_scores[self.item]
-        if p.decay != 1:  # the chunk's own queries are weighted from its end: the earlier ones age by its length
-            scores.mul_(p.decay ** q.shape[1])
         scores[..., :end] += colsum
         if end == self.state.prompt_len:
             del p.prompt_scores[self.item]

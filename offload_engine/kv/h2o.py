@@ -17,7 +17,9 @@ layers, Llama rotates keys before caching), so eviction never shifts anything.
 With the cache on the CPU, a decode item runs as one C++ job (kernels/cpu_decode_job.py's H2OJob:
 slot write, attention, scores and eviction) queued on the compute stream (cpu_queue.py), so the
 Python thread runs ahead instead of waiting for the GPU before each item and the GPU for the CPU
-after it; the inline path below is its reference.
+after it; the inline path below is its reference. A packed cache's job also writes the new
+token's records and reads the exact ring (kv/recent.py) in place; without a GPU it runs inline,
+and PyTorch's path (OFFLOAD_ENGINE_CPU_ATTENTION=torch) is its reference.
 
 With `simulate`, the same rule runs over a full cache where slot = position and evicted tokens
 are masked instead of freed: the paper's masked simulation, the reference for real eviction.

@@ -214,6 +214,14 @@ _CASES = [
          peer="opt30b-cap16-cpuattn",
          note="H2O keeps 103 of 544 tokens: large batches fit in RAM; 10% of the weights on the GPU "
               "leaves room for the working memory of a 64-sequence GPU batch"),
+    Case("opt30b-h2o4bit-512+32", "opt-30b", 512, 32, 16,
+         Ours((10, 90, 0, 100, 0, 100), 64, 10, cpu_cache_compute=True, compress_cache=True, **H2O,
+              batch_candidates=((64, 8), (64, 6)), est_s=280),
+         FlexGen((0, 100, 0, 100, 0, 100), 64, 7, compress_weight=True, compress_cache=True,
+                 batch_candidates=((64, 6), (64, 4)), est_s=240),
+         note="H2O with a 4-bit cache (one C++ job per item over the records and the exact newest tokens): "
+              "the batch the smaller cache allows, against opt30b-h2o-512+32 uncompressed and FlexGen's "
+              "compressed policy"),
     Case("opt30b-h2o-512+512", "opt-30b", 512, 512, 16,
          Ours((10, 90, 0, 100, 0, 100), 64, 6, cpu_cache_compute=True, **H2O, cut_gen_len=16,
               batch_candidates=((48, 6), (48, 4), (32, 4)), est_s=300),

@@ -5,7 +5,8 @@
 Rows (SmolLM2-135M on the KJV corpus by default): full attention; H2O at 5/10/20/50% (half heavy
 hitters, half recent; real eviction and the masked simulation); the sink + recent baseline at
 the same budgets; H2O with its scores decayed each step (`--h2o-decay` 0, TOVA's last step
-alone, and 0.9, 0.99, 0.999; the "h2o" rows are the paper's sum, `--h2o-decay 1`); HiP at
+alone, 0.9, 0.99, 0.999, and the engine's default 1 - 4 / budget; the "h2o" rows are the
+paper's sum, `--h2o-decay 1`); HiP at
 k = 128/256/512 (estimated selection, and the exact top-k blocks as its upper bound); 4-bit KV per token (FlexGen's scheme) and in KIVI's layout (keys per channel);
 8-bit and 2-bit KIVI; 2-bit per token; H2O 20% with 4-bit KV per token (groups of 64 and of 32,
 the 32 newest tokens exact); compressed weights as the GGUF stores them (its Q4_1 and Q8_0
@@ -56,6 +57,7 @@ def rows_to_run(context: int, only: list[str] | None):
         rows += [(f"h2o {b:.0%}", h2o(b, context), {}), (f"h2o {b:.0%} simulated", h2o(b, context, True), {}),
                  (f"sink+recent {b:.0%}", h2o(b, context, sinks=True), {})]
         rows += [(f"h2o {b:.0%} decay {d:g}", h2o(b, context, decay=d), {}) for d in DECAYS]
+        rows += [(f"h2o {b:.0%} decay 1-4/budget (default)", h2o(b, context, decay=None), {})]
     for k in HIP_KS:
         rows += [(f"hip k={k}", KVSettings("hip", hip=HiPConfig(k=k)), {}),
                  (f"hip k={k} exact top-k", KVSettings("hip", hip=HiPConfig(k=k, exact=True)), {})]

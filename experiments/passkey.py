@@ -20,7 +20,8 @@ block-start keys and brings the selected blocks into the hot-block cache); `hip-
 the cache on the GPU tier: the selection the offloaded path must equal); `h2o` (H2O's default
 ratios of the prompt, real eviction); on request `hip-refresh1` (offloaded HiP selecting anew every
 decode step instead of reusing a selection for 8 steps), `sink` (the sink + recent baseline:
-4 sinks and H2O's budget of recent tokens) and `h2o-decay` (H2O with `--h2o-decay 0.99`, the engine's default; `h2o` is the paper's sum). Without a GPU the "GPU" tier is the CPU, so every path
+4 sinks and H2O's budget of recent tokens) and `h2o-decay` (H2O with the engine's default
+decay; `h2o` is the paper's sum). Without a GPU the "GPU" tier is the CPU, so every path
 runs anywhere. The samples of one policy run as batches of `--batch` prompts (all of one length,
 no padding) through one engine.
 
@@ -71,7 +72,8 @@ NOTES = {"full": "dense attention, KV cache on the GPU tier",
          "h2o": "H2O, 10% heavy hitters + 10% recent of the prompt, real eviction, the paper's sum (--h2o-decay 1)",
          "hip-refresh1": "HiP defaults but a new selection every decode step (refresh 1), KV cache in the CPU tier",
          "sink": "StreamingLLM's baseline: 4 sink tokens + 20% of the prompt recent (H2O's budget + 4), real eviction",
-         "h2o-decay": "H2O's budget with its scores decayed by 0.99 a step (the engine's default), real eviction"}
+         "h2o-decay": "H2O's budget with its scores decayed by 1 - 4 / budget a step (the engine's default), "
+                      "real eviction"}
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ def placement(name: str, batch: int) -> Policy:
           "hip-gpu": KVSettings("hip", hip=HiPConfig()), "h2o": KVSettings("h2o", H2OConfig(decay=1.0)),
           "hip-refresh1": KVSettings("hip", hip=HiPConfig(refresh=1)),
           "sink": KVSettings("sink", H2OConfig(hh_ratio=0.0, recent_ratio=0.2, hh_size=4)),
-          "h2o-decay": KVSettings("h2o", H2OConfig(decay=0.99))}[name]
+          "h2o-decay": KVSettings("h2o", H2OConfig())}[name]
     percent = CACHE_ON_CPU if name in OFFLOADED else ON_GPU
     return Policy.from_percent(percent, gpu_batch_size=batch, kv=kv)
 

@@ -127,6 +127,16 @@ def test_ratio_budget_has_a_floor_and_sizes_are_taken_as_given():
     assert KVSettings("h2o").cache_len(5, 9) == 9  # the whole sequence fits the floor: nothing is evicted
 
 
+def test_score_decay_defaults_to_a_quarter_of_the_budget_and_is_checked(capsys, tmp_path):
+    assert H2OConfig().score_decay(1000) == pytest.approx(1 - 4 / 200)
+    assert H2OConfig(hh_size=1, recent_size=2).score_decay(10) == 0.0  # below 4 tokens: the last step alone
+    assert H2OConfig(decay=1.0).score_decay(1000) == 1.0  # H2O's sum, as given
+    with pytest.raises(EngineError, match="--h2o-decay"):
+        H2OConfig(decay=-0.5)
+    line = cli_error(capsys, "run", "--quiet", "--kv-policy", "h2o", "--h2o-decay", "2", "--offload-dir", str(tmp_path))
+    assert "--h2o-decay" in line and "between 0 and 1" in line
+
+
 @pytest.mark.parametrize("flags", [["--hh-size", "0", "--recent-size", "0"],
                                    ["--hh-ratio", "0", "--recent-ratio", "0"]])
 def test_a_zero_budget_is_refused(capsys, tmp_path, flags):

@@ -43,7 +43,7 @@ def make_cache(b, hkv, d, t, dtype, seed):
 
 
 def inline_access(slots, k_home, v_home, dtype, sinks, hh=HH, codec=None, ring=None, decay=1.0):
-    cfg = types.SimpleNamespace(simulate=False, sizes=lambda n: (hh, RECENT), decay=decay)
+    cfg = types.SimpleNamespace(simulate=False, sizes=lambda n: (hh, RECENT), score_decay=lambda n: decay)
     codec = codec or PlainCodec(dtype, k_home.shape[-1])
     policy = H2OKV(cfg, codec, None, types.SimpleNamespace(prompt_len=0), sinks=sinks)
     policy.slots[0] = slots

@@ -63,8 +63,8 @@ class H2OKV(QueuesCpuAttention):
         # "heavy hitters" are the first tokens (the sinks) and the rest leave with the window.
         self.sinks = sinks
         self.hh, self.recent = cfg.sizes(workload.prompt_len)
-        self.decay = cfg.decay
         self.budget = self.hh + self.recent
+        self.decay = cfg.score_decay(workload.prompt_len)
         self.slots: dict[Item, SlotState] = {}
         self.prompt_scores: dict[Item, torch.Tensor] = {}  # a chunked prefill's scores so far
         self.host_return = HostReturn()  # decode outputs back to the GPU

@@ -77,11 +77,11 @@ class H2OConfig:
     masked simulation; nothing is freed): the reference for the real eviction.
     `decay`: each decode step scales the scores by it before adding the step's attention: 1 is
     H2O's accumulated sum, which favours tokens that many queries have seen; 0 keeps the last
-    step's attention alone (TOVA); in between, an exponential moving sum. A prompt's tokens start
-    from H2O's sums over the whole prompt (decayed sums there kept 4 of 20 pass keys at 2048
-    tokens, the plain sums 10). The default 0.99 measured better perplexity than the sum at every
-    budget from 5% to 50% at 2048 and 8192 tokens (SmolLM2-135M, experiments/results/accuracy),
-    and than the sink + recent baseline at all but 50% of 8192.
+    step's attention alone (TOVA); in between, an exponential moving sum. None (the default):
+    1 - 4 / budget, a time constant of a quarter of the budget, the best of the rules measured
+    (SmolLM2-135M, experiments/NOTES.md): better perplexity than the sum and than the sink +
+    recent baseline at every budget from 5% to 50% at 2048 and 8192 tokens. A prompt's tokens
+    start from H2O's sums over the whole prompt (decayed sums there lost pass keys).
     """
 
     hh_ratio: float = 0.1
@@ -89,14 +89,14 @@ class H2OConfig:
     hh_size: int | None = None
     recent_size: int | None = None
     simulate: bool = False
-    decay: float = 0.99
+    decay: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("hh_ratio", "recent_ratio"):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 <= value <= 1):
                 raise EngineError(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}.")
-        if not (math.isfinite(self.decay) and 0 <= self.decay <= 1):
+        if self.decay is not None and not (math.isfinite(self.decay) and 0 <= self.decay <= 1):
             raise EngineError(f"--h2o-decay must be between 0 and 1, got {self.decay}.")
         for name in ("hh_size", "recent_size"):
             value = getattr(self, name)
@@ -118,6 +118,12 @@ class H2OConfig:
     def budget(self, prompt_len: int) -> int:
         hh, recent = self.sizes(prompt_len)
         return hh + recent
+
+    def score_decay(self, prompt_len: int) -> float:
+        """The decay a decode step applies: as given, else 1 - 4 / budget (0 below 4 tokens)."""
+        if self.decay is not None:
+            return self.decay
+        return max(0.0, 1 - 4 / self.budget(prompt_len))
 
 
 def _from_ratio(ratio: float, prompt_len: int) -> int:

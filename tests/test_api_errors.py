@@ -162,11 +162,13 @@ def test_h2o_budget_is_printed_and_recorded_in_tokens(text_model, tmp_path, caps
     assert main(["run", "--quiet", "--model", str(text_model), "--prompt-len", "8", "--gen-len", "2",
                  "--kv-policy", "h2o", "--offload-dir", str(tmp_path / "o"), "--json", str(out)]) == 0
     assert "H2O budget: 16 heavy hitters + 16 recent = 32 tokens" in capsys.readouterr().err
-    assert json.loads(out.read_text())["kv_budget"] == {"heavy_hitters": 16, "recent": 16, "tokens": 32}
+    assert json.loads(out.read_text())["kv_budget"] == {"heavy_hitters": 16, "recent": 16, "tokens": 32,
+                                                        "score_decay": 1 - 4 / 32}
     assert generate_cli(text_model, tmp_path, "--quiet", "--prompt", "In the beginning", "--max-new-tokens", "2",
                         "--kv-policy", "h2o", "--hh-size", "3", "--recent-size", "2", "--json", str(out)) == 0
     assert "H2O budget: 3 heavy hitters + 2 recent = 5 tokens" in capsys.readouterr().err
-    assert json.loads(out.read_text())["kv_budget"] == {"heavy_hitters": 3, "recent": 2, "tokens": 5}
+    assert json.loads(out.read_text())["kv_budget"] == {"heavy_hitters": 3, "recent": 2, "tokens": 5,
+                                                        "score_decay": 1 - 4 / 5}
 
 
 def test_sweep_points_drop_kv_flags_their_policy_does_not_read():

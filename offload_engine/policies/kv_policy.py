@@ -220,13 +220,14 @@ class KVSettings:
         """H2O and the sink baseline keep a budget of tokens and free the rest."""
         return self.policy in ("h2o", "sink")
 
-    def kept_tokens(self, prompt_len: int) -> dict[str, int] | None:
-        """H2O's (or the sink baseline's) budget in tokens per sequence and KV head, as result
-        files record it; None for policies that keep everything they select."""
+    def kept_tokens(self, prompt_len: int) -> dict[str, float] | None:
+        """H2O's (or the sink baseline's) budget in tokens per sequence and KV head, and H2O's
+        score decay, as result files record them; None for policies that keep everything they select."""
         if not self.evicts:
             return None
         hh, recent = self.h2o.sizes(prompt_len)
-        return {"heavy_hitters": hh, "recent": recent, "tokens": hh + recent}
+        kept = {"heavy_hitters": hh, "recent": recent, "tokens": hh + recent}
+        return kept if self.policy == "sink" else {**kept, "score_decay": self.h2o.score_decay(prompt_len)}
 
     def describe_budget(self, prompt_len: int) -> str | None:
         """The budget as one line for the start-up report."""
@@ -234,8 +235,9 @@ class KVSettings:
         if kept is None:
             return None
         name, first = ("sink", "sink tokens") if self.policy == "sink" else ("H2O", "heavy hitters")
+        decay = f"; scores decayed by {kept['score_decay']:.4g} a step" if "score_decay" in kept else ""
         return (f"{name} budget: {kept['heavy_hitters']} {first} + {kept['recent']} recent = {kept['tokens']} tokens "
-                f"per sequence and KV head (prompt of {prompt_len} tokens)")
+                f"per sequence and KV head (prompt of {prompt_len} tokens){decay}")
 
     @property
     def capturable(self) -> bool:

@@ -99,28 +99,34 @@ def test_job_bad_input():
         h2o_job(qkv, k_home, v_home, slots.position, slots.score, 20, 2, 3, False, out)
 
 
+def queue_steps_against_inline(b, hq, hkv, d, dtype, reference: H2OAccess, submit) -> None:
+    """Six decode steps queued on a lagging stream (submit(queue, q, k, v, t) -> output) and the same
+    steps decoded inline by `reference`: the outputs bit for bit once the stream has run them."""
+    from offload_engine.kv.cpu_queue import CpuAttentionQueue
+    queue, g, outs, exps = CpuAttentionQueue(), torch.Generator().manual_seed(5), [], []
+    for t in range(20, 26):
+        qkv = (torch.randn(b, 1, hq + 2 * hkv, d, generator=g) * 0.3).to(dtype)
+        q, k, v = qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]
+        torch.cuda._sleep(5_000_000)  # the stream lags: the job must still run in its order
+        outs.append(submit(queue, q.cuda(), k.cuda(), v.cuda(), t))
+        reference.state.length = t
+        exps.append(reference._decode(q, k, v))
+    torch.cuda.synchronize()
+    queue.drain()
+    for got, exp in zip(outs, exps):
+        assert got.device.type == "cuda" and torch.equal(got.cpu(), exp)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_queued_job_equals_inline_on_the_gpu(dtype):
-    from offload_engine.kv.cpu_queue import CpuAttentionQueue
     b, hq, hkv, d = 3, 4, 2, 32
     (k_home, v_home), slots = make_cache(b, hkv, d, 20, dtype, seed=3)
     k_home, v_home = k_home.pin_memory(), v_home.pin_memory()
     ref_homes, ref_slots = [x.clone() for x in (k_home, v_home)], SlotState(slots.position.clone(), slots.score.clone())
     access = inline_access(ref_slots, *ref_homes, dtype, False)
-    queue, g, outs, exps = CpuAttentionQueue(), torch.Generator().manual_seed(5), [], []
-    for t in range(20, 26):
-        qkv = (torch.randn(b, 1, hq + 2 * hkv, d, generator=g) * 0.3).to(dtype)
-        q, k, v = (x.cuda() for x in (qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]))
-        torch.cuda._sleep(5_000_000)  # the stream lags: the job must still run in its order
-        outs.append(queue.attend_h2o(q, k, v, k_home, v_home, slots.position, slots.score, t, HH + RECENT, RECENT,
-                                     False))
-        access.state.length = t
-        exps.append(access._decode(qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]))
-    torch.cuda.synchronize()
-    queue.drain()
-    for got, exp in zip(outs, exps):
-        assert got.device.type == "cuda" and torch.equal(got.cpu(), exp)
+    queue_steps_against_inline(b, hq, hkv, d, dtype, access, lambda queue, q, k, v, t: queue.attend_h2o(
+        q, k, v, k_home, v_home, slots.position, slots.score, t, HH + RECENT, RECENT, False))
     assert torch.equal(slots.position, ref_slots.position) and torch.equal(slots.score, ref_slots.score)
     assert same(k_home, ref_homes[0]) and same(v_home, ref_homes[1])
 
@@ -198,7 +204,6 @@ def test_packed_job_bad_input():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_queued_packed_job_equals_inline_on_the_gpu():
     """Records encoded on the GPU and staged with q/k/v, the job queued: the inline job's bytes."""
-    from offload_engine.kv.cpu_queue import CpuAttentionQueue
     b, hq, hkv, d, dtype = 3, 4, 2, 32, torch.float16
     codec, homes, slots, ring = packed_cache(b, hkv, d, 20, dtype, QuantSpec(4, 32), seed=3)
     homes = [h.pin_memory() for h in homes]
@@ -208,19 +213,8 @@ def test_queued_packed_job_equals_inline_on_the_gpu():
     ref_ring.v.copy_(ring.v)
     queued = inline_access(slots, *homes, dtype, False, codec=codec, ring=ring)
     ref = inline_access(ref_slots, *ref_homes, dtype, False, codec=codec, ring=ref_ring)
-    queue, g, outs, exps = CpuAttentionQueue(), torch.Generator().manual_seed(5), [], []
-    for t in range(20, 26):
-        qkv = (torch.randn(b, 1, hq + 2 * hkv, d, generator=g) * 0.3).to(dtype)
-        q, k, v = (x.cuda() for x in (qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]))
-        torch.cuda._sleep(5_000_000)  # the stream lags: the job must still run in its order
-        outs.append(queue.attend_h2o(q, k, v, *homes, slots.position, slots.score, t, HH + RECENT, RECENT, False,
-                                     queued._packed_slots(k, v)))
-        ref.state.length = t
-        exps.append(ref._decode(qkv[:, :, :hq], qkv[:, :, hq:hq + hkv], qkv[:, :, hq + hkv:]))
-    torch.cuda.synchronize()
-    queue.drain()
-    for got, exp in zip(outs, exps):
-        assert got.device.type == "cuda" and torch.equal(got.cpu(), exp)
+    queue_steps_against_inline(b, hq, hkv, d, dtype, ref, lambda queue, q, k, v, t: queue.attend_h2o(
+        q, k, v, *homes, slots.position, slots.score, t, HH + RECENT, RECENT, False, queued._packed_slots(k, v)))
     assert torch.equal(slots.position, ref_slots.position) and torch.equal(slots.score, ref_slots.score)
     assert all(torch.equal(x, y) for x, y in zip(homes, ref_homes))
     assert torch.equal(ring.k, ref_ring.k) and torch.equal(ring.v, ref_ring.v)

@@ -193,7 +193,7 @@ class H2OAccess:
         if isinstance(self.codec, PlainCodec):
             return None
         ring = self.policy.exact[self.item]
-        records = torch.stack([self.codec.encoded(k[:, 0]), self.codec.encoded(v[:, 0])], dim=1)
+        records = self.codec.encoded(torch.cat([k, v], dim=1))  # (B, 2, Hkv, G, R): one encode, no stack
         return PackedSlots(records, ring.k, ring.v, self.codec.spec.bits, self.codec.spec.group_size)
 
     def _prefill(self, q, k, v):
